@@ -1,0 +1,3 @@
+from pcigate.app import main
+
+main()

@@ -1,0 +1,175 @@
+"""Wire models of the broker API, shared by the CLI (client side) and the broker (server side).
+
+This module is the API contract. Both sides import it; nothing here does I/O.
+All timestamps are timezone-aware UTC datetimes. Durations are integer seconds.
+
+Endpoints (all under ``/v1``, all need ``Authorization: Bearer <OIDC JWT>`` except ``/healthz``):
+
+    GET  /healthz                              -> {"status": "ok"}
+    GET  /v1/config/oidc                       -> OidcClientConfig  (unauthenticated)
+    GET  /v1/whoami                            -> Identity
+    GET  /v1/targets                           -> list[TargetInfo]            (only targets the caller reaches)
+    POST /v1/sessions          SessionCreate   -> SessionOpened  (201)
+    POST /v1/sessions/{id}/heartbeat           -> SessionSummary
+    POST /v1/sessions/{id}/end                 -> SessionSummary  (lease revoked now; idempotent)
+    PUT  /v1/sessions/{id}/recording           -> RecordingReceipt (body streamed; header X-Content-SHA256: hex;
+                                                  idempotent: same digest again -> 200, other digest -> 409)
+    GET  /v1/sessions?user=&target=&since=&until=&limit=&cursor=  -> SessionPage
+    GET  /v1/sessions/{id}                     -> SessionSummary
+    GET  /v1/sessions/{id}/recording           -> the recording bytes, streamed (owner or auditor groups)
+
+Errors: HTTP status + body ``{"error": {"code": <ErrorCode>, "message": <one line, no secrets>}}``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ErrorCode = Literal[
+    "unauthenticated",  # 401 no/garbled Authorization header
+    "token_invalid",  # 401 signature/iss/aud/exp/nbf/alg check failed
+    "forbidden",  # 403 caller may not do this (not in a group, not the owner)
+    "level_not_allowed",  # 403 target reachable but not at this level
+    "unknown_target",  # 404
+    "not_found",  # 404 session or recording
+    "session_closed",  # 409 heartbeat on an ended session
+    "conflict",  # 409 a different recording already stored for the session
+    "digest_mismatch",  # 422 uploaded bytes do not hash to X-Content-SHA256
+    "recording_invalid",  # 422 the recording's own running digest chain or header is wrong
+    "too_large",  # 413
+    "validation_error",  # 422 request body/params invalid
+    "vault_unavailable",  # 503 OpenBao/Vault unreachable or sealed
+    "database_unavailable",  # 503
+    "internal",  # 500
+]
+
+ClientKind = Literal["human", "workload"]
+TargetKind = Literal["postgres"]
+SessionStatus = Literal["active", "ended", "expired", "revoked"]
+
+MAX_SESSION_SECONDS = 24 * 3600
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorDetail(_Model):
+    code: ErrorCode
+    message: str
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail
+
+
+class Identity(_Model):
+    subject: str
+    name: str | None = None
+    email: str | None = None
+    groups: list[str] = Field(default_factory=list)
+    client_kind: ClientKind = "human"
+    issuer: str
+    expires_at: datetime
+
+
+class LevelInfo(_Model):
+    name: str
+    max_ttl_seconds: int
+
+
+class TargetInfo(_Model):
+    name: str
+    kind: TargetKind
+    host: str
+    port: int
+    database: str | None = None
+    description: str | None = None
+    levels: list[LevelInfo]
+    default_level: str
+
+
+class SessionCreate(_Model):
+    target: str = Field(min_length=1, max_length=128)
+    level: str | None = Field(default=None, max_length=64)  # None: the target's default level
+    ttl_seconds: int | None = Field(default=None, gt=0, le=MAX_SESSION_SECONDS)  # None: the level's cap
+    client_hostname: str | None = Field(default=None, max_length=255)
+    client_version: str | None = Field(default=None, max_length=64)
+
+
+class DatabaseCredentials(_Model):
+    """Dynamic credentials minted by OpenBao for this session only. Never logged, never written to disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    host: str
+    port: int
+    database: str
+    username: str
+    password: str = Field(repr=False)
+    sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+
+
+class DataPathPolicy(_Model):
+    """What the tunnel must apply. Issue 3 fills masking/guardrails; the CLI cannot loosen it."""
+
+    record: bool = True
+    masking: list[dict[str, object]] = Field(default_factory=list)
+    guardrails: list[dict[str, object]] = Field(default_factory=list)
+    digest: str = ""  # sha256 hex of the canonical JSON of the policy, stored in the recording header
+
+
+class SessionOpened(_Model):
+    session_id: str
+    target: str
+    level: str
+    user: str
+    started_at: datetime
+    expires_at: datetime  # = started_at + min(asked, cap); the broker revokes at this time at the latest
+    lease_id: str  # OpenBao lease id (not a secret: revoking needs a privileged token)
+    heartbeat_seconds: int
+    credentials: DatabaseCredentials
+    policy: DataPathPolicy
+
+
+class SessionSummary(_Model):
+    session_id: str
+    user: str
+    client_kind: ClientKind
+    target: str
+    level: str
+    status: SessionStatus
+    started_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None = None
+    end_reason: str | None = None  # "client", "expired", "heartbeat_lost", ...
+    lease_id: str
+    lease_revoked: bool
+    recording_sha256: str | None = None
+    recording_size: int | None = None
+    client_hostname: str | None = None
+
+
+class SessionPage(_Model):
+    items: list[SessionSummary]
+    next_cursor: str | None = None
+
+
+class RecordingReceipt(_Model):
+    session_id: str
+    sha256: str
+    size: int
+    events: int
+    already_stored: bool = False
+
+
+class OidcClientConfig(_Model):
+    """``GET /v1/config/oidc`` (unauthenticated): how a CLI signs in for this broker."""
+
+    issuer: str
+    client_id: str
+    scopes: list[str]
+    audience: str
