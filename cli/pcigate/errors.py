@@ -16,7 +16,8 @@ Messages must never contain secrets (passwords, tokens, one-time secrets).
     ├── PendingApproval            EXIT 10 (JIT requests, later)
     ├── KeyringUnavailable         EXIT 11 no keyring backend to store tokens
     ├── ProtocolError              EXIT 12 malformed bytes from a peer
-    └── RecordingError             EXIT 13 recording could not be verified/uploaded (kept in the spool)
+    ├── RecordingError             EXIT 13 recording could not be verified/uploaded (kept in the spool)
+    └── IdpUnavailable             EXIT 14 the identity provider cannot be reached
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ExitCode(IntEnum):
     KEYRING_UNAVAILABLE = 11
     PROTOCOL_ERROR = 12
     RECORDING_ERROR = 13
+    IDP_UNAVAILABLE = 14
     INTERRUPTED = 130
 
 
@@ -114,6 +116,11 @@ class RecordingError(PcigateError):
     code = "recording_error"
 
 
+class IdpUnavailable(PcigateError):
+    exit_code = ExitCode.IDP_UNAVAILABLE
+    code = "idp_unavailable"
+
+
 # Broker error codes (the ``error.code`` of an API error body) → CLI exception class.
 BROKER_ERROR_CLASSES: dict[str, type[PcigateError]] = {
     "unauthenticated": AuthRequired,
@@ -129,4 +136,5 @@ BROKER_ERROR_CLASSES: dict[str, type[PcigateError]] = {
     "too_large": RecordingError,
     "validation_error": UsageError,
     "session_closed": PcigateError,
+    "idp_unavailable": IdpUnavailable,
 }

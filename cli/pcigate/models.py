@@ -43,6 +43,7 @@ ErrorCode = Literal[
     "validation_error",  # 422 request body/params invalid
     "vault_unavailable",  # 503 OpenBao/Vault unreachable or sealed
     "database_unavailable",  # 503
+    "idp_unavailable",  # 503 the broker cannot reach the IdP to check tokens (cached keys still work)
     "internal",  # 500
 ]
 

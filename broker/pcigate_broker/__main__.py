@@ -1,0 +1,3 @@
+from pcigate_broker.cli import run
+
+run()

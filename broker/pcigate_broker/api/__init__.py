@@ -1,0 +1,1 @@
+"""HTTP API: dependencies (deps.py) and one router module per resource (routes/)."""

@@ -1,0 +1,86 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the app's Broker, a DB session, the caller's Identity."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from pcigate.models import Identity
+
+from ..auth import IdpUnavailable, TokenInvalid
+from ..errors import ApiError
+from ..state import Broker, utcnow
+from ..store import repo
+
+log = logging.getLogger(__name__)
+
+_BEARER = "bearer "
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pcigate"'}
+
+
+def get_broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+
+
+def get_db(broker: BrokerDep) -> Iterator[Session]:
+    with broker.sessions() as db:
+        yield db
+
+
+DbDep = Annotated[Session, Depends(get_db)]
+
+
+def get_request_id(request: Request) -> str | None:
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else None
+
+
+RequestId = Annotated[str | None, Depends(get_request_id)]
+
+
+def current_identity(
+    broker: BrokerDep,
+    request_id: RequestId,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Identity:
+    """Validate ``Authorization: Bearer <jwt>`` (sync: JWKS fetches block;
+    runs in a worker thread)."""
+    if not authorization or not hmac.compare_digest(authorization[: len(_BEARER)].lower(), _BEARER):
+        raise ApiError(401, "unauthenticated", "missing bearer token", headers=_CHALLENGE)
+    token = authorization[len(_BEARER) :].strip()
+    if not token:
+        raise ApiError(401, "unauthenticated", "missing bearer token", headers=_CHALLENGE)
+    try:
+        return broker.validator.validate(token)
+    except TokenInvalid as exc:
+        reason = str(exc)
+        log.info("token refused: %s (request %s)", reason, request_id)
+        try:
+            with broker.sessions() as db:
+                repo.audit(
+                    db,
+                    at=utcnow(),
+                    action="auth.refused",
+                    outcome="denied",
+                    request_id=request_id,
+                    message=reason,
+                )
+                db.commit()
+        except Exception:
+            log.exception("could not write the auth.refused audit event")
+        raise ApiError(401, "token_invalid", reason, headers=_CHALLENGE) from None
+    except IdpUnavailable as exc:
+        log.warning("cannot validate tokens: %s", exc)
+        raise ApiError(503, "idp_unavailable", "identity provider unreachable: cannot check tokens now") from None
+
+
+CurrentIdentity = Annotated[Identity, Depends(current_identity)]

@@ -1,0 +1,182 @@
+"""``/v1/sessions/{id}/recording``: streamed, verified, content-addressed upload; streamed download."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from pcigate.models import Identity, RecordingReceipt
+
+from ... import sessions
+from ...errors import ApiError
+from ...recordings import SHA256_HEX, TooLarge, Upload, VerifiedUpload
+from ...state import Broker, utcnow
+from ...store import repo
+from ..deps import BrokerDep, CurrentIdentity, RequestId
+
+router = APIRouter(prefix="/v1/sessions", tags=["recordings"])
+
+_BATCH = 1 << 20  # hand the verifier/hasher ~1 MiB at a time, in a worker thread
+
+
+def _lookup(broker: Broker, identity: Identity, session_id: str) -> tuple[str | None, str]:
+    with broker.sessions() as db:
+        row = sessions.owned_session(broker, db, identity, session_id, "upload its recording")
+        return row.recording_sha256, row.id
+
+
+def _store(
+    broker: Broker, identity: Identity, session_id: str, up: VerifiedUpload, request_id: str | None
+) -> tuple[RecordingReceipt, bool]:
+    dest = broker.recordings.path_for(up.sha256)
+    existed = dest.exists()
+    broker.recordings.commit(up)
+    with broker.sessions() as db:
+        won = repo.claim_recording(
+            db, session_id=session_id, sha256=up.sha256, size=up.size, events=up.events
+        )
+        if not won:
+            db.rollback()
+            row = repo.get_session(db, session_id)
+            current = row.recording_sha256 if row else None
+            if current != up.sha256:
+                if not existed:
+                    dest.unlink(missing_ok=True)
+                raise ApiError(409, "conflict", "a different recording is already stored for this session")
+            return RecordingReceipt(
+                session_id=session_id, sha256=up.sha256, size=up.size, events=up.events, already_stored=True
+            ), False
+        repo.audit(
+            db,
+            at=utcnow(),
+            action="recording.upload",
+            outcome="success",
+            actor=identity.subject,
+            session_id=session_id,
+            request_id=request_id,
+            detail={"sha256": up.sha256, "size": up.size, "events": up.events},
+        )
+        db.commit()
+    return RecordingReceipt(session_id=session_id, sha256=up.sha256, size=up.size, events=up.events), True
+
+
+def _refuse(
+    broker: Broker, identity: Identity, session_id: str, request_id: str | None, err: ApiError
+) -> None:
+    with broker.sessions() as db:
+        repo.audit(
+            db,
+            at=utcnow(),
+            action="recording.upload",
+            outcome="denied",
+            actor=identity.subject,
+            session_id=session_id,
+            request_id=request_id,
+            message=err.message,
+            detail={"code": err.code},
+        )
+        db.commit()
+
+
+@router.put(
+    "/{session_id}/recording",
+    response_model=RecordingReceipt,
+    status_code=201,
+    responses={200: {"model": RecordingReceipt, "description": "already stored (same digest)"}},
+    openapi_extra={
+        "requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "required": True}
+    },
+)
+async def upload(
+    session_id: str,
+    request: Request,
+    broker: BrokerDep,
+    identity: CurrentIdentity,
+    request_id: RequestId,
+    x_content_sha256: Annotated[str, Header(alias="X-Content-SHA256", max_length=64, min_length=64)],
+) -> Response:
+    digest = x_content_sha256.lower()
+    if not SHA256_HEX.match(digest):
+        raise ApiError(422, "validation_error", "X-Content-SHA256: expected 64 hex digits")
+    existing, _ = await anyio.to_thread.run_sync(_lookup, broker, identity, session_id)
+    if existing is not None and existing != digest:
+        raise ApiError(409, "conflict", "a different recording is already stored for this session")
+    cap = broker.settings.server.max_recording_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise ApiError(413, "too_large", f"recording larger than the {cap}-byte limit")
+    up: Upload = await anyio.to_thread.run_sync(broker.recordings.begin, cap)
+    try:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) >= _BATCH:
+                await anyio.to_thread.run_sync(up.write, bytes(buf))
+                buf.clear()
+        if buf:
+            await anyio.to_thread.run_sync(up.write, bytes(buf))
+        result = await anyio.to_thread.run_sync(up.finish)
+    except TooLarge:
+        up.discard()
+        raise ApiError(413, "too_large", f"recording larger than the {cap}-byte limit") from None
+    except BaseException:
+        up.discard()
+        raise
+    try:
+        err: ApiError | None = None
+        if result.sha256 != digest:
+            err = ApiError(422, "digest_mismatch", "uploaded bytes do not hash to X-Content-SHA256")
+        elif not result.ok:
+            where = f" at line {result.line}" if result.line else ""
+            err = ApiError(422, "recording_invalid", f"recording does not verify{where}: {result.error}")
+        elif result.header is None or result.header.get("session_id") != session_id:
+            err = ApiError(422, "recording_invalid", "recording header is for another session")
+        if err is not None:
+            await anyio.to_thread.run_sync(_refuse, broker, identity, session_id, request_id, err)
+            raise err
+        receipt, created = await anyio.to_thread.run_sync(
+            _store, broker, identity, session_id, result, request_id
+        )
+    finally:
+        result.tmp_path.unlink(missing_ok=True)
+    return JSONResponse(receipt.model_dump(mode="json"), status_code=201 if created else 200)
+
+
+def _download_path(broker: Broker, identity: Identity, session_id: str) -> tuple[str, str]:
+    with broker.sessions() as db:
+        row = sessions.visible_session(broker, db, identity, session_id)
+        if row.recording_sha256 is None:
+            raise ApiError(404, "not_found", "no recording stored for this session")
+        path = broker.recordings.path_for(row.recording_sha256)
+        repo.audit(
+            db,
+            at=utcnow(),
+            action="recording.download",
+            outcome="success",
+            actor=identity.subject,
+            session_id=row.id,
+            detail={"sha256": row.recording_sha256},
+        )
+        db.commit()
+        return str(path), row.recording_sha256
+
+
+@router.get(
+    "/{session_id}/recording",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def download(session_id: str, broker: BrokerDep, identity: CurrentIdentity) -> FileResponse:
+    path, sha = await anyio.to_thread.run_sync(_download_path, broker, identity, session_id)
+    if not await anyio.to_thread.run_sync(os.path.exists, path):
+        raise ApiError(404, "not_found", "recording file missing from the store")
+    return FileResponse(
+        path,
+        media_type="application/x-ndjson",
+        filename=f"{session_id}.rec",
+        headers={"X-Content-SHA256": sha},
+    )

@@ -1,0 +1,104 @@
+"""Who reaches what: pure functions over ``[[access]]`` rules and ``[targets.*]`` (no I/O).
+
+Visibility rule (like Teleport): a target the caller reaches at no level does not exist for them — asking for
+it
+is ``404 unknown_target``, exactly as for a name that is not configured, so the API does not reveal the
+inventory to people outside it. A target reached at some level but not the one asked is
+``403 level_not_allowed`` with the allowed levels in the message.
+
+A caller's default level on a target is the target's ``default_level`` when they hold it, otherwise their
+first allowed level in the target's own order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pcigate.models import MAX_SESSION_SECONDS, Identity, LevelInfo, TargetInfo
+
+from .errors import ApiError
+from .settings import Settings, TargetSettings
+
+
+@dataclass(frozen=True)
+class Grant:
+    target: str
+    level: str
+    vault_mount: str
+    vault_role: str
+    ttl_seconds: int
+
+
+def _rule_matches(identity: Identity, group: str | None, subject: str | None) -> bool:
+    if subject is not None:
+        return identity.subject == subject
+    return group is not None and group in identity.groups
+
+
+def allowed_levels(settings: Settings, identity: Identity, target: str) -> list[str]:
+    """Levels of ``target`` the identity reaches, in the target's configured order ([] if none/unknown)."""
+    tgt = settings.targets.get(target)
+    if tgt is None:
+        return []
+    granted: set[str] = set()
+    for rule in settings.access:
+        if rule.target not in ("*", target) or not _rule_matches(identity, rule.group, rule.subject):
+            continue
+        if "*" in rule.levels:
+            granted.update(tgt.levels)
+        else:
+            granted.update(lvl for lvl in rule.levels if lvl in tgt.levels)
+    return [lvl for lvl in tgt.levels if lvl in granted]
+
+
+def default_level_for(tgt: TargetSettings, levels: list[str]) -> str:
+    return tgt.default if tgt.default in levels else levels[0]
+
+
+def visible_targets(settings: Settings, identity: Identity) -> list[TargetInfo]:
+    out: list[TargetInfo] = []
+    for name, tgt in settings.targets.items():
+        levels = allowed_levels(settings, identity, name)
+        if not levels:
+            continue
+        out.append(
+            TargetInfo(
+                name=name,
+                kind=tgt.kind,
+                host=tgt.host,
+                port=tgt.port,
+                database=tgt.database,
+                description=tgt.description,
+                levels=[LevelInfo(name=lvl, max_ttl_seconds=tgt.levels[lvl].ttl_cap) for lvl in levels],
+                default_level=default_level_for(tgt, levels),
+            )
+        )
+    return out
+
+
+def is_auditor(settings: Settings, identity: Identity) -> bool:
+    return any(g in settings.auditors.groups for g in identity.groups)
+
+
+def decide(
+    settings: Settings, identity: Identity, target: str, level: str | None, ttl_seconds: int | None
+) -> Grant:
+    """The grant for one session request, or an :class:`ApiError`
+    (404 unknown_target / 403 level_not_allowed)."""
+    tgt = settings.targets.get(target)
+    levels = allowed_levels(settings, identity, target)
+    if tgt is None or not levels:
+        raise ApiError(404, "unknown_target", f"unknown target {target!r}")
+    chosen = level or default_level_for(tgt, levels)
+    if chosen not in levels:
+        raise ApiError(
+            403,
+            "level_not_allowed",
+            f"level {chosen!r} is not allowed on {target}; allowed: {', '.join(levels)}",
+        )
+    lvl = tgt.levels[chosen]
+    cap = min(lvl.ttl_cap, MAX_SESSION_SECONDS)
+    ttl = cap if ttl_seconds is None else min(ttl_seconds, cap)
+    return Grant(
+        target=target, level=chosen, vault_mount=tgt.vault_mount, vault_role=lvl.vault_role, ttl_seconds=ttl
+    )

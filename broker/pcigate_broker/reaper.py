@@ -1,0 +1,38 @@
+"""Background reaper: every ``reaper_interval_seconds`` end sessions past ``expires_at`` (``expired``) or
+silent
+for longer than ``heartbeat_grace_seconds`` (``heartbeat_lost``), revoke their leases, and retry revocations
+OpenBao could not do earlier. Each pass runs in a worker thread; several replicas may run it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import anyio.to_thread
+
+from .sessions import reap_once
+from .state import Broker
+
+log = logging.getLogger(__name__)
+
+
+def reap_pass(broker: Broker) -> int:
+    caps = [lvl.ttl_cap for t in broker.settings.targets.values() for lvl in t.levels.values()]
+    broker.vault.maintain_token(max(caps, default=0))
+    with broker.sessions() as db:
+        return reap_once(broker, db)
+
+
+async def run_reaper(broker: Broker) -> None:
+    interval = broker.settings.sessions.reaper_interval_seconds
+    while True:
+        try:
+            n = await anyio.to_thread.run_sync(reap_pass, broker)
+            if n:
+                log.info("reaper ended %d session(s)", n)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reaper pass failed; retrying next interval")
+        await asyncio.sleep(interval)

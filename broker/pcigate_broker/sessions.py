@@ -1,0 +1,286 @@
+"""Session life cycle: open (policy → OpenBao credentials → row), heartbeat, end (revoke now), reap.
+
+Blocking (database + hvac): call from worker threads. Status after the end of a session:
+``ended`` (the client ended it), ``expired`` (past ``expires_at``, reaper), ``revoked`` (heartbeat lost,
+reaper).
+``lease_revoked`` stays false while OpenBao could not be reached; the reaper retries those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from pcigate.models import (
+    DatabaseCredentials,
+    DataPathPolicy,
+    Identity,
+    SessionCreate,
+    SessionOpened,
+    SessionSummary,
+)
+
+from . import policy
+from .errors import ApiError, DatabaseUnavailable, NotFoundError, VaultUnavailable
+from .state import Broker, utcnow
+from .store import repo
+from .store.tables import SessionRow
+
+log = logging.getLogger(__name__)
+
+
+def canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def data_path_policy() -> DataPathPolicy:
+    """Issue 1: record everything, no masking/guardrails yet. ``digest`` covers every other field."""
+    body = DataPathPolicy(record=True).model_dump(mode="json", exclude={"digest"})
+    return DataPathPolicy(record=True, digest=hashlib.sha256(canonical(body)).hexdigest())
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def vault_error(exc: Exception) -> ApiError:
+    if isinstance(exc, DatabaseUnavailable):
+        return ApiError(503, "database_unavailable", str(exc))
+    return ApiError(503, "vault_unavailable", str(exc) or "OpenBao unavailable")
+
+
+def open_session(
+    broker: Broker, db: Session, identity: Identity, req: SessionCreate, request_id: str | None
+) -> SessionOpened:
+    settings = broker.settings
+    now = utcnow()
+    try:
+        grant = policy.decide(settings, identity, req.target, req.level, req.ttl_seconds)
+    except ApiError as err:
+        repo.audit(
+            db,
+            at=now,
+            action="session.open",
+            outcome="denied",
+            actor=identity.subject,
+            target=req.target,
+            request_id=request_id,
+            message=err.message,
+            detail={"level": req.level, "code": err.code},
+        )
+        db.commit()
+        raise
+    try:
+        creds = broker.vault.issue_db_creds(grant.vault_mount, grant.vault_role)
+    except (VaultUnavailable, DatabaseUnavailable) as exc:
+        verr = vault_error(exc)
+        repo.audit(
+            db,
+            at=now,
+            action="session.open",
+            outcome="error",
+            actor=identity.subject,
+            target=grant.target,
+            request_id=request_id,
+            message=verr.message,
+            detail={"level": grant.level, "code": verr.code},
+        )
+        db.commit()
+        raise verr from None
+    ttl = grant.ttl_seconds
+    if creds.lease_duration > 0:
+        ttl = min(ttl, creds.lease_duration)  # never promise more than the lease itself lives
+    started = utcnow()
+    tgt = settings.targets[grant.target]
+    row = SessionRow(
+        id=new_session_id(),
+        user=identity.subject,
+        user_name=identity.name or identity.email,
+        client_kind=identity.client_kind,
+        groups=list(identity.groups),
+        target=grant.target,
+        level=grant.level,
+        status="active",
+        started_at=started,
+        expires_at=started + timedelta(seconds=ttl),
+        lease_id=creds.lease_id,
+        lease_revoked=False,
+        last_heartbeat_at=started,
+        client_hostname=req.client_hostname,
+        client_version=req.client_version,
+    )
+    try:
+        repo.add_session(db, row)
+        repo.audit(
+            db,
+            at=started,
+            action="session.open",
+            outcome="success",
+            actor=identity.subject,
+            target=grant.target,
+            session_id=row.id,
+            request_id=request_id,
+            detail={
+                "level": grant.level,
+                "ttl_seconds": ttl,
+                "lease_id": creds.lease_id,
+                "client_kind": identity.client_kind,
+                "client_hostname": req.client_hostname,
+            },
+        )
+        db.commit()
+    except Exception:
+        db.rollback()
+        log.error("could not record a new session; revoking its lease")
+        try:
+            broker.vault.revoke_lease(creds.lease_id)
+        except VaultUnavailable:
+            log.error("lease %s could not be revoked after a failed session insert", creds.lease_id)
+        raise
+    return SessionOpened(
+        session_id=row.id,
+        target=grant.target,
+        level=grant.level,
+        user=identity.subject,
+        started_at=row.started_at,
+        expires_at=row.expires_at,
+        lease_id=creds.lease_id,
+        heartbeat_seconds=settings.sessions.heartbeat_seconds,
+        credentials=DatabaseCredentials(
+            host=tgt.host,
+            port=tgt.port,
+            database=tgt.database,
+            username=creds.username,
+            password=creds.password,
+            sslmode=tgt.sslmode,
+        ),
+        policy=data_path_policy(),
+    )
+
+
+def visible_session(broker: Broker, db: Session, identity: Identity, session_id: str) -> SessionRow:
+    """The session if the caller owns it or is an auditor; otherwise 404 (existence is not revealed)."""
+    row = repo.get_session(db, session_id)
+    if row is None or (row.user != identity.subject and not policy.is_auditor(broker.settings, identity)):
+        raise NotFoundError()
+    return row
+
+
+def owned_session(broker: Broker, db: Session, identity: Identity, session_id: str, what: str) -> SessionRow:
+    row = visible_session(broker, db, identity, session_id)
+    if row.user != identity.subject:
+        raise ApiError(403, "forbidden", f"only the session's owner may {what}")
+    return row
+
+
+def heartbeat(broker: Broker, db: Session, identity: Identity, session_id: str) -> SessionSummary:
+    row = owned_session(broker, db, identity, session_id, "heart-beat it")
+    now = utcnow()
+    if (
+        row.status != "active"
+        or row.expires_at <= now
+        or not repo.touch_heartbeat(db, session_id=row.id, now=now)
+    ):
+        raise ApiError(
+            409, "session_closed", f"session is {row.status if row.status != 'active' else 'expired'}"
+        )
+    db.commit()
+    db.refresh(row)
+    return repo.to_summary(row)
+
+
+def revoke_owed(
+    broker: Broker, db: Session, row_id: str, lease_id: str, *, actor: str, request_id: str | None
+) -> bool:
+    """Revoke a lease and record it; False (and an audit event) when OpenBao could not do it now."""
+    try:
+        broker.vault.revoke_lease(lease_id)
+    except VaultUnavailable as exc:
+        repo.audit(
+            db,
+            at=utcnow(),
+            action="lease.revoke",
+            outcome="error",
+            actor=actor,
+            session_id=row_id,
+            request_id=request_id,
+            message=str(exc),
+            detail={"lease_id": lease_id},
+        )
+        db.commit()
+        return False
+    repo.mark_lease_revoked(db, session_id=row_id)
+    repo.audit(
+        db,
+        at=utcnow(),
+        action="lease.revoke",
+        outcome="success",
+        actor=actor,
+        session_id=row_id,
+        request_id=request_id,
+        detail={"lease_id": lease_id},
+    )
+    db.commit()
+    return True
+
+
+def end_session(
+    broker: Broker, db: Session, identity: Identity, session_id: str, request_id: str | None
+) -> SessionSummary:
+    row = owned_session(broker, db, identity, session_id, "end it")
+    now = utcnow()
+    if repo.claim_end(db, session_id=row.id, status="ended", reason="client", now=now):
+        repo.audit(
+            db,
+            at=now,
+            action="session.end",
+            outcome="success",
+            actor=identity.subject,
+            target=row.target,
+            session_id=row.id,
+            request_id=request_id,
+            detail={"reason": "client"},
+        )
+        db.commit()
+    db.refresh(row)
+    if not row.lease_revoked and not revoke_owed(
+        broker, db, row.id, row.lease_id, actor=identity.subject, request_id=request_id
+    ):
+        raise ApiError(
+            503,
+            "vault_unavailable",
+            "session ended but OpenBao could not revoke the lease now; the broker will retry",
+        )
+    db.refresh(row)
+    return repo.to_summary(row)
+
+
+def reap_once(broker: Broker, db: Session, *, now: datetime | None = None) -> int:
+    """One reaper pass; returns how many sessions it ended. Safe with concurrent replicas (claims)."""
+    now = now or utcnow()
+    ended = 0
+    for due in repo.sessions_due(db, now=now, grace_seconds=broker.settings.sessions.heartbeat_grace_seconds):
+        if not repo.claim_end(db, session_id=due.session_id, status=due.status, reason=due.reason, now=now):
+            db.rollback()
+            continue  # another replica (or the client) got there first
+        row = repo.get_session(db, due.session_id)
+        repo.audit(
+            db,
+            at=now,
+            action="session.end",
+            outcome="success",
+            actor="reaper",
+            target=row.target if row else None,
+            session_id=due.session_id,
+            detail={"reason": due.reason},
+        )
+        db.commit()
+        ended += 1
+    for session_id, lease_id in repo.unrevoked_leases(db):
+        revoke_owed(broker, db, session_id, lease_id, actor="reaper", request_id=None)
+    return ended

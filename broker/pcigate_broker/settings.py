@@ -1,0 +1,402 @@
+"""``broker.toml``: the broker's whole configuration, validated with pydantic v2 (docs/configuration.md).
+
+``load_settings(path)`` reads the TOML file (tomllib), validates it and resolves secrets (the OpenBao token
+from
+``vault.token_file`` or ``PCIGATE_BROKER_VAULT_TOKEN``; the AppRole secret id from ``vault.secret_id_file`` or
+``PCIGATE_BROKER_VAULT_SECRET_ID``). Every problem is reported as one line naming the key, collected in a
+:class:`ConfigError`. Secrets are held in ``SecretStr`` and never appear in ``repr`` or error messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from pcigate.models import MAX_SESSION_SECONDS
+
+TOKEN_ENV = "PCIGATE_BROKER_VAULT_TOKEN"
+SECRET_ID_ENV = "PCIGATE_BROKER_VAULT_SECRET_ID"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``problems`` holds one line per problem, each naming the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> int:
+    """``"90s"``, ``"30m"``, ``"8h"``, ``"1d"`` or integer seconds → seconds."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("duration", 'expected a duration like "30m"')
+    if isinstance(value, int):
+        if value < 0:
+            raise PydanticCustomError("duration", "a duration cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2)]
+    raise PydanticCustomError("duration", 'expected a duration like "30m"')
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    listen: str = "127.0.0.1:8600"
+    public_url: str | None = None
+    max_recording_bytes: int = Field(default=1 << 30, gt=0)
+    # Additions to the documented schema: TLS for a non-loopback listener.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise PydanticCustomError("listen", 'expected "host:port", e.g. "127.0.0.1:8600"')
+        return v
+
+    @model_validator(mode="after")
+    def _loopback_or_tls(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise PydanticCustomError("tls", "tls_cert_file and tls_key_file go together")
+        if self.tls_cert_file is None and not _is_loopback(self.host):
+            raise PydanticCustomError(
+                "listen", "refusing a non-loopback listen address without tls_cert_file/tls_key_file"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OidcSettings(_Section):
+    issuer: str
+    audience: str
+    client_id: str | None = None
+    extra_audiences: list[str] = Field(default_factory=list)
+    groups_claim: str = "groups"
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "profile", "email", "groups", "offline_access"]
+    )
+    workload_claim: str = "pcigate_workload"
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    jwks_cache_seconds: int = Field(default=300, ge=0)
+    # Additions: an unknown kid refetches the JWKS at most once per this many seconds; IdP HTTP timeout.
+    jwks_min_refetch_seconds: int = Field(default=10, ge=0)
+    http_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or self.audience
+
+    @property
+    def audiences(self) -> list[str]:
+        return [self.audience, *self.extra_audiences]
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise PydanticCustomError("issuer", "expected an http(s) URL")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise PydanticCustomError("algorithms", "at least one algorithm is required")
+        for alg in v:
+            if alg.lower() == "none" or alg.upper().startswith("HS"):
+                raise PydanticCustomError(
+                    "algorithms", "{alg} is never accepted (no 'none', no HMAC algorithms)", {"alg": alg}
+                )
+            if alg not in ALLOWED_ASYMMETRIC:
+                raise PydanticCustomError(
+                    "algorithms",
+                    "unsupported algorithm {alg}; choose from {known}",
+                    {"alg": alg, "known": ", ".join(sorted(ALLOWED_ASYMMETRIC))},
+                )
+        return v
+
+
+ALLOWED_ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+
+
+class VaultSettings(_Section):
+    address: str = "http://127.0.0.1:8200"
+    auth: Literal["token", "approle"] = "token"
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+    approle_mount: str = "approle"  # addition
+    timeout_seconds: float = Field(default=5, gt=0)
+    # Resolved at load time (not TOML keys; the loader fills them from the file / environment).
+    token: SecretStr | None = Field(default=None, exclude=True)
+    secret_id: SecretStr | None = Field(default=None, exclude=True)
+
+
+class StorageSettings(_Section):
+    database_url: str = "sqlite:///var/lib/pcigate/broker.db"
+    recordings_dir: Path = Path("/var/lib/pcigate/recordings")
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("sqlite:", "postgresql")):
+            raise PydanticCustomError("database_url", "expected sqlite:///PATH or postgresql+psycopg://...")
+        return v
+
+
+class SessionSettings(_Section):
+    heartbeat_seconds: Duration = 30
+    heartbeat_grace_seconds: Duration = 120
+    reaper_interval_seconds: Duration = 10
+
+    @model_validator(mode="after")
+    def _grace(self) -> SessionSettings:
+        if self.heartbeat_seconds <= 0:
+            raise PydanticCustomError("duration", "heartbeat_seconds must be positive")
+        if self.heartbeat_grace_seconds <= self.heartbeat_seconds:
+            raise PydanticCustomError("duration", "heartbeat_grace_seconds must exceed heartbeat_seconds")
+        if self.reaper_interval_seconds <= 0:
+            raise PydanticCustomError("duration", "reaper_interval_seconds must be positive")
+        return self
+
+
+class AuditorSettings(_Section):
+    groups: list[str] = Field(default_factory=list)
+
+
+class LevelSettings(_Section):
+    vault_role: str
+    ttl_cap: Duration
+
+    @field_validator("ttl_cap")
+    @classmethod
+    def _cap(cls, v: int) -> int:
+        if not 0 < v <= MAX_SESSION_SECONDS:
+            raise PydanticCustomError(
+                "duration", "ttl_cap must be between 1s and {max}s", {"max": MAX_SESSION_SECONDS}
+            )
+        return v
+
+
+class TargetSettings(_Section):
+    kind: Literal["postgres"] = "postgres"
+    host: str
+    port: int = Field(default=5432, gt=0, lt=65536)
+    database: str
+    sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+    description: str | None = None
+    default_level: str | None = None
+    vault_mount: str = "database"
+    levels: dict[str, LevelSettings]
+
+    @model_validator(mode="after")
+    def _levels(self) -> TargetSettings:
+        if not self.levels:
+            raise PydanticCustomError("levels", "a target needs at least one level")
+        for name in self.levels:
+            if not _NAME.match(name):
+                raise PydanticCustomError("levels", "bad level name {name!r}", {"name": name})
+        if self.default_level is not None and self.default_level not in self.levels:
+            raise PydanticCustomError(
+                "default_level",
+                "default_level {lvl!r} is not one of the target's levels",
+                {"lvl": self.default_level},
+            )
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_level or next(iter(self.levels))
+
+
+class AccessRule(_Section):
+    """Any matching rule grants. ``group`` or ``subject`` (addition: a token's ``sub``, e.g. a workload)."""
+
+    group: str | None = None
+    subject: str | None = None
+    target: str
+    levels: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _who(self) -> AccessRule:
+        if (self.group is None) == (self.subject is None):
+            raise PydanticCustomError("access", "set exactly one of group or subject")
+        return self
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    oidc: OidcSettings
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    auditors: AuditorSettings = Field(default_factory=AuditorSettings)
+    targets: dict[str, TargetSettings] = Field(default_factory=dict)
+    access: list[AccessRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        problems: list[str] = []
+        for name in self.targets:
+            if not _NAME.match(name):
+                problems.append(f"targets.{name}: bad target name")
+        for i, rule in enumerate(self.access):
+            if rule.target != "*" and rule.target not in self.targets:
+                problems.append(f"access.{i}.target: unknown target {rule.target!r}")
+                continue
+            known = (
+                set().union(*(t.levels for t in self.targets.values()))
+                if rule.target == "*"
+                else set(self.targets[rule.target].levels)
+            )
+            for lvl in rule.levels:
+                if lvl != "*" and lvl not in known:
+                    problems.append(f"access.{i}.levels: unknown level {lvl!r}")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def _read_secret(path: Path, key: str, problems: list[str]) -> SecretStr | None:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{key}: cannot read {path}: {exc.strerror or type(exc).__name__}")
+        return None
+    if not value:
+        problems.append(f"{key}: {path} is empty")
+        return None
+    return SecretStr(value)
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None or path.is_absolute():
+        return path
+    return base / path
+
+
+def settings_from_dict(
+    data: dict[str, Any], *, base_dir: Path | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Validate a parsed config; relative paths are resolved against ``base_dir``; secrets are loaded."""
+    env = os.environ if environ is None else environ
+    base = base_dir or Path.cwd()
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+    except ConfigError:
+        raise
+    problems: list[str] = []
+    vault = settings.vault
+    token_file = _resolve(vault.token_file, base)
+    secret_id_file = _resolve(vault.secret_id_file, base)
+    token: SecretStr | None = None
+    secret_id: SecretStr | None = None
+    if vault.auth == "token":
+        if token_file is not None:
+            token = _read_secret(token_file, "vault.token_file", problems)
+        elif env.get(TOKEN_ENV):
+            token = SecretStr(env[TOKEN_ENV].strip())
+        else:
+            problems.append(f"vault.token_file: no OpenBao token: set token_file or {TOKEN_ENV}")
+    else:
+        if not vault.role_id:
+            problems.append('vault.role_id: required when auth = "approle"')
+        if secret_id_file is not None:
+            secret_id = _read_secret(secret_id_file, "vault.secret_id_file", problems)
+        elif env.get(SECRET_ID_ENV):
+            secret_id = SecretStr(env[SECRET_ID_ENV].strip())
+        else:
+            problems.append(
+                f"vault.secret_id_file: no AppRole secret id: set secret_id_file or {SECRET_ID_ENV}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    recordings_dir = _resolve(settings.storage.recordings_dir, base)
+    assert recordings_dir is not None
+    return settings.model_copy(
+        update={
+            "vault": vault.model_copy(
+                update={
+                    "token": token,
+                    "secret_id": secret_id,
+                    "token_file": token_file,
+                    "secret_id_file": secret_id_file,
+                }
+            ),
+            "storage": settings.storage.model_copy(update={"recordings_dir": recordings_dir}),
+        }
+    )
+
+
+def load_settings(path: Path | str, *, environ: dict[str, str] | None = None) -> Settings:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or type(exc).__name__}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return settings_from_dict(data, base_dir=path.resolve().parent, environ=environ)

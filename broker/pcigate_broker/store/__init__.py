@@ -1,0 +1,1 @@
+"""Relational state: SQLAlchemy 2 tables, the engine factory, Alembic migrations and repository functions."""
