@@ -8,13 +8,14 @@ Endpoints (all under ``/v1``, all need ``Authorization: Bearer <OIDC JWT>`` exce
     GET  /healthz                              -> {"status": "ok"}
     GET  /v1/config/oidc                       -> OidcClientConfig  (unauthenticated)
     GET  /v1/whoami                            -> Identity
-    GET  /v1/targets                           -> list[TargetInfo]            (only targets the caller reaches)
+    GET  /v1/targets                           -> list[TargetInfo]  (only targets the caller reaches)
     POST /v1/sessions          SessionCreate   -> SessionOpened  (201)
     POST /v1/sessions/{id}/heartbeat           -> SessionSummary
     POST /v1/sessions/{id}/end                 -> SessionSummary  (lease revoked now; idempotent)
-    PUT  /v1/sessions/{id}/recording           -> RecordingReceipt (body streamed; header X-Content-SHA256: hex;
-                                                  idempotent: same digest again -> 200, other digest -> 409)
-    GET  /v1/sessions?user=&target=&since=&until=&limit=&cursor=  -> SessionPage
+    PUT  /v1/sessions/{id}/recording           -> RecordingReceipt (body streamed; X-Content-SHA256: hex;
+                                                  same digest again -> 200, other digest -> 409)
+    GET  /v1/sessions?user=&target=&since=&until=&limit=&cursor=
+                                               -> SessionPage
     GET  /v1/sessions/{id}                     -> SessionSummary
     GET  /v1/sessions/{id}/recording           -> the recording bytes, streamed (owner or auditor groups)
 

@@ -80,7 +80,9 @@ def current_identity(
         raise ApiError(401, "token_invalid", reason, headers=_CHALLENGE) from None
     except IdpUnavailable as exc:
         log.warning("cannot validate tokens: %s", exc)
-        raise ApiError(503, "idp_unavailable", "identity provider unreachable: cannot check tokens now") from None
+        raise ApiError(
+            503, "idp_unavailable", "identity provider unreachable: cannot check tokens now"
+        ) from None
 
 
 CurrentIdentity = Annotated[Identity, Depends(current_identity)]
