@@ -1,0 +1,220 @@
+"""``BrokerClient``: the broker HTTP API as typed methods; transport and HTTP errors are mapped here, once.
+
+* connection refused / timeout / network failure → :class:`BrokerUnavailable` ("cannot reach the broker")
+* an error body ``{"error": {"code", "message"}}`` → ``errors.BROKER_ERROR_CLASSES[code]``
+* HTTP 401 → the stored sign-in is dropped (``on_unauthorized``) and :class:`AuthRequired` is raised
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from pcigate import __version__
+from pcigate.errors import (
+    BROKER_ERROR_CLASSES,
+    AccessDenied,
+    AuthRequired,
+    BrokerUnavailable,
+    NotFound,
+    PcigateError,
+    RecordingError,
+    UsageError,
+)
+from pcigate.models import (
+    ErrorBody,
+    Identity,
+    OidcClientConfig,
+    RecordingReceipt,
+    SessionCreate,
+    SessionOpened,
+    SessionPage,
+    SessionSummary,
+    TargetInfo,
+)
+
+M = TypeVar("M", bound=BaseModel)
+TokenProvider = Callable[[], str]
+LOGIN_HINT = "run: pcigate login"
+UPLOAD_CHUNK = 256 * 1024
+
+_TARGETS = TypeAdapter(list[TargetInfo])
+
+
+class BrokerClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: TokenProvider | None = None,
+        on_unauthorized: Callable[[], None] | None = None,
+        timeout: float = 15.0,
+        connect_timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+        auth_hint: str = LOGIN_HINT,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._on_unauthorized = on_unauthorized
+        self._auth_hint = auth_hint
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            headers={"User-Agent": f"pcigate/{__version__}"},
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # the one place errors are mapped ----------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
+        headers: dict[str, str] = dict(kwargs.pop("headers", None) or {})
+        if auth:
+            if self._token is None:
+                raise AuthRequired("not signed in", hint=self._auth_hint)
+            headers["Authorization"] = f"Bearer {self._token()}"
+        try:
+            response = self._http.request(method, path, headers=headers, **kwargs)
+        except httpx.TransportError as exc:  # connect/read/write errors, timeouts, protocol errors
+            raise BrokerUnavailable(f"cannot reach the broker at {self.base_url}") from exc
+        if response.status_code >= 400:
+            self._raise_for(response)
+        return response
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        status = response.status_code
+        code: str | None = None
+        message = f"the broker answered HTTP {status}"
+        try:
+            body = ErrorBody.model_validate_json(response.content)
+        except ValidationError:
+            pass
+        else:
+            code, message = body.error.code, body.error.message
+        if status == 401:
+            if self._on_unauthorized is not None:
+                self._on_unauthorized()
+            raise AuthRequired(message if code else "the broker refused the sign-in", hint=self._auth_hint)
+        cls: type[PcigateError] | None = BROKER_ERROR_CLASSES.get(code) if code else None
+        if cls is None:
+            if code == "conflict":
+                cls = RecordingError
+            elif status >= 500:
+                cls = BrokerUnavailable
+                if not code:
+                    message = f"the broker at {self.base_url} failed (HTTP {status})"
+            elif status == 403:
+                cls = AccessDenied
+            elif status == 404:
+                cls = NotFound
+            elif status in (400, 422):
+                cls = UsageError
+            else:
+                cls = PcigateError
+        hint = "see: pcigate targets" if code in ("level_not_allowed", "unknown_target") else None
+        raise cls(message, hint=hint)
+
+    def _model(self, model: type[M], response: httpx.Response) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise BrokerUnavailable(
+                f"the broker at {self.base_url} sent an unexpected answer to {response.request.url.path}"
+            ) from exc
+
+    # endpoints ---------------------------------------------------------------------------------------------
+    def healthz(self) -> bool:
+        return self._request("GET", "/healthz", auth=False).status_code == 200
+
+    def oidc_config(self) -> OidcClientConfig:
+        return self._model(OidcClientConfig, self._request("GET", "/v1/config/oidc", auth=False))
+
+    def whoami(self) -> Identity:
+        return self._model(Identity, self._request("GET", "/v1/whoami"))
+
+    def targets(self) -> list[TargetInfo]:
+        response = self._request("GET", "/v1/targets")
+        try:
+            return _TARGETS.validate_json(response.content)
+        except ValidationError as exc:
+            raise BrokerUnavailable(f"the broker at {self.base_url} sent an unexpected target list") from exc
+
+    def open_session(self, request: SessionCreate) -> SessionOpened:
+        body = request.model_dump(mode="json", exclude_none=True)
+        return self._model(SessionOpened, self._request("POST", "/v1/sessions", json=body))
+
+    def heartbeat(self, session_id: str) -> SessionSummary:
+        return self._model(SessionSummary, self._request("POST", f"/v1/sessions/{session_id}/heartbeat"))
+
+    def end_session(self, session_id: str) -> SessionSummary:
+        return self._model(SessionSummary, self._request("POST", f"/v1/sessions/{session_id}/end"))
+
+    def upload_recording(
+        self,
+        session_id: str,
+        path: Path,
+        sha256: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> RecordingReceipt:
+        """Stream the file (never fully in memory) with its digest in ``X-Content-SHA256``."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as fh:
+                while chunk := fh.read(UPLOAD_CHUNK):
+                    if progress is not None:
+                        progress(len(chunk))
+                    yield chunk
+
+        response = self._request(
+            "PUT",
+            f"/v1/sessions/{session_id}/recording",
+            content=chunks(),
+            headers={
+                "X-Content-SHA256": sha256,
+                "Content-Type": "application/x-ndjson",
+                "Content-Length": str(size),
+            },
+        )
+        return self._model(RecordingReceipt, response)
+
+    def list_sessions(
+        self,
+        *,
+        user: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        params: dict[str, str] = {}
+        if user:
+            params["user"] = user
+        if target:
+            params["target"] = target
+        if since:
+            params["since"] = since.isoformat()
+        if until:
+            params["until"] = until.isoformat()
+        if limit:
+            params["limit"] = str(limit)
+        if cursor:
+            params["cursor"] = cursor
+        return self._model(SessionPage, self._request("GET", "/v1/sessions", params=params))
+
+    def get_session(self, session_id: str) -> SessionSummary:
+        return self._model(SessionSummary, self._request("GET", f"/v1/sessions/{session_id}"))

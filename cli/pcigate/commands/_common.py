@@ -1,0 +1,46 @@
+"""Shared option aliases and helpers of the commands (light imports only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from pcigate.config import Settings
+
+if TYPE_CHECKING:
+    from pcigate.client import BrokerClient
+    from pcigate.output import Output
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+SPOOL_SYNC_TIMEOUT = 2.0
+
+
+def settings(ctx: typer.Context) -> Settings:
+    root = ctx.find_root()
+    obj = root.obj
+    return obj if isinstance(obj, Settings) else Settings()
+
+
+def output(ctx: typer.Context, json_flag: bool = False) -> Output:
+    from pcigate.output import Output
+
+    return Output(json_mode=json_flag or settings(ctx).json)
+
+
+def broker(ctx: typer.Context, *, sync_spool: bool = True, authenticated: bool = True) -> BrokerClient:
+    """A client for the configured broker; first, quietly, upload what the spool still owes it."""
+    from pcigate.client import BrokerClient
+
+    s = settings(ctx)
+    if not authenticated:
+        return BrokerClient(s.broker_url)
+    from pcigate.auth.credentials import Credentials
+
+    creds = Credentials(s)
+    if sync_spool:
+        from pcigate import spool
+
+        spool.flush_quietly(s, creds, timeout=SPOOL_SYNC_TIMEOUT)
+    return BrokerClient(s.broker_url, token=creds.bearer, on_unauthorized=creds.drop, auth_hint=creds.hint)

@@ -1,0 +1,58 @@
+"""``pcigate connect TARGET [-- psql args]``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pcigate.commands._common import JsonOpt, broker, output, settings
+
+
+def connect(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="Target name (see: pcigate targets).")],
+    psql_args: Annotated[
+        list[str] | None, typer.Argument(metavar="PSQL_ARGS", help="Passed to psql after `--`.")
+    ] = None,
+    level: Annotated[
+        str | None, typer.Option("--level", "-l", help="Access level (default: the target's default level).")
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            metavar="DURATION",
+            help='Session length, e.g. "30m", "1h" (default and maximum: the level\'s cap).',
+        ),
+    ] = None,
+    port: Annotated[
+        int,
+        typer.Option("--port", "-p", min=0, max=65535, help="Local tunnel port (default: any free port)."),
+    ] = 0,
+    no_exec: Annotated[
+        bool, typer.Option("--no-exec", help="Do not run psql; print how to connect and wait for Ctrl-C.")
+    ] = False,
+    json_flag: JsonOpt = False,
+) -> None:
+    """Open a recorded session on TARGET and run psql.
+
+    The broker mints short-lived database credentials; a local tunnel on 127.0.0.1 logs in with them and
+    records every statement; psql talks to the tunnel only. Arguments after `--` go to psql. When psql
+    exits the credentials are revoked and the recording is uploaded.
+    """
+    from pcigate.config import parse_duration
+    from pcigate.session import Connector, ConnectRequest
+
+    request = ConnectRequest(
+        target=target,
+        level=level,
+        ttl_seconds=parse_duration(duration) if duration else None,
+        port=port,
+        no_exec=no_exec,
+        psql_args=list(psql_args or []),
+    )
+    out = output(ctx, json_flag)
+    with broker(ctx) as client:
+        status = Connector(client, settings(ctx), out).run(request)
+    raise typer.Exit(status)

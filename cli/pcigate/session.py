@@ -1,0 +1,361 @@
+"""``pcigate connect``: open a broker session, run the local tunnel, run psql, and always clean up.
+
+Order on the way out, whatever ended the session (psql exit, Ctrl-C, SIGTERM, a dropped tunnel, an error):
+close the tunnel → close the recording (SHA-256) → end the session at the broker (the lease dies now) → upload
+the recording → delete it from the spool. Whatever the broker did not acknowledge stays in the spool
+(:mod:`pcigate.spool`) for the next command or ``pcigate sessions sync``.
+
+The database password lives only in memory (the tunnel's). ``psql`` gets a one-time local secret through a
+temporary 0600 ``PGPASSFILE`` whose path is in its environment; the file is deleted when the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pcigate import __version__, spool
+from pcigate.config import Settings, psql_binary
+from pcigate.errors import BrokerUnavailable, PcigateError, RecordingError, UsageError, VaultUnavailable
+from pcigate.models import SessionCreate, SessionOpened
+from pcigate.output import Output
+
+if TYPE_CHECKING:
+    from pcigate.client import BrokerClient
+
+# Variables that would make psql go elsewhere or carry a password: never passed to the child.
+STRIPPED_ENV = (
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGREQUIRESSL",
+    "PGGSSENCMODE",
+    "PGTARGETSESSIONATTRS",
+)
+LOCAL_HOST = "127.0.0.1"
+
+
+@dataclass
+class ConnectRequest:
+    target: str
+    level: str | None = None
+    ttl_seconds: int | None = None
+    port: int = 0
+    no_exec: bool = False
+    psql_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    stop: asyncio.Event
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def passfile(port: int, secret: str) -> Iterator[Path]:
+    """A 0600 pgpass file in a private 0700 directory, removed on exit."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    directory = Path(tempfile.mkdtemp(prefix="pcigate-", dir=base if base and os.path.isdir(base) else None))
+    path = directory / "pgpass"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{LOCAL_HOST}:{port}:*:*:{secret}\n")
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def child_env(pgpassfile: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in STRIPPED_ENV}
+    env["PGPASSFILE"] = str(pgpassfile)
+    env["PGSSLMODE"] = "disable"  # loopback to the tunnel; the tunnel does TLS upstream
+    env["PGGSSENCMODE"] = "disable"
+    return env
+
+
+def psql_argv(binary: str, opened: SessionOpened, port: int, extra: list[str]) -> list[str]:
+    user = opened.credentials.username or "pcigate"
+    return [binary, "-h", LOCAL_HOST, "-p", str(port), "-d", opened.credentials.database, "-U", user, *extra]
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def resolve_psql() -> str:
+    binary = psql_binary()
+    found = shutil.which(binary)
+    if found is None:
+        raise UsageError(
+            f"cannot find the psql program ({binary})",
+            hint="install the PostgreSQL client (psql) or set PCIGATE_PSQL to its path",
+        )
+    return found
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when importable (faster relay); ``PCIGATE_EVENT_LOOP=asyncio`` selects the stdlib loop."""
+    if os.environ.get("PCIGATE_EVENT_LOOP", "").lower() == "asyncio":
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class Connector:
+    def __init__(self, client: BrokerClient, settings: Settings, out: Output) -> None:
+        self.client = client
+        self.settings = settings
+        self.out = out
+
+    # -- entry point
+    def run(self, request: ConnectRequest) -> int:
+        binary = None if request.no_exec else resolve_psql()
+        # SIGTERM/SIGHUP outside the event loop (opening, closing): unwind through the clean-up like Ctrl-C
+        # instead of dying with a live lease. Inside the loop, the handlers below take over.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
+        opened = self.client.open_session(
+            SessionCreate(
+                target=request.target,
+                level=request.level,
+                ttl_seconds=request.ttl_seconds,
+                client_hostname=socket.gethostname()[:255],
+                client_version=__version__,
+            )
+        )
+        sid = opened.session_id
+        with spool.session_lock(sid):
+            spool.new_entry(sid, self.settings.broker_url)
+            recorder: Any = None
+            status = 1
+            error: BaseException | None = None
+            try:
+                recorder = self._recorder(opened)
+                with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                    status = runner.run(self._session(opened, recorder, request, binary))
+            except BaseException as exc:
+                error = exc
+            finally:
+                self._finish(opened, recorder, interrupted=isinstance(error, KeyboardInterrupt))
+            if error is not None:
+                raise error
+            return status
+
+    def _recorder(self, opened: SessionOpened) -> Any:
+        if not opened.policy.record:
+            return None
+        from pcigate.recording import RecordingHeader, RecordingWriter
+
+        header = RecordingHeader(
+            session_id=opened.session_id,
+            user=opened.user,
+            target=opened.target,
+            level=opened.level,
+            lease_id=opened.lease_id,
+            policy_digest=opened.policy.digest,
+            started_at=opened.started_at,
+            kind="pg",
+        )
+        return RecordingWriter(spool.recording_path(opened.session_id), header)
+
+    # -- the live part
+    async def _session(
+        self, opened: SessionOpened, recorder: Any, request: ConnectRequest, binary: str | None
+    ) -> int:
+        from pcigate.tunnel.pg import PgTunnel
+
+        secret = secrets.token_urlsafe(32)
+        tunnel = PgTunnel(
+            upstream=opened.credentials,
+            local_secret=secret,
+            recorder=recorder,
+            listen_port=request.port,
+            policy=opened.policy,
+        )
+        state = _State(stop=asyncio.Event())
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await tunnel.check_upstream()
+            port = await tunnel.start()
+            tasks.append(asyncio.create_task(self._heartbeat(opened, state)))
+            tasks.append(asyncio.create_task(self._expiry(opened, state)))
+            with passfile(port, secret) as pgpass:
+                if binary is None:
+                    return await self._wait_no_exec(opened, port, pgpass, state)
+                return await self._run_psql(binary, opened, port, pgpass, request.psql_args)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await tunnel.close()
+            for problem in getattr(tunnel, "errors", []) or []:
+                self.out.warn(f"tunnel: {problem}")
+            for note in state.notes:
+                self.out.warn(note)
+
+    async def _run_psql(
+        self, binary: str, opened: SessionOpened, port: int, pgpass: Path, extra: list[str]
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        proc = await asyncio.create_subprocess_exec(
+            *psql_argv(binary, opened, port, extra), env=child_env(pgpass)
+        )
+
+        def forward(sig: signal.Signals) -> Callable[[], None]:
+            def handler() -> None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+            return handler
+
+        # Like ssh: psql owns Ctrl-C (it cancels the running query); we stay alive to clean up.
+        installed: list[signal.Signals] = []
+        for sig, handler in (
+            (signal.SIGINT, lambda: None),
+            (signal.SIGTERM, forward(signal.SIGTERM)),
+            (signal.SIGHUP, forward(signal.SIGHUP)),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+        try:
+            return _exit_status(await proc.wait())
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                await proc.wait()
+
+    async def _wait_no_exec(self, opened: SessionOpened, port: int, pgpass: Path, state: _State) -> int:
+        loop = asyncio.get_running_loop()
+        creds = opened.credentials
+        conninfo = f"host={LOCAL_HOST} port={port} dbname={creds.database} user={creds.username}"
+        if self.out.json_mode:
+            self.out.json(
+                {
+                    "session_id": opened.session_id,
+                    "host": LOCAL_HOST,
+                    "port": port,
+                    "dbname": creds.database,
+                    "user": creds.username,
+                    "pgpassfile": str(pgpass),
+                    "expires_at": opened.expires_at.isoformat(),
+                }
+            )
+        else:
+            self.out.info(
+                f"session {opened.session_id} open on {opened.target} ({opened.level}) "
+                f"until {opened.expires_at.isoformat(timespec='seconds')}"
+            )
+            self.out.info(f'connect with: PGPASSFILE={pgpass} psql "{conninfo}"')
+            self.out.info("press Ctrl-C to end the session")
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, state.stop.set)
+                installed.append(sig)
+        try:
+            await state.stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _heartbeat(self, opened: SessionOpened, state: _State) -> None:
+        interval = max(1, opened.heartbeat_seconds)
+        warned = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                summary = await asyncio.to_thread(self.client.heartbeat, opened.session_id)
+            except (BrokerUnavailable, VaultUnavailable) as exc:
+                if not warned:
+                    self.out.warn(f"heartbeat failed ({exc.message}); the session continues")
+                    warned = True
+                continue
+            except PcigateError as exc:
+                state.notes.append(f"the broker ended the session: {exc.message}")
+                state.stop.set()
+                return
+            warned = False
+            if summary.status != "active":
+                state.notes.append(f"the broker ended the session ({summary.end_reason or summary.status})")
+                state.stop.set()
+                return
+
+    async def _expiry(self, opened: SessionOpened, state: _State) -> None:
+        from datetime import UTC, datetime
+
+        delay = (opened.expires_at - datetime.now(UTC)).total_seconds()
+        await asyncio.sleep(max(0.0, delay))
+        state.notes.append(
+            f"the session reached its end time ({opened.expires_at.isoformat(timespec='seconds')})"
+        )
+        state.stop.set()
+
+    # -- the way out
+    def _finish(self, opened: SessionOpened, recorder: Any, *, interrupted: bool) -> None:
+        sid = opened.session_id
+        entry = spool.SpoolEntry(
+            session_id=sid, broker=self.settings.broker_url, created_at=opened.started_at, end_owed=True
+        )
+        if recorder is not None:
+            try:
+                entry = entry.model_copy(
+                    update={"sha256": recorder.close("interrupted" if interrupted else "client")}
+                )
+            except Exception as exc:
+                self.out.warn(f"could not close the recording: {exc}")
+        spool.write_entry(entry)
+        try:
+            result, receipt = spool.settle(self.client, entry, progress=self.out.progress)
+        except PcigateError as exc:
+            where = spool.recording_path(sid)
+            self.out.warn(
+                f"{exc.message}; session {sid} "
+                + ("end and recording kept" if entry.end_owed else "recording kept")
+                + f" in {where.parent}"
+            )
+            self.out.info("it will be uploaded by the next pcigate command or `pcigate sessions sync`")
+            return
+        if result.kept:
+            self.out.warn(
+                f"session {sid} ended; the broker refused the recording ({result.error}); "
+                f"kept in {spool.recording_path(sid)}"
+            )
+            raise RecordingError(f"the recording of session {sid} was refused: {result.error}")
+        if receipt is not None:
+            self.out.info(f"session {sid} ended; recording uploaded ({receipt.events} events)")
+        else:
+            self.out.info(f"session {sid} ended")

@@ -1,0 +1,231 @@
+"""Recordings and session ends the broker has not acknowledged yet.
+
+``spool/<id>.rec`` is the recording, ``spool/<id>.json`` says which broker it belongs to, its SHA-256
+(once closed) and whether the session end call is still owed. ``spool/<id>.lock`` is ``flock``-ed by
+whoever works on the session (the running ``connect``, or a sync), so a sync never touches a live session.
+
+Every broker-using command first calls :func:`flush_quietly` (short timeout, silent); ``pcigate sessions
+sync`` calls :func:`flush` and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pcigate.config import Settings, spool_dir
+from pcigate.errors import (
+    AuthRequired,
+    BrokerUnavailable,
+    NotFound,
+    PcigateError,
+    RecordingError,
+    VaultUnavailable,
+)
+
+if TYPE_CHECKING:
+    from pcigate.auth.credentials import Credentials
+    from pcigate.client import BrokerClient
+    from pcigate.models import RecordingReceipt
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+Progress = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+class SpoolEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    session_id: str
+    broker: str
+    sha256: str | None = None
+    end_owed: bool = True
+    created_at: datetime
+    rejected: str | None = None  # the broker refused the recording for good; kept for an operator
+
+
+class SyncResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    ended: bool = False
+    uploaded: bool = False
+    events: int | None = None
+    sha256: str | None = None
+    kept: bool = False
+    error: str | None = None
+
+
+def _paths(session_id: str, directory: Path | None = None) -> tuple[Path, Path, Path]:
+    if not _SESSION_ID.match(session_id):
+        raise RecordingError(f"refusing an unsafe session id {session_id!r}")
+    d = directory or spool_dir()
+    return d / f"{session_id}.rec", d / f"{session_id}.json", d / f"{session_id}.lock"
+
+
+def recording_path(session_id: str) -> Path:
+    return _paths(session_id)[0]
+
+
+def write_entry(entry: SpoolEntry) -> None:
+    """Atomically (re)write ``<id>.json`` (0600)."""
+    _, meta, _ = _paths(entry.session_id)
+    tmp = meta.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(entry.model_dump_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(meta)
+
+
+def new_entry(session_id: str, broker: str) -> SpoolEntry:
+    entry = SpoolEntry(session_id=session_id, broker=broker.rstrip("/"), created_at=datetime.now(UTC))
+    write_entry(entry)
+    return entry
+
+
+def read_entry(meta: Path) -> SpoolEntry | None:
+    try:
+        return SpoolEntry.model_validate_json(meta.read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
+def forget(session_id: str) -> None:
+    rec, meta, lock = _paths(session_id)
+    for path in (rec, meta, lock):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def session_lock(session_id: str, *, wait: bool = True) -> Iterator[bool]:
+    """``flock`` on ``<id>.lock``; yields False when ``wait`` is off and someone else holds it."""
+    _, _, lock = _paths(session_id)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pending(broker: str | None = None) -> list[SpoolEntry]:
+    d = spool_dir()
+    out: list[SpoolEntry] = []
+    for meta in sorted(d.glob("*.json")):
+        entry = read_entry(meta)
+        if entry is None:
+            continue
+        if broker is not None and entry.broker != broker.rstrip("/"):
+            continue
+        out.append(entry)
+    return out
+
+
+def settle(
+    client: BrokerClient,
+    entry: SpoolEntry,
+    *,
+    progress: Progress | None = None,
+) -> tuple[SyncResult, RecordingReceipt | None]:
+    """End the session if owed, upload the recording, delete both from the spool.
+
+    The caller holds the session lock. Transport failures propagate (:class:`BrokerUnavailable`); a recording
+    the broker refuses for good is kept and marked ``rejected``.
+    """
+    rec, _, _ = _paths(entry.session_id)
+    result = SyncResult(session_id=entry.session_id, sha256=entry.sha256)
+    if entry.end_owed:
+        with contextlib.suppress(NotFound):  # the broker does not know it (any more): nothing to end
+            client.end_session(entry.session_id)
+        entry = entry.model_copy(update={"end_owed": False})
+        write_entry(entry)
+        result.ended = True
+    receipt: RecordingReceipt | None = None
+    if rec.exists():
+        sha = entry.sha256 or file_sha256(rec)
+        result.sha256 = sha
+        try:
+            if progress is not None:
+                with progress(f"uploading {entry.session_id}", rec.stat().st_size) as advance:
+                    receipt = client.upload_recording(entry.session_id, rec, sha, advance)
+            else:
+                receipt = client.upload_recording(entry.session_id, rec, sha)
+        except (RecordingError, NotFound) as exc:
+            write_entry(entry.model_copy(update={"rejected": exc.message, "sha256": sha}))
+            result.kept = True
+            result.error = exc.message
+            return result, None
+        result.uploaded = True
+        result.events = receipt.events
+    forget(entry.session_id)
+    return result, receipt
+
+
+def flush(
+    client: BrokerClient,
+    settings: Settings,
+    *,
+    include_rejected: bool = True,
+    progress: Progress | None = None,
+) -> list[SyncResult]:
+    results: list[SyncResult] = []
+    for entry in pending(settings.broker_url):
+        if entry.rejected and not include_rejected:
+            continue
+        with session_lock(entry.session_id, wait=False) as locked:
+            if not locked:
+                continue  # a live session (or another sync) owns it
+            fresh = read_entry(_paths(entry.session_id)[1])
+            if fresh is None:
+                continue  # settled meanwhile
+            try:
+                result, _ = settle(client, fresh, progress=progress)
+            except (BrokerUnavailable, VaultUnavailable, AuthRequired):
+                raise
+            except PcigateError as exc:
+                result = SyncResult(session_id=entry.session_id, kept=True, error=exc.message)
+            results.append(result)
+    return results
+
+
+def flush_quietly(settings: Settings, creds: Credentials, *, timeout: float) -> None:
+    """Best effort, silent: never delays a command by more than ``timeout`` per call, never fails it."""
+    try:
+        if not any(not e.rejected for e in pending(settings.broker_url)):
+            return
+        from pcigate.client import BrokerClient
+
+        with BrokerClient(
+            settings.broker_url,
+            token=creds.bearer,
+            on_unauthorized=creds.drop,
+            auth_hint=creds.hint,
+            timeout=timeout,
+            connect_timeout=timeout,
+        ) as client:
+            flush(client, settings, include_rejected=False)
+    except Exception:  # noqa: S110 - quiet by contract; `pcigate sessions sync` reports
+        pass

@@ -1,0 +1,12 @@
+
+_pcigate_completion() {
+    local IFS=$'
+'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
+                   COMP_CWORD=$COMP_CWORD \
+                   _PCIGATE_COMPLETE=complete_bash $1 ) )
+    return 0
+}
+
+complete -o default -F _pcigate_completion pcigate
+

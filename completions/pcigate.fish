@@ -1,0 +1,1 @@
+complete --command pcigate --no-files --arguments "(env _PCIGATE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) pcigate)" --condition "env _PCIGATE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) pcigate"

@@ -1,0 +1,46 @@
+"""Duration and time parsing of the CLI (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pcigate.config import parse_duration, parse_time, spool_dir, state_dir
+from pcigate.errors import ExitCode, UsageError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("2d", 172800), ("45", 45), (" 5M ", 300)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "1h-", "0", "0m", "m30", "1.5h", "-5m"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_duration(text)
+    assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_parse_time() -> None:
+    now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    assert parse_time("24h", now=now) == now - timedelta(hours=24)
+    assert parse_time("2025-01-31", now=now) == datetime(2025, 1, 31, tzinfo=UTC)
+    assert parse_time("2025-01-31T10:00:00Z") == datetime(2025, 1, 31, 10, tzinfo=UTC)
+    assert parse_time("2025-01-31T10:00:00+02:00") == datetime(2025, 1, 31, 8, tzinfo=UTC)
+    with pytest.raises(UsageError):
+        parse_time("yesterday")
+
+
+def test_state_dir_is_private(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PCIGATE_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    d = state_dir()
+    assert d == tmp_path / "xdg" / "pcigate"
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert spool_dir().stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("PCIGATE_STATE_DIR", str(tmp_path / "s"))
+    assert spool_dir() == tmp_path / "s" / "spool"
