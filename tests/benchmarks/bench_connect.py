@@ -1,0 +1,137 @@
+"""Benchmark: from `pcigate connect` to a ready tunnel, against OpenBao's own credential time; `--help` start-up.
+
+Run: .venv/bin/python -m tests.benchmarks.bench_connect [--rounds 15]
+Brings up the real stack (SCRAM PostgreSQL, OpenBao dev, the npm IdP, the broker with SQLite), then per round:
+
+* ``vault``: OpenBao's own credential time, ``GET database/creds/prod-db-read`` straight to OpenBao
+  (then the lease is revoked);
+* ``connect``: wall time from spawning ``pcigate connect prod-db --no-exec --json`` (workload token in
+  ``PCIGATE_TOKEN``) to the moment it prints its connection details, i.e. session opened at the broker,
+  credentials minted, upstream login checked, tunnel listening; the process is then sent SIGINT and must end
+  the session and upload its recording; peak RSS of the CLI process is sampled meanwhile;
+* ``help``: wall time of ``pcigate --help``.
+
+Writes the medians into docs/performance.md between the markers of the "Connect and start-up" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.stack.cli import pcigate_bin
+from tests.stack.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+PERF = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench_connect:begin -->", "<!-- bench_connect:end -->"
+
+
+def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
+    peak = 0
+    try:
+        proc = psutil.Process(pid)
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.005)
+    except psutil.Error:
+        pass
+    out.append(peak)
+
+
+def time_connect(env: dict[str, str]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(pcigate_bin()), "connect", "prod-db", "--no-exec", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    stop, peaks = threading.Event(), []
+    sampler = threading.Thread(target=_peak_rss, args=(proc.pid, stop, peaks), daemon=True)
+    sampler.start()
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    ready = time.perf_counter() - t0
+    if not line.strip().startswith("{"):
+        proc.kill()
+        raise RuntimeError(f"connect did not become ready: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    json.loads(line)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(60)
+    stop.set()
+    sampler.join()
+    if rc != 0:
+        raise RuntimeError(f"connect exited {rc}: {proc.stderr.read() if proc.stderr else ''}")
+    return ready, peaks[0] if peaks else 0
+
+
+def time_vault(stack: Stack) -> float:
+    t0 = time.perf_counter()
+    r = stack.bao.api("GET", "database/creds/prod-db-read")
+    elapsed = time.perf_counter() - t0
+    stack.bao.api("PUT", "sys/leases/revoke", {"lease_id": r["lease_id"]})
+    return elapsed
+
+
+def time_help(env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([str(pcigate_bin()), "--help"], env=env, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def write_results(text: str) -> None:
+    doc = PERF.read_text() if PERF.exists() else "# Performance\n"
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc:
+        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n## Connect and start-up\n\n" + block + "\n"
+    PERF.write_text(doc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    with Stack() as stack, tempfile.TemporaryDirectory() as home:
+        env = stack.cli_env(Path(home), token=stack.idp.workload_token())
+        time_connect(env)  # warm-up: JWKS fetch and caches at the broker, page cache for imports
+        vault, connect, helps, rss = [], [], [], []
+        for _ in range(args.rounds):
+            vault.append(time_vault(stack))
+            ready, peak = time_connect(env)
+            connect.append(ready)
+            rss.append(peak)
+            helps.append(time_help(env))
+    med = {k: statistics.median(v) * 1000 for k, v in (("vault", vault), ("connect", connect), ("help", helps))}
+    overhead = med["connect"] - med["vault"]
+    text = (
+        f"Measured {time.strftime('%Y-%m-%d')} on this 2-core machine, {args.rounds} rounds, medians "
+        f"(`python -m tests.benchmarks.bench_connect`).\n\n"
+        "| measure | median | target |\n|---|---|---|\n"
+        f"| OpenBao credential issue (direct API call) | {med['vault']:.1f} ms | — |\n"
+        f"| `pcigate connect prod-db` → tunnel ready (process start, token, broker, OpenBao, upstream login "
+        f"check, listen) | {med['connect']:.1f} ms | — |\n"
+        f"| connect beyond OpenBao's own time | {overhead:.1f} ms | ≤ 150 ms "
+        f"({'met' if overhead <= 150 else 'not met'}) |\n"
+        f"| `pcigate --help` | {med['help']:.1f} ms | ≤ 150 ms ({'met' if med['help'] <= 150 else 'not met'}) |\n"
+        f"| peak RSS of the `pcigate connect` process | {statistics.median(rss) / 2**20:.1f} MiB | — |\n"
+    )
+    write_results(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Suite-wide pytest wiring.
+
+* Everything under ``tests/integration/`` is marked ``integration`` automatically (select with
+  ``-m integration``, skip with ``-m "not integration"`` or ``--no-integration``).
+* ``--keep-stack`` keeps the integration stack's work directory (logs, broker DB, recordings) for a
+  post-mortem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pcigate")
+    group.addoption("--no-integration", action="store_true", default=False,
+                    help="skip tests that need the real stack (tests/integration)")
+    group.addoption("--keep-stack", action="store_true", default=False,
+                    help="keep the integration stack's work directory (its path is printed)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="--no-integration given")
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+            if config.getoption("--no-integration"):
+                item.add_marker(skip)

@@ -1,0 +1,103 @@
+"""The README demo: the main journey with the real CLI against the real stack.
+
+    bash .ci/demo            # or: .venv/bin/python -m tests.stack.demo [--user alice] [--keep]
+
+Brings the stack up (tests.stack.stack.Stack), then runs, printing each command first:
+
+    pcigate login --device        (the user code it prints is approved headlessly as the demo user)
+    pcigate whoami
+    pcigate targets
+    pcigate connect prod-db -- -c "select id, name from customers"
+    pcigate sessions
+
+and tears everything down. Exit status: 0 when every step succeeded, else the first failing step's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.stack.cli import USER_CODE_RE, CliProcess, CliResult, run_cli
+from tests.stack.stack import Stack
+
+JOURNEY: list[list[str]] = [
+    ["whoami"],
+    ["targets"],
+    ["connect", "prod-db", "--", "-c", "select id, name from customers"],
+    ["sessions"],
+]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def show(result: CliResult) -> None:
+    if result.stdout:
+        sys.stdout.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
+    if result.stderr:
+        sys.stdout.write(result.stderr if result.stderr.endswith("\n") else result.stderr + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.stack.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--user", default="alice", help="IdP user to sign in as (alice, bob, carol, audrey)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, recordings)")
+    args = ap.parse_args(argv)
+
+    t0 = time.monotonic()
+    say("== bringing up the stack: PostgreSQL (SCRAM), OpenBao, the IdP (oidc-provider), pcigate-broker")
+    workdir = Path(tempfile.mkdtemp(prefix="pcigate-demo-"))
+    with Stack(workdir / "stack", keep_workdir=args.keep) as stack:
+        say(f"   up in {time.monotonic() - t0:.1f}s  {stack.timings}")
+        say(f"   broker {stack.broker_url}  idp {stack.idp.issuer}  postgres 127.0.0.1:{stack.pg.port}")
+        env = stack.cli_env(workdir / "home" / args.user)
+        say(f"   a fresh user home: {env['HOME']}  (export PCIGATE_BROKER={stack.broker_url})")
+        say()
+
+        say("$ pcigate login --device")
+        cli = CliProcess(["login", "--device"], env)
+        try:
+            m = cli.wait_for(USER_CODE_RE, timeout=60)
+            shown_out, shown_err = cli.stdout, cli.stderr
+            show(CliResult(0, shown_out, shown_err))
+            say(f"   [demo] approving user code {m.group(1)} as {args.user} "
+                f"on {stack.idp.device_verification_url}")
+            stack.idp.approve_device(m.group(1), args.user)
+            res = cli.wait(60)
+        finally:
+            cli.kill()
+        show(CliResult(res.code, res.stdout[len(shown_out):], res.stderr[len(shown_err):]))
+        if res.code != 0:
+            say(f"!! login failed with exit code {res.code}")
+            return res.code
+
+        for cmd in JOURNEY:
+            say()
+            say("$ " + shlex.join(["pcigate", *cmd]))
+            res = run_cli(cmd, env, timeout=120)
+            show(res)
+            if res.code != 0:
+                say(f"!! {shlex.join(['pcigate', *cmd])} failed with exit code {res.code}")
+                return res.code
+        say()
+        say("== tearing down (broker, leases revoked, OpenBao, IdP, PostgreSQL)")
+    left = stack.roles_left_at_teardown
+    say(f"   done in {time.monotonic() - t0:.1f}s; dynamic database roles left: {len(left)}")
+    if args.keep:
+        say(f"   work directory kept: {workdir}")
+    else:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
