@@ -1,4 +1,4 @@
-"""Benchmark: from `pcigate connect` to a ready tunnel, against OpenBao's own credential time; `--help` start-up.
+"""Benchmark: `pcigate connect` to a ready tunnel, against OpenBao's own credential time; `--help` start-up.
 
 Run: .venv/bin/python -m tests.benchmarks.bench_connect [--rounds 15]
 Brings up the real stack (SCRAM PostgreSQL, OpenBao dev, the npm IdP, the broker with SQLite), then per round:
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import statistics
@@ -30,7 +29,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from tests.stack.cli import pcigate_bin
 from tests.stack.stack import Stack
 
@@ -65,7 +63,8 @@ def time_connect(env: dict[str, str]) -> tuple[float, int]:
     ready = time.perf_counter() - t0
     if not line.strip().startswith("{"):
         proc.kill()
-        raise RuntimeError(f"connect did not become ready: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        err = proc.stderr.read() if proc.stderr else ""
+        raise RuntimeError(f"connect did not become ready: {line!r} {err}")
     json.loads(line)
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(60)
@@ -114,7 +113,8 @@ def main() -> int:
             connect.append(ready)
             rss.append(peak)
             helps.append(time_help(env))
-    med = {k: statistics.median(v) * 1000 for k, v in (("vault", vault), ("connect", connect), ("help", helps))}
+    series = (("vault", vault), ("connect", connect), ("help", helps))
+    med = {k: statistics.median(v) * 1000 for k, v in series}
     overhead = med["connect"] - med["vault"]
     text = (
         f"Measured {time.strftime('%Y-%m-%d')} on this 2-core machine, {args.rounds} rounds, medians "
@@ -125,7 +125,8 @@ def main() -> int:
         f"check, listen) | {med['connect']:.1f} ms | — |\n"
         f"| connect beyond OpenBao's own time | {overhead:.1f} ms | ≤ 150 ms "
         f"({'met' if overhead <= 150 else 'not met'}) |\n"
-        f"| `pcigate --help` | {med['help']:.1f} ms | ≤ 150 ms ({'met' if med['help'] <= 150 else 'not met'}) |\n"
+        f"| `pcigate --help` | {med['help']:.1f} ms | ≤ 150 ms "
+        f"({'met' if med['help'] <= 150 else 'not met'}) |\n"
         f"| peak RSS of the `pcigate connect` process | {statistics.median(rss) / 2**20:.1f} MiB | — |\n"
     )
     write_results(text)
