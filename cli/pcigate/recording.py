@@ -20,9 +20,13 @@ import math
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from pathlib import Path
+from typing import Any
 
 from pcigate.errors import RecordingError
 
@@ -86,11 +90,14 @@ class RecordingHeader:
 class RecordingWriter:
     """Appends hash-chained events to a new 0600 file.
 
-    ``event()`` is cheap (one JSON encode + one sha256, then an in-memory append); a background thread
-    writes the buffered lines and fsyncs at most every ``fsync_interval`` seconds (group commit), so a burst
-    of statements is never throttled by the disk and the event loop never waits on ``fsync``. ``close()``
-    appends the ``end`` event, writes, fsyncs and returns the file's SHA-256. Not thread-safe for concurrent
-    ``event()`` callers (one event loop owns the writer).
+    ``event()`` (and its fixed-shape twin :meth:`stmt`) only stamps the time and appends a tuple to a
+    thread-safe deque (~1 µs on the event loop). A background thread wakes at most every ``fsync_interval``
+    seconds, encodes the queued events to canonical JSON in order, extends the hash chain, writes them and
+    fsyncs (group commit), so neither a burst of statements nor the disk throttles the event loop.
+    ``flush()`` and ``close()`` drain the queue synchronously; ``close()`` appends the ``end`` event, writes,
+    fsyncs and returns the file's SHA-256. Field values must be JSON-encodable (str, int, float, bool, None,
+    lists, dicts); one that is not is reported by ``close()``/``flush()``. One event loop owns the writer
+    (``event()`` is not meant for concurrent callers).
     """
 
     def __init__(self, path: Path, header: RecordingHeader, *, fsync_interval: float = 0.1) -> None:
@@ -114,79 +121,117 @@ class RecordingWriter:
         now_wall = datetime.now(UTC)
         self._t0 = time.monotonic() - max(0.0, (now_wall - header.started_at).total_seconds())
         self._last_t = 0.0
-        self._buf: list[bytes] = []
-        self._cond = threading.Condition()
-        self._wlock = threading.Lock()  # keeps the swap-and-write of the thread and flush() in order
+        # Pending events, oldest first: (t, e, fields) or (t, None, stmt tuple). deque.append/popleft are
+        # atomic, so the event loop never takes a lock.
+        self._q: deque[tuple[float, str | None, Any]] = deque()
+        self._head: bytes | None = canonical(hdr) + b"\n"
+        self._wake = threading.Event()
+        self._wlock = threading.Lock()  # one drainer at a time: keeps the chain and the file in order
         self._closing = False
         self._closed = False
         self._sha: str | None = None
-        self._error: OSError | None = None
-        self._append(canonical(hdr) + b"\n")
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"recording-{header.session_id}", daemon=True)
         self._thread.start()
 
-    # -- events ------------------------------------------------------------------------------------------
+    # -- events (event loop side: no encoding, no hashing, no locks) --------------------------------------
 
-    def event(self, e: str, **fields: object) -> None:
-        if self._closing:
-            raise RecordingError("recording is closed")
+    def _now(self) -> float:
         t = round(time.monotonic() - self._t0, 6)
         if t < self._last_t:
             t = self._last_t
         self._last_t = t
-        ev: dict[str, object] = {"t": t, "e": e}
-        ev.update(fields)
-        ev["h"] = _PLACEHOLDER
-        line = _encoder.encode(ev)
-        if line.count(_PH_ITEM) == 1:  # always, unless a nested value holds the same item
-            i = line.find(_PH_ITEM)
-            canon = (line[:i] + line[i + len(_PH_ITEM) :]).encode()
-            h = _chain(self._h, canon)
-            out = (line[: i + 5] + h + line[i + 5 + 64 :]).encode()
-        else:
-            del ev["h"]
-            canon = canonical(ev)
-            h = _chain(self._h, canon)
-            ev["h"] = h
-            out = canonical(ev)
-        self._h = h
-        self.events += 1
-        self._append(out + b"\n")
+        return t
 
-    def _append(self, line: bytes) -> None:
-        self._digest.update(line)
-        with self._cond:
-            self._buf.append(line)
-            if len(self._buf) == 1:
-                self._cond.notify()
+    def event(self, e: str, **fields: object) -> None:
+        if self._closing:
+            raise RecordingError("recording is closed")
+        self._q.append((self._now(), e, fields))
+        self.events += 1
+
+    def stmt(self, c: int, sql: str, truncated: bool, proto: str, params: int | None, ms: float,
+             rows: int | None, tag: str | None, sqlstate: str | None, error: str | None) -> None:
+        """A ``stmt`` event with ``blocked`` null; the same line as ``event("stmt", ...)`` would write."""
+        if self._closing:
+            raise RecordingError("recording is closed")
+        self._q.append((self._now(), None,
+                        (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)))
+        self.events += 1
+
+    @property
+    def t0(self) -> float:
+        """The ``time.monotonic()`` value that is ``t = 0`` (worker processes stamp their events with it)."""
+        return self._t0
+
+    def extend(self, events: Iterable[tuple[float, str | None, Any]]) -> None:
+        """Queue events stamped elsewhere (worker processes of the same tunnel), oldest first: ``(t, e,
+        fields)``, or ``(t, None, stmt args)`` as :meth:`stmt` takes them. They are chained like any other
+        event; a ``t`` before the last one recorded is raised to it so time never goes backwards."""
+        if self._closing:
+            raise RecordingError("recording is closed")
+        for t, e, payload in events:
+            t = max(float(t), self._last_t)
+            self._last_t = t
+            self._q.append((t, e, payload))
+            self.events += 1
+
+    # -- encoding (drainer side) ---------------------------------------------------------------------------
+
+    def _drain(self, yield_gil: bool = False) -> None:
+        """Encode, chain and write everything queued now. Caller holds ``_wlock``. The background thread
+        (``yield_gil``) lets the event loop run every 64 events instead of holding the GIL for a whole
+        switch interval (5 ms), which would stall every connection of the tunnel."""
+        q = self._q
+        out: list[bytes] = []
+        if self._head is not None:
+            out.append(self._head)
+            self._head = None
+        h = self._h
+        popleft = q.popleft
+        sha = hashlib.sha256
+        for i in range(len(q)):
+            if yield_gil and i & 63 == 63:
+                time.sleep(0)
+            t, e, payload = popleft()
+            if e is None:
+                canon, pre = _stmt_parts(t, payload)
+                if canon is not None:
+                    h = sha(h.encode() + canon).hexdigest()
+                    out.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
+                    continue
+                e = "stmt"
+                payload = _stmt_fields(payload)
+            try:
+                line, h = _encode_event(h, t, e, payload)
+            except (TypeError, ValueError) as exc:
+                if self._error is None:
+                    self._error = exc
+                continue
+            out.append(line)
+        self._h = h
+        if out:
+            chunk = b"".join(out)
+            self._digest.update(chunk)
+            self._write(chunk)
 
     # -- background group commit -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_sync = 0.0
-        while True:
-            with self._cond:
-                while not self._buf and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return  # close() writes what is left itself
-                wait = last_sync + self._interval - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    if self._closing:
-                        return
+        while not self._closing:
+            self._wake.wait(self._interval)
+            if self._closing:
+                return  # close() writes what is left itself
+            if not self._q and self._head is None:
+                continue
             with self._wlock:
-                with self._cond:
-                    chunk = b"".join(self._buf)
-                    self._buf.clear()
+                if self._closing:
+                    return
                 try:
-                    if chunk:
-                        self._write(chunk)
-                        os.fsync(self._fd)
+                    self._drain(yield_gil=True)
+                    os.fsync(self._fd)
                 except OSError as e:
                     self._error = e
                     return
-            last_sync = time.monotonic()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -194,34 +239,40 @@ class RecordingWriter:
             n = os.write(self._fd, view)
             view = view[n:]
 
+    def _raise_error(self) -> None:
+        err = self._error
+        if err is None:
+            return
+        if isinstance(err, OSError):
+            raise RecordingError(f"cannot write recording {self.path}: {err.strerror}")
+        raise RecordingError(f"cannot record an event in {self.path}: {err}")
+
     def flush(self) -> None:
-        """Write and fsync everything buffered now (tests, crash-safety points)."""
+        """Write and fsync everything queued now (tests, crash-safety points)."""
         with self._wlock:
-            with self._cond:
-                chunk = b"".join(self._buf)
-                self._buf.clear()
-            if chunk:
-                self._write(chunk)
-            os.fsync(self._fd)
+            try:
+                self._drain()
+                os.fsync(self._fd)
+            except OSError as e:
+                self._error = self._error or e
+        self._raise_error()
 
     def close(self, reason: str = "client") -> str:
         if self._sha is not None:
             return self._sha
         self.event("end", reason=reason)
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
+        self._closing = True
+        self._wake.set()
         self._thread.join()
         try:
-            if self._error is not None:
-                raise RecordingError(f"cannot write recording {self.path}: {self._error.strerror}")
-            chunk = b"".join(self._buf)
-            self._buf.clear()
-            try:
-                self._write(chunk)
-                os.fsync(self._fd)
-            except OSError as e:
-                raise RecordingError(f"cannot write recording {self.path}: {e.strerror}") from e
+            with self._wlock:
+                if not isinstance(self._error, OSError):
+                    try:
+                        self._drain()
+                        os.fsync(self._fd)
+                    except OSError as e:
+                        raise RecordingError(f"cannot write recording {self.path}: {e.strerror}") from e
+            self._raise_error()
         finally:
             os.close(self._fd)
             self._closed = True
@@ -231,6 +282,64 @@ class RecordingWriter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+_STMT_KEYS = ("c", "sql", "proto", "params", "ms", "rows", "tag", "sqlstate", "error")
+_str_or_null = (str, type(None))
+_int_or_null = (int, type(None))
+
+
+def _stmt_fields(p: tuple[Any, ...]) -> dict[str, object]:
+    c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error = p
+    fields: dict[str, object] = {"c": c, "sql": sql}
+    if truncated:
+        fields["sql_truncated"] = True
+    fields.update(proto=proto, params=params, ms=ms, rows=rows, tag=tag, sqlstate=sqlstate, error=error,
+                  blocked=None)
+    return fields
+
+
+def _j(v: str | None) -> str:
+    return "null" if v is None else encode_basestring(v)
+
+
+def _stmt_parts(t: float, p: tuple[Any, ...]) -> tuple[bytes | None, int]:
+    """Canonical JSON of a ``stmt`` event (without "h") by template, and where "h" goes (after "error").
+
+    Returns (None, 0) when a value is not of the plain type the template handles; the caller then takes the
+    generic encoder (which gives the same bytes for plain values)."""
+    c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error = p
+    if not (type(c) is int and type(sql) is str and type(proto) is str and type(ms) is float
+            and math.isfinite(ms) and type(t) is float and (params is None or type(params) is int)
+            and (rows is None or type(rows) is int) and (tag is None or type(tag) is str)
+            and (sqlstate is None or type(sqlstate) is str) and (error is None or type(error) is str)
+            and truncated in (True, False)):
+        return None, 0
+    trunc = '"sql_truncated":true,' if truncated else ""
+    head = f'{{"blocked":null,"c":{c},"e":"stmt","error":{_j(error)},'.encode()
+    tail = (f'"ms":{ms!r},"params":{"null" if params is None else params},"proto":{encode_basestring(proto)},'
+            f'"rows":{"null" if rows is None else rows},"sql":{encode_basestring(sql)},'
+            f"{trunc}"
+            f'"sqlstate":{_j(sqlstate)},"t":{t!r},"tag":{_j(tag)}}}').encode()
+    return head + tail, len(head)
+
+
+def _encode_event(prev: str, t: float, e: str, fields: dict[str, object]) -> tuple[bytes, str]:
+    """(line with "h" and newline, new h) for a generic event."""
+    ev: dict[str, object] = {"t": t, "e": e}
+    ev.update(fields)
+    ev["h"] = _PLACEHOLDER
+    line = _encoder.encode(ev)
+    if line.count(_PH_ITEM) == 1:  # always, unless a nested value holds the same item
+        i = line.find(_PH_ITEM)
+        canon = (line[:i] + line[i + len(_PH_ITEM) :]).encode()
+        h = _chain(prev, canon)
+        return (line[: i + 5] + h + line[i + 5 + 64 :] + "\n").encode(), h
+    del ev["h"]
+    canon = canonical(ev)
+    h = _chain(prev, canon)
+    ev["h"] = h
+    return canonical(ev) + b"\n", h
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -235,3 +235,54 @@ def test_naive_started_at_refused(tmp_path: Path) -> None:
     bad = RecordingHeader("s", "u", "t", "l", "lease", "d", datetime(2024, 1, 1))
     with pytest.raises(ValueError):
         RecordingWriter(tmp_path / "x.rec", bad)
+
+
+# -- the fast stmt path ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    (1, "select 1", False, "simple", 0, 0.5, 1, "SELECT 1", None, None),
+    (7, 'select "ünï\\code"\n\t\x01 -- \u2028', True, "extended", None, 12.0, None, None, "42P01",
+     'relation "x" does not exist'),
+    (2**40, "", False, "simple", 3, 1e-05, 0, "", "", ""),
+    (3, "x", False, "simple", True, 0.25, 1, None, None, None),  # not plain: generic encoder path
+])
+def test_stmt_fast_path_matches_generic_event(tmp_path: Path, args: tuple[object, ...]) -> None:
+    from pcigate.recording import _stmt_fields
+
+    w = RecordingWriter(tmp_path / "a.rec", HEADER)
+    w.stmt(*args)  # type: ignore[arg-type]
+    w.event("stmt", **_stmt_fields(args))
+    w.close()
+    data = (tmp_path / "a.rec").read_bytes()
+    check = verify_recording(data)
+    assert check.ok, check.error
+    fast, generic = (json.loads(x) for x in data.split(b"\n")[1:3])
+    for o in (fast, generic):
+        del o["h"], o["t"]
+    assert fast == generic
+    assert fast["blocked"] is None
+    assert fast["e"] == "stmt"
+    assert ("sql_truncated" in fast) is bool(args[2])
+
+
+def test_unencodable_value_reported_at_close(tmp_path: Path) -> None:
+    w = RecordingWriter(tmp_path / "a.rec", HEADER)
+    w.event("note", v=float("nan"))
+    w.event("note", v=1)
+    with pytest.raises(RecordingError, match="cannot record"):
+        w.close()
+    check = verify_recording((tmp_path / "a.rec").read_bytes())
+    assert check.ok, check.error  # the bad event is left out, the chain stays intact
+
+
+def test_flush_writes_queue_in_order(tmp_path: Path) -> None:
+    w = RecordingWriter(tmp_path / "a.rec", HEADER, fsync_interval=60)
+    for i in range(100):
+        w.stmt(1, f"select {i}", False, "simple", 0, 0.1, 1, "SELECT 1", None, None)
+    w.flush()
+    lines = (tmp_path / "a.rec").read_bytes().split(b"\n")
+    assert len(lines) == 102
+    assert [json.loads(x)["sql"] for x in lines[1:-1]] == [f"select {i}" for i in range(100)]
+    w.close()
+    assert verify_recording((tmp_path / "a.rec").read_bytes()).ok

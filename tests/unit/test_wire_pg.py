@@ -183,3 +183,27 @@ def test_auth_messages() -> None:
     assert pg.parse_parameter_status(m.body) == ("server_version", "15.2")
     with pytest.raises(ProtocolError):
         pg.parse_auth(b"\x00")
+
+
+copy_heavy_st = st.tuples(st.sampled_from([ord("d")] * 6 + [ord("C"), ord("Z"), ord("D"), ord("c")]),
+                          st.binary(max_size=40))
+
+
+@settings(max_examples=300)
+@given(st.lists(copy_heavy_st, max_size=80), st.lists(st.integers(min_value=0, max_value=5000), max_size=30))
+def test_copy_runs_counted_and_marked_under_any_chunking(msgs: list[tuple[int, bytes]],
+                                                          cuts: list[int]) -> None:
+    data = _stream(msgs)
+    sc = pg.MessageScanner(b"CZ", pg.BACKEND_TYPES)
+    got = _feed_chunked(sc, data, cuts)
+    expect = []
+    copied = 0
+    for t, b in msgs:
+        if t in b"CZ":
+            expect.append((t, b, copied))
+        elif t == ord("d"):
+            copied += len(b)
+    assert [(m.type, m.body, m.mark) for m in got] == expect
+    assert sc.copy_bytes == copied
+    assert sc.skipped == sum(1 for t, _ in msgs if t not in b"CZ")
+    assert sc.at_boundary

@@ -33,13 +33,18 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.recording import SQL_CAP, RecordingWriter
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
+
+if TYPE_CHECKING:
+    import socket
+
+    from pcigate.tunnel.workers import WorkerPool
 
 CONNECT_TIMEOUT = 10.0
 SETUP_MESSAGE_CAP = 1 << 20  # messages during the upstream login are small
@@ -52,8 +57,18 @@ _SERVER_WANTED = b"CEIsZGHW"
 _HDR = struct.Struct("!BI")
 _Q, _P, _B, _E, _S, _C, _X = (ord(c) for c in "QPBESCX")
 _I, _s, _Z, _G, _H, _W = (ord(c) for c in "IsZGHW")
+_CMD, _ERR = ord("C"), ord("E")  # server CommandComplete / ErrorResponse
 # Startup parameters a client may not pass through.
 _DROPPED_PARAMS = frozenset({"user", "database", "replication"})
+
+
+class _Recorder(Protocol):
+    """What a connection records into: the session's RecordingWriter, or a worker's part file."""
+
+    def event(self, e: str, **fields: object) -> None: ...
+
+    def stmt(self, c: int, sql: str, truncated: bool, proto: str, params: int | None, ms: float,
+             rows: int | None, tag: str | None, sqlstate: str | None, error: str | None) -> None: ...
 
 
 @dataclass
@@ -378,7 +393,7 @@ class _Conn(asyncio.Protocol):
         self.peer = ""
         self._client_paused = False
         self._server_paused = False
-        self.rec = tunnel.recorder
+        self.rec = tunnel._rec
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -518,7 +533,7 @@ class _Conn(asyncio.Protocol):
         self.up = up
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        pid = secrets.randbelow(2**31 - 2) + 1
+        pid = self.tunnel._new_pid()
         secret = secrets.randbits(32) - 2**31
         self.local_key = (pid, secret)
         if login.key is not None:
@@ -619,21 +634,21 @@ class _Conn(asyncio.Protocol):
                         break
                 continue
             if not isinstance(head, _Stmt):
-                if t == ord("E") and isinstance(head, _Sync) and head.parse_sql is not None:
+                if t == _ERR and isinstance(head, _Sync) and head.parse_sql is not None:
                     # an error in a batch without Execute (a Parse that fails)
                     st = _Stmt(head.parse_sql[0], head.parse_sql[1], "extended", None, time.perf_counter())
                     self._set_error(st, m.body)
                     self._record(st, time.perf_counter())
                     head.parse_sql = None
-                elif t == ord("E") and head is None:
+                elif t == _ERR and head is None:
                     f = pg.parse_error_fields(m.body)
                     if f.get("S") in ("FATAL", "PANIC"):
                         self.disconn_reason = "server"
                         self.tunnel._error(f"connection {self.n}: the database ended the session: "
                                            f"{_one_line(f.get('M', ''))}")
                 continue
-            if t == ord("C") or t in (_I, _s):
-                tag = pg.parse_command_complete(m.body) if t == ord("C") else None
+            if t == _CMD or t in (_I, _s):
+                tag = pg.parse_command_complete(m.body) if t == _CMD else None
                 rows = pg.rows_from_tag(tag)
                 if head.copy >= 0:
                     scan = self.cscan if head.copy_dir == "in" else self.sscan
@@ -651,7 +666,7 @@ class _Conn(asyncio.Protocol):
                     pending.popleft()
                     now = now or time.perf_counter()
                     self._record(head, now)
-            elif t == ord("E"):
+            elif t == _ERR:
                 self._set_error(head, m.body)
                 if head.proto != "simple":
                     pending.popleft()
@@ -674,15 +689,9 @@ class _Conn(asyncio.Protocol):
     def _record(self, st: _Stmt, now: float) -> None:
         self.tunnel.stats.statements += 1
         rec = self.rec
-        if rec is None:
-            return
-        ms = round((now - st.t0) * 1000.0, 3)
-        if st.truncated:
-            rec.event("stmt", c=self.n, sql=st.sql, sql_truncated=True, proto=st.proto, params=st.params,
-                      ms=ms, rows=st.rows, tag=st.tag, sqlstate=st.sqlstate, error=st.error, blocked=None)
-        else:
-            rec.event("stmt", c=self.n, sql=st.sql, proto=st.proto, params=st.params, ms=ms, rows=st.rows,
-                      tag=st.tag, sqlstate=st.sqlstate, error=st.error, blocked=None)
+        if rec is not None:
+            rec.stmt(self.n, st.sql, st.truncated, st.proto, st.params, round((now - st.t0) * 1000.0, 3),
+                     st.rows, st.tag, st.sqlstate, st.error)
 
     # ---- ending -------------------------------------------------------------------------------------------
 
@@ -746,9 +755,20 @@ class PgTunnel:
 
     def __init__(self, upstream: DatabaseCredentials, local_secret: str, recorder: RecordingWriter | None,
                  *, listen_host: str = "127.0.0.1", listen_port: int = 0,
-                 policy: DataPathPolicy | None = None) -> None:
+                 policy: DataPathPolicy | None = None, workers: int = 1) -> None:
         if not local_secret:
             raise UsageError("the tunnel needs a non-empty local secret")
+        if not 1 <= workers <= 64:
+            raise UsageError("the tunnel runs 1 to 64 worker processes")
+        self.workers = workers
+        self._local_secret = local_secret
+        self._rec: _Recorder | None = recorder
+        # In a worker process (pcigate.tunnel.workers): its index, the worker count, and how a CancelRequest
+        # for another worker's connection is passed on (through the parent).
+        self._widx = 0
+        self._wn = 1
+        self._route_cancel: Any = None
+        self._pool: WorkerPool | None = None
         self.upstream = upstream
         self.recorder = recorder
         self.listen_host = listen_host
@@ -770,8 +790,15 @@ class PgTunnel:
         return self._salted.setdefault(self.upstream.password, {})
 
     def _next_conn(self) -> int:
+        """Connection numbers are unique across workers: worker i of n numbers i+1, i+1+n, ..."""
         self._n += 1
-        return self._n
+        return (self._n - 1) * self._wn + self._widx + 1
+
+    def _new_pid(self) -> int:
+        """The BackendKeyData pid handed to a client; ``pid % workers`` names the worker that owns it."""
+        if self._wn == 1:
+            return secrets.randbelow(2**31 - 2) + 1
+        return (secrets.randbelow((2**31 - 1) // self._wn - 1) + 1) * self._wn + self._widx
 
     def _error(self, msg: str) -> None:
         self.stats.errors += 1
@@ -786,6 +813,12 @@ class PgTunnel:
             raise AccessDenied("the session policy asks for masking or guardrails, which this pcigate "
                                "version does not apply; refusing to open the tunnel")
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
+        if self.workers > 1:
+            from pcigate.tunnel.workers import WorkerPool
+
+            self._pool = WorkerPool(self, host)
+            self.port = await self._pool.start()
+            return self.port
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(lambda: _Conn(self), host, self.listen_port,
@@ -796,6 +829,12 @@ class PgTunnel:
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         return self.port
+
+    async def _serve(self, sock: socket.socket) -> None:
+        """Worker mode: accept on a listening socket made (SO_REUSEPORT) and handed over by the parent."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=512)
+        self.port = int(sock.getsockname()[1])
 
     async def check_upstream(self, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open and authenticate one upstream connection, then close it. Raises DatabaseUnavailable."""
@@ -812,13 +851,16 @@ class PgTunnel:
         login.upstream.close()
 
     def _forward_cancel(self, req: pg.CancelRequest) -> None:
+        if self._wn > 1 and req.pid % self._wn != self._widx and self._route_cancel is not None:
+            self._route_cancel(req.pid, req.secret)  # another worker owns that connection
+            return
         key = self._cancel_keys.get((req.pid, req.secret))
         if key is None:
             return  # unknown key: ignored, as PostgreSQL does
         conn = next((c for c in self._conns if c.local_key == (req.pid, req.secret)), None)
-        if conn is not None and self.recorder is not None and conn.n:
+        if conn is not None and self._rec is not None and conn.n:
             with contextlib.suppress(Exception):
-                self.recorder.event("cancel", c=conn.n)
+                self._rec.event("cancel", c=conn.n)
 
         async def send() -> None:
             try:
@@ -831,6 +873,10 @@ class PgTunnel:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+            return
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pcigate.errors import ProtocolError
 
@@ -158,10 +159,9 @@ def message(mtype: bytes | int, body: bytes = b"") -> bytes:
     return _HDR.pack(t, len(body) + 4) + body
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One typed message. ``body`` is complete unless ``truncated`` (then only the first ``keep`` bytes);
-    ``length`` is the full body length."""
+    ``length`` is the full body length. A named tuple: immutable and cheap to build on the hot path."""
 
     type: int
     body: bytes
@@ -261,12 +261,37 @@ class MessageScanner:
         kind = self._kind
         unpack = _HDR.unpack_from
         max_len = self.max_len
+        keep = self.keep + 4
         skipped = 0
         cbytes = 0
+        walk_copy = kind[100] == 1
         try:
             while pos + 5 <= end:
                 t, n = unpack(chunk, pos)
-                if kind[t] == 1 and 4 <= n <= max_len:
+                if t == 100 and walk_copy and 4 <= n <= max_len:
+                    # A run of CopyData (COPY OUT/IN): the tightest walk; its payload bytes are the run's
+                    # length minus the 5-byte headers.
+                    run0 = pos
+                    cnt = 0
+                    while True:
+                        nxt = pos + 1 + n
+                        if nxt > end:  # the run's last message continues in the next chunk
+                            self._skip = nxt - end
+                            skipped += cnt + 1
+                            cbytes += (pos - run0) - 5 * cnt + n - 4
+                            return out
+                        pos = nxt
+                        cnt += 1
+                        if pos + 5 > end:
+                            break
+                        t, n = unpack(chunk, pos)
+                        if t != 100 or n < 4 or n > max_len:
+                            break
+                    skipped += cnt
+                    cbytes += (pos - run0) - 5 * cnt
+                    continue
+                k = kind[t]
+                if k == 1 and 4 <= n <= max_len:
                     nxt = pos + 1 + n
                     if nxt > end:
                         self._skip = nxt - end
@@ -279,6 +304,13 @@ class MessageScanner:
                         cbytes += n - 4
                     pos = nxt
                     continue
+                if k == 2 and 4 <= n <= keep:  # a wanted message that fits the keep limit
+                    nxt = pos + 1 + n
+                    if nxt <= end:
+                        out.append(Message(t, bytes(chunk[pos + 5 : nxt]), n - 4, False,
+                                           self.copy_bytes + cbytes))
+                        pos = nxt
+                        continue
                 self.skipped += skipped
                 self.copy_bytes += cbytes
                 skipped = cbytes = 0
