@@ -96,6 +96,20 @@ class PgCluster:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def start(self) -> None:
+        """Start (or start again after :meth:`stop`) the server on its port; waits until it accepts."""
+        opts = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=128MB"
+        )
+        subprocess.run(
+            [*_as_postgres(), str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", opts, "-l",
+             str(self.base / "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
     def stop(self) -> None:
         subprocess.run(
             [*_as_postgres(), str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
@@ -128,19 +142,9 @@ def start_cluster(base: Path | None = None, port: int | None = None) -> PgCluste
         timeout=120,
     )
     pwfile.unlink()
-    port = port or free_port()
-    opts = (
-        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-        "-c full_page_writes=off -c max_connections=200 -c shared_buffers=128MB"
-    )
-    subprocess.run(
-        [*_as_postgres(), str(bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(base / "log"),
-         "-w", "start"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return PgCluster(datadir=datadir, port=port, superuser_password=password, bindir=bindir)
+    cluster = PgCluster(datadir=datadir, port=port or free_port(), superuser_password=password, bindir=bindir)
+    cluster.start()
+    return cluster
 
 
 PROD_SEED_SQL = """
