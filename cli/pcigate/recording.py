@@ -512,3 +512,29 @@ def verify_recording(data: bytes) -> RecordingCheck:
     v = RecordingVerifier(max_line=max(1 << 20, len(data)))
     v.feed(data)
     return v.finish()
+
+
+def seal_recording(path: Path, reason: str = "client_lost") -> bool:
+    """Complete a recording whose writer died (the CLI was killed): drop a torn last line and append a
+    chained ``end`` event, so the events written before the crash verify and can be uploaded.
+
+    Only a recording whose chain is intact up to where it stops is sealed; one with an edited or broken line
+    is left untouched (it is evidence, and the broker will refuse it). Returns True when it sealed the file,
+    False when there was nothing to do (already ended) or nothing it may do (broken, or no complete header).
+    The caller must make sure no writer still owns the file (the spool's session lock).
+    """
+    v = RecordingVerifier()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            v.feed(chunk)
+    if v._error is not None or v._line == 0 or v._ended:
+        return False
+    keep = v._size - len(v._partial)  # everything up to the last complete line
+    line, _ = _encode_event(v._h, v._last_t, "end", {"reason": reason})
+    with path.open("r+b") as fh:
+        fh.truncate(keep)
+        fh.seek(keep)
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True

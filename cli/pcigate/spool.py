@@ -165,6 +165,12 @@ def settle(
         result.ended = True
     receipt: RecordingReceipt | None = None
     if rec.exists():
+        if entry.sha256 is None:
+            # Never closed: its writer died (we hold the session lock, so no live process owns it). Seal it
+            # so what was recorded before the crash verifies and is not lost.
+            from pcigate.recording import seal_recording
+
+            seal_recording(rec, reason="client_lost")
         sha = entry.sha256 or file_sha256(rec)
         result.sha256 = sha
         try:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from tests.stack.cli import CliProcess, CliResult, run_cli
 from tests.stack.stack import Stack
 
@@ -50,7 +49,8 @@ def assert_one_clear_line(result: CliResult, code: int, words: str) -> None:
     assert result.code == code, (result.code, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error: "), result.stderr
+    assert lines, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
     assert len(lines) <= 2, result.stderr  # the error, and at most one hint
     assert re.search(words, lines[0], re.I), lines[0]
 
@@ -95,9 +95,11 @@ def test_killed_psql_still_ends_the_session(fstack: Stack, env: dict[str, str]) 
     assert sid, result.stderr
     assert "Traceback" not in result.stderr
     shown = session_json(env, sid.group(1))
-    assert shown["status"] == "ended" and shown["lease_revoked"] is True
+    assert shown["status"] == "ended"
+    assert shown["lease_revoked"] is True
     assert shown["recording_sha256"]
-    assert fstack.bao.leases() == [] and fstack.leftover_roles() == []
+    assert fstack.bao.leases() == []
+    assert fstack.leftover_roles() == []
 
 
 def test_dropped_database_connection_ends_the_session(fstack: Stack, env: dict[str, str]) -> None:
@@ -110,8 +112,10 @@ def test_dropped_database_connection_ends_the_session(fstack: Stack, env: dict[s
     sid = SESSION_ENDED.search(result.stderr + result.stdout)
     assert sid, result.stderr
     shown = session_json(env, sid.group(1))
-    assert shown["lease_revoked"] is True and shown["recording_sha256"]
-    assert fstack.bao.leases() == [] and fstack.leftover_roles() == []
+    assert shown["lease_revoked"] is True
+    assert shown["recording_sha256"]
+    assert fstack.bao.leases() == []
+    assert fstack.leftover_roles() == []
 
 
 def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
@@ -127,7 +131,8 @@ def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
     deadline = time.monotonic() + 30
     while (fstack.bao.leases() or fstack.leftover_roles()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert fstack.bao.leases() == [] and fstack.leftover_roles() == []
+    assert fstack.bao.leases() == []
+    assert fstack.leftover_roles() == []
     spool = Path(env["PCIGATE_STATE_DIR"]) / "spool"
     recs = list(spool.glob("*.rec"))
     assert len(recs) == 1, list(spool.iterdir())
@@ -136,7 +141,8 @@ def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
     r = run_cli(["sessions", "sync"], env=env)
     assert r.code == 0, r.stderr
     shown = session_json(env, sid)
-    assert shown["status"] == "revoked" and shown["end_reason"] == "heartbeat_lost"
+    assert shown["status"] == "revoked"
+    assert shown["end_reason"] == "heartbeat_lost"
     assert shown["recording_sha256"], shown
     assert not list(spool.glob("*.rec"))
 

@@ -286,3 +286,54 @@ def test_flush_writes_queue_in_order(tmp_path: Path) -> None:
     assert [json.loads(x)["sql"] for x in lines[1:-1]] == [f"select {i}" for i in range(100)]
     w.close()
     assert verify_recording((tmp_path / "a.rec").read_bytes()).ok
+
+
+# -- sealing a recording whose writer died ------------------------------------------------------------------
+
+
+def _crashed_recording(tmp_path: Path, torn: bytes = b"") -> tuple[Path, bytes]:
+    """A recording as a killed CLI leaves it: events flushed, no end event, maybe a torn last line."""
+    from pcigate.recording import RecordingHeader, RecordingWriter
+
+    path = tmp_path / "crashed.rec"
+    w = RecordingWriter(path, RecordingHeader("s1", "alice", "prod-db", "read", "lease/1", "d" * 64,
+                                              datetime.now(UTC)))
+    w.event("conn", c=1, peer="127.0.0.1:5000", app="psql")
+    w.stmt(1, "select 1", False, "simple", None, 0.5, 1, "SELECT 1", None, None)
+    w.flush()
+    intact = path.read_bytes()
+    if torn:
+        with path.open("ab") as fh:
+            fh.write(torn)
+    return path, intact
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"c":1,"e":"stmt","h":"ab'])
+def test_seal_completes_a_crashed_recording(tmp_path: Path, torn: bytes) -> None:
+    from pcigate.recording import seal_recording
+
+    path, intact = _crashed_recording(tmp_path, torn)
+    before = verify_recording(path.read_bytes())
+    assert not before.ok
+    assert before.truncated
+    assert seal_recording(path, reason="client_lost") is True
+    data = path.read_bytes()
+    assert data.startswith(intact)  # nothing recorded is lost; only the torn tail goes
+    check = verify_recording(data)
+    assert check.ok, check.error
+    assert check.events == 3
+    last = json.loads(data.splitlines()[-1])
+    assert last["e"] == "end"
+    assert last["reason"] == "client_lost"
+    assert seal_recording(path) is False  # already ended: untouched
+    assert path.read_bytes() == data
+
+
+def test_seal_leaves_a_tampered_recording_alone(tmp_path: Path) -> None:
+    from pcigate.recording import seal_recording
+
+    path, intact = _crashed_recording(tmp_path)
+    tampered = intact.replace(b"select 1", b"select 2")
+    path.write_bytes(tampered)
+    assert seal_recording(path) is False
+    assert path.read_bytes() == tampered
