@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -157,23 +156,6 @@ class RecordingWriter:
         self._q.append((self._now(), None,
                         (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)))
         self.events += 1
-
-    @property
-    def t0(self) -> float:
-        """The ``time.monotonic()`` value that is ``t = 0`` (worker processes stamp their events with it)."""
-        return self._t0
-
-    def extend(self, events: Iterable[tuple[float, str | None, Any]]) -> None:
-        """Queue events stamped elsewhere (worker processes of the same tunnel), oldest first: ``(t, e,
-        fields)``, or ``(t, None, stmt args)`` as :meth:`stmt` takes them. They are chained like any other
-        event; a ``t`` before the last one recorded is raised to it so time never goes backwards."""
-        if self._closing:
-            raise RecordingError("recording is closed")
-        for t, e, payload in events:
-            t = max(float(t), self._last_t)
-            self._last_t = t
-            self._q.append((t, e, payload))
-            self.events += 1
 
     # -- encoding (drainer side) ---------------------------------------------------------------------------
 

@@ -1,12 +1,10 @@
 """Benchmark the PostgreSQL tunnel against a direct connection and socat, side by side, in one run.
 
     .venv/bin/python tests/benchmarks/bench_tunnel.py [--rounds 3] [--seconds 10] [--rows 2000000]
-        [--connects 30] [--workers N] [--no-write]
+        [--connects 30] [--no-write]
 
 Starts its own SCRAM cluster (tests.stack.postgres), runs ``pgbench -i -s 10``, then per round and per path
-(direct; socat; the tunnel in one process with recording on, and with recording off; the tunnel with
-``--workers`` SO_REUSEPORT worker processes (default: one per core) and recording on; the order rotates each
-round):
+(direct; socat; the tunnel with recording on, and with recording off; the order rotates each round):
 
 * ``pgbench -S -c 8 -j 2 -T SECONDS`` (select-only, simple protocol) → tps;
 * ``psql -c "COPY (SELECT g, md5(g::text) FROM generate_series(1,ROWS) g) TO STDOUT" > /dev/null`` → MB/s;
@@ -19,7 +17,6 @@ Results (medians, ratios) go to stdout and into docs/performance.md, section "Tu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -58,8 +55,7 @@ async def main():
     if cfg["record"]:
         hdr = RecordingHeader("bench", "bench", "bench", "rw", "lease", "0" * 64, datetime.now(UTC))
         rec = RecordingWriter(Path(cfg["recording"]), hdr)
-    t = PgTunnel(DatabaseCredentials(**cfg["creds"]), cfg["secret"], rec, listen_port=cfg["port"],
-                 workers=cfg["workers"])
+    t = PgTunnel(DatabaseCredentials(**cfg["creds"]), cfg["secret"], rec, listen_port=cfg["port"])
     await t.check_upstream()
     await t.start()
     print("ready", flush=True)
@@ -77,28 +73,21 @@ asyncio.run(main())
 
 
 def vm_hwm_kib(pid: int) -> int:
-    """Peak RSS of a process plus its children (the tunnel's worker processes)."""
-    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            total += int(line.split()[1])
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                total += vm_hwm_kib(int(child))
-    return total
+            return int(line.split()[1])
+    return 0
 
 
 class Tunnel:
     def __init__(self, cluster: PgCluster, user: str, password: str, workdir: Path,
-                 record: bool = True, workers: int = 1) -> None:
+                 record: bool = True) -> None:
         self.port = free_port()
         self.secret = secrets.token_urlsafe(24)
         self.recording = workdir / f"bench-{self.port}.rec"
         cfg = {"creds": {"host": "127.0.0.1", "port": cluster.port, "database": "bench", "username": user,
                          "password": password, "sslmode": "disable"},
-               "secret": self.secret, "port": self.port, "record": record, "recording": str(self.recording),
-               "workers": workers}
+               "secret": self.secret, "port": self.port, "record": record, "recording": str(self.recording)}
         self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdin is not None
@@ -173,7 +162,6 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--connects", type=int, default=30)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not shutil.which("socat"):
@@ -198,12 +186,8 @@ def main() -> int:
         tunnel_env = base_env | {"PGPASSFILE": str(tunnel.passfile)}
         norec = Tunnel(cluster, user, password, work, record=False)
         norec_env = base_env | {"PGPASSFILE": str(norec.passfile)}
-        multi = Tunnel(cluster, user, password, work, workers=args.workers)
-        multi_env = base_env | {"PGPASSFILE": str(multi.passfile)}
-        wname = f"tunnel, {args.workers} workers"
         paths = {"direct": (cluster.port, direct_env), "socat": (socat.port, direct_env),
-                 "tunnel": (tunnel.port, tunnel_env), "tunnel, recording off": (norec.port, norec_env),
-                 wname: (multi.port, multi_env)}
+                 "tunnel": (tunnel.port, tunnel_env), "tunnel, recording off": (norec.port, norec_env)}
         results: dict[str, dict[str, list[float]]] = {p: {"tps": [], "copy": [], "conn": []} for p in paths}
         names = list(paths)
         for r in range(args.rounds):
@@ -226,13 +210,8 @@ def main() -> int:
                 print(f"round {r + 1} {p:22s} psql -c 'select 1': {ms:6.1f} ms", flush=True)
         hwm_kib, info = tunnel.stop()
         norec_hwm_kib, _ = norec.stop()
-        multi_hwm_kib, multi_info = multi.stop()
-        multi_size = multi.recording.stat().st_size if multi.recording.exists() else 0
         socat.stop()
         rec_size = tunnel.recording.stat().st_size if tunnel.recording.exists() else 0
-        from pcigate.recording import verify_recording
-
-        multi_ok = multi.recording.exists() and verify_recording(multi.recording.read_bytes()).ok
     finally:
         cluster.stop()
 
@@ -244,8 +223,7 @@ def main() -> int:
         f"({os.cpu_count()} cores, shared): its own SCRAM cluster, pgbench scale 10, {args.rounds} rounds "
         "(path order rotated each round), medians. The tunnel runs in its own process with uvloop and "
         "recording on (one `stmt` event per statement, group-committed fsync); a second tunnel process with "
-        "recording off shows what recording costs, and a third runs `workers=N` (N processes accepting on "
-        "one port with SO_REUSEPORT, each recording to a part merged at close).",
+        "recording off shows what recording costs.",
         "",
         f"| path | pgbench -S -c 8 -j 2 -T {args.seconds} (tps) | COPY {args.rows:,} rows to psql (MB/s) "
         "| psql -c 'select 1' (ms, incl. process start) |",
@@ -254,22 +232,18 @@ def main() -> int:
     for p in paths:
         m = med[p]
         lines.append(f"| {p} | {m['tps']:,.0f} | {m['copy']:.1f} | {m['conn']:.1f} |")
-    t, s, d, o, w = med["tunnel"], med["socat"], med["direct"], med["tunnel, recording off"], med[wname]
+    t, s, d, o = med["tunnel"], med["socat"], med["direct"], med["tunnel, recording off"]
     lines += [
         "",
         f"* pgbench select-only: tunnel / socat = **{t['tps'] / s['tps']:.2f}×** (goal ≥ 0.9×), "
         f"tunnel / direct = {t['tps'] / d['tps']:.2f}×; recording off / socat = {o['tps'] / s['tps']:.2f}× "
         f"(recording costs {1 - t['tps'] / o['tps']:.0%} of the tunnel's rate).",
-        f"* pgbench select-only with {args.workers} workers: / socat = **{w['tps'] / s['tps']:.2f}×**.",
         f"* COPY out: tunnel / direct = **{t['copy'] / d['copy']:.2f}×** (goal ≥ 0.95×); recording off "
-        f"{o['copy'] / d['copy']:.2f}×, {args.workers} workers {w['copy'] / d['copy']:.2f}×.",
+        f"{o['copy'] / d['copy']:.2f}×.",
         f"* New connection: tunnel − direct = **{t['conn'] - d['conn']:+.1f} ms** (goal ≤ +3 ms).",
         f"* Tunnel process peak RSS (VmHWM) over the whole run: **{hwm_kib / 1024:.0f} MiB** recording on, "
-        f"{norec_hwm_kib / 1024:.0f} MiB recording off, {multi_hwm_kib / 1024:.0f} MiB for {args.workers} "
-        f"workers (parent + workers); "
-        f"statements recorded: {info.get('statements', '?')}, recording size {rec_size / 1e6:.1f} MB "
-        f"({args.workers} workers: {multi_info.get('statements', '?')}, {multi_size / 1e6:.1f} MB, verified: "
-        f"{multi_ok}).",
+        f"{norec_hwm_kib / 1024:.0f} MiB recording off; "
+        f"statements recorded: {info.get('statements', '?')}, recording size {rec_size / 1e6:.1f} MB.",
         "",
         "Raw per-round values: " + json.dumps(results),
         "",

@@ -87,15 +87,14 @@ def creds(cluster: PgCluster, password: str, **kw: Any) -> DatabaseCredentials:
 class Session:
     """A running tunnel with a recorder, a PGPASSFILE, and helpers to run psql/pgbench through it."""
 
-    def __init__(self, loop: LoopThread, tmp: Path, c: DatabaseCredentials, record: bool = True,
-                 workers: int = 1) -> None:
+    def __init__(self, loop: LoopThread, tmp: Path, c: DatabaseCredentials, record: bool = True) -> None:
         self.loop = loop
         self.secret = secrets.token_urlsafe(32)
         self.rec_path = tmp / "rec" / "s.rec"
         header = RecordingHeader("sess-1", "alice", "prod-db", "write", "lease-1", "d" * 64,
                                  datetime.now(UTC))
         self.recorder = RecordingWriter(self.rec_path, header) if record else None
-        self.tunnel = PgTunnel(c, self.secret, self.recorder, workers=workers)
+        self.tunnel = PgTunnel(c, self.secret, self.recorder)
         loop.run(self.tunnel.check_upstream())
         self.port = loop.run(self.tunnel.start())
         self.passfile = tmp / "pgpass"
@@ -436,102 +435,3 @@ def test_large_result_memory_bounded(session: Session) -> None:
     events, _ = session.finish()
     (cp,) = [e for e in events if e.get("e") == "copy"]
     assert (cp["direction"], cp["rows"], cp["bytes"]) == ("out", 300000, len(data))
-
-
-# -- worker processes (SO_REUSEPORT) ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def wsession(cluster: tuple[PgCluster, str], loop: LoopThread, tmp_path: Path) -> Iterator[Session]:
-    c, pw = cluster
-    s = Session(loop, tmp_path, creds(c, pw), workers=2)
-    yield s
-    loop.run(s.tunnel.close())
-    if s.recorder is not None and not s.recorder.closed:
-        s.recorder.close()
-
-
-def test_workers_relay_and_merge_one_recording(wsession: Session, cluster: tuple[PgCluster, str]) -> None:
-    c, _ = cluster
-    if c.psql("SELECT to_regclass('pgbench_accounts') IS NOT NULL", database="prod") != "t":
-        subprocess.run(["pgbench", "-i", "-s", "1", "-q", "prod"], env=c.env, check=True, capture_output=True)
-        c.psql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_USER}", database="prod")
-    _pgbench(wsession, "-S", "-c", "4", "-t", "50")
-    for i in range(6):
-        assert wsession.psql("-c", f"select {i}").stdout.strip() == str(i)
-    events, _ = wsession.finish()  # verifies the chain
-    assert not list(wsession.rec_path.parent.glob("*.part*"))  # merged and removed
-    bench = [e for e in stmts(events) if e["sql"].startswith("SELECT abalance")]
-    assert len(bench) == 200
-    conns = [e["c"] for e in events if e.get("e") == "conn"]
-    assert len(conns) == len(set(conns)) == wsession.tunnel.stats.connections
-    assert {e["c"] for e in stmts(events)} <= set(conns)
-    assert wsession.tunnel.stats.statements >= 206
-    ts = [e["t"] for e in events[1:]]
-    assert ts == sorted(ts)
-    assert events[-1]["e"] == "end"
-
-
-def _login_with_key(port: int, secret: str) -> tuple[socket.socket, tuple[int, int]]:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(pg.startup_message({"user": "whoever", "database": "prod"}))
-    client = ScramClient("", secret)
-    buf = b""
-    key = (0, 0)
-    while True:
-        buf += s.recv(65536)
-        while len(buf) >= 5:
-            t, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            body, buf = buf[5 : n + 1], buf[n + 1 :]
-            if t == ord("R"):
-                a = pg.parse_auth(body)
-                if a.code == pg.AUTH_SASL:
-                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
-                elif a.code == pg.AUTH_SASL_CONTINUE:
-                    s.sendall(pg.sasl_response(client.final(a.data)))
-                elif a.code == pg.AUTH_SASL_FINAL:
-                    client.verify(a.data)
-            elif t == ord("K"):
-                key = pg.parse_backend_key(body)
-            elif t == ord("Z"):
-                return s, key
-
-
-def test_workers_cancel_routed_to_owner(wsession: Session) -> None:
-    pool = wsession.tunnel._pool
-    assert pool is not None
-    conn, (pid, secret) = _login_with_key(wsession.port, wsession.secret)
-    conn.sendall(pg.query("select pg_sleep(30)"))
-    time.sleep(0.5)
-    # hand the CancelRequest to the worker that does NOT own the connection: it must pass it on
-    other = pool.workers[1 - pid % 2]
-    t0 = time.monotonic()
-    other.send(f"cancel {pid} {secret}")
-    msgs = _read_until(conn, b"Z")
-    assert time.monotonic() - t0 < 10
-    errs = [pg.parse_error_fields(b) for t, b in msgs if t == ord("E")]
-    assert errs
-    assert errs[0]["C"] == "57014"
-    conn.sendall(pg.terminate())
-    conn.close()
-    events, _ = wsession.finish()
-    assert any(e.get("e") == "cancel" for e in events)
-
-
-def test_workers_cancel_via_psql_sigint(wsession: Session) -> None:
-    proc = subprocess.run(["timeout", "-s", "INT", "1.5", "psql", "-X", "-h", "127.0.0.1", "-p",
-                           str(wsession.port), "-d", "prod", "-c", "select pg_sleep(30)"],
-                          env=wsession.env(), capture_output=True, text=True, timeout=60)
-    assert "canceling statement due to user request" in proc.stderr
-    events, _ = wsession.finish()
-    (st,) = [e for e in stmts(events) if e["sql"] == "select pg_sleep(30)"]
-    assert st["sqlstate"] == "57014"
-
-
-def test_workers_close_ends_open_connections(wsession: Session) -> None:
-    good = _raw_login(wsession.port, wsession.secret)
-    events, _ = wsession.finish()
-    assert good.recv(100) == b""
-    assert [e["reason"] for e in events if e.get("e") == "disconn"] == ["shutdown"]

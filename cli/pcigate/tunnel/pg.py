@@ -33,18 +33,13 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.recording import SQL_CAP, RecordingWriter
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
-
-if TYPE_CHECKING:
-    import socket
-
-    from pcigate.tunnel.workers import WorkerPool
 
 CONNECT_TIMEOUT = 10.0
 SETUP_MESSAGE_CAP = 1 << 20  # messages during the upstream login are small
@@ -60,15 +55,6 @@ _I, _s, _Z, _G, _H, _W = (ord(c) for c in "IsZGHW")
 _CMD, _ERR = ord("C"), ord("E")  # server CommandComplete / ErrorResponse
 # Startup parameters a client may not pass through.
 _DROPPED_PARAMS = frozenset({"user", "database", "replication"})
-
-
-class _Recorder(Protocol):
-    """What a connection records into: the session's RecordingWriter, or a worker's part file."""
-
-    def event(self, e: str, **fields: object) -> None: ...
-
-    def stmt(self, c: int, sql: str, truncated: bool, proto: str, params: int | None, ms: float,
-             rows: int | None, tag: str | None, sqlstate: str | None, error: str | None) -> None: ...
 
 
 @dataclass
@@ -393,7 +379,7 @@ class _Conn(asyncio.Protocol):
         self.peer = ""
         self._client_paused = False
         self._server_paused = False
-        self.rec = tunnel._rec
+        self.rec = tunnel.recorder
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -533,7 +519,7 @@ class _Conn(asyncio.Protocol):
         self.up = up
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        pid = self.tunnel._new_pid()
+        pid = secrets.randbelow(2**31 - 2) + 1
         secret = secrets.randbits(32) - 2**31
         self.local_key = (pid, secret)
         if login.key is not None:
@@ -755,20 +741,9 @@ class PgTunnel:
 
     def __init__(self, upstream: DatabaseCredentials, local_secret: str, recorder: RecordingWriter | None,
                  *, listen_host: str = "127.0.0.1", listen_port: int = 0,
-                 policy: DataPathPolicy | None = None, workers: int = 1) -> None:
+                 policy: DataPathPolicy | None = None) -> None:
         if not local_secret:
             raise UsageError("the tunnel needs a non-empty local secret")
-        if not 1 <= workers <= 64:
-            raise UsageError("the tunnel runs 1 to 64 worker processes")
-        self.workers = workers
-        self._local_secret = local_secret
-        self._rec: _Recorder | None = recorder
-        # In a worker process (pcigate.tunnel.workers): its index, the worker count, and how a CancelRequest
-        # for another worker's connection is passed on (through the parent).
-        self._widx = 0
-        self._wn = 1
-        self._route_cancel: Any = None
-        self._pool: WorkerPool | None = None
         self.upstream = upstream
         self.recorder = recorder
         self.listen_host = listen_host
@@ -790,15 +765,8 @@ class PgTunnel:
         return self._salted.setdefault(self.upstream.password, {})
 
     def _next_conn(self) -> int:
-        """Connection numbers are unique across workers: worker i of n numbers i+1, i+1+n, ..."""
         self._n += 1
-        return (self._n - 1) * self._wn + self._widx + 1
-
-    def _new_pid(self) -> int:
-        """The BackendKeyData pid handed to a client; ``pid % workers`` names the worker that owns it."""
-        if self._wn == 1:
-            return secrets.randbelow(2**31 - 2) + 1
-        return (secrets.randbelow((2**31 - 1) // self._wn - 1) + 1) * self._wn + self._widx
+        return self._n
 
     def _error(self, msg: str) -> None:
         self.stats.errors += 1
@@ -813,12 +781,6 @@ class PgTunnel:
             raise AccessDenied("the session policy asks for masking or guardrails, which this pcigate "
                                "version does not apply; refusing to open the tunnel")
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
-        if self.workers > 1:
-            from pcigate.tunnel.workers import WorkerPool
-
-            self._pool = WorkerPool(self, host)
-            self.port = await self._pool.start()
-            return self.port
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(lambda: _Conn(self), host, self.listen_port,
@@ -829,12 +791,6 @@ class PgTunnel:
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         return self.port
-
-    async def _serve(self, sock: socket.socket) -> None:
-        """Worker mode: accept on a listening socket made (SO_REUSEPORT) and handed over by the parent."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=512)
-        self.port = int(sock.getsockname()[1])
 
     async def check_upstream(self, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open and authenticate one upstream connection, then close it. Raises DatabaseUnavailable."""
@@ -851,16 +807,13 @@ class PgTunnel:
         login.upstream.close()
 
     def _forward_cancel(self, req: pg.CancelRequest) -> None:
-        if self._wn > 1 and req.pid % self._wn != self._widx and self._route_cancel is not None:
-            self._route_cancel(req.pid, req.secret)  # another worker owns that connection
-            return
         key = self._cancel_keys.get((req.pid, req.secret))
         if key is None:
             return  # unknown key: ignored, as PostgreSQL does
         conn = next((c for c in self._conns if c.local_key == (req.pid, req.secret)), None)
-        if conn is not None and self._rec is not None and conn.n:
+        if conn is not None and self.recorder is not None and conn.n:
             with contextlib.suppress(Exception):
-                self._rec.event("cancel", c=conn.n)
+                self.recorder.event("cancel", c=conn.n)
 
         async def send() -> None:
             try:
@@ -873,10 +826,6 @@ class PgTunnel:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
-            return
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
