@@ -115,12 +115,67 @@ class DatabaseCredentials(_Model):
     sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
 
 
+StatementClass = Literal[
+    "read",  # SELECT / SHOW / EXPLAIN without ANALYZE of a write, and other statements that change nothing
+    "write",  # INSERT / UPDATE / DELETE / MERGE (including data-modifying CTEs), COPY FROM
+    "delete_without_where",  # DELETE with no WHERE clause (also inside a CTE)
+    "update_without_where",  # UPDATE with no WHERE clause (also inside a CTE)
+    "truncate",
+    "drop_database",
+    "drop_schema",
+    "drop_table",  # DROP TABLE / VIEW / MATERIALIZED VIEW / FOREIGN TABLE
+    "drop_other",  # any other DROP (index, function, role, ...)
+    "ddl",  # CREATE / ALTER / COMMENT ... (schema changes other than the DROPs above)
+    "alter_system",
+    "grant",  # GRANT (privileges or role membership)
+    "revoke",
+    "role_admin",  # CREATE/ALTER/DROP ROLE|USER, SET ROLE, SET SESSION AUTHORIZATION
+    "copy_program",  # COPY ... FROM/TO PROGRAM
+    "copy_file",  # COPY ... FROM/TO a server-side file
+    "do_block",  # DO $$ ... $$ (anonymous code: cannot be inspected)
+    "call",  # CALL procedure
+    "prepare",  # PREPARE (the prepared statement itself is classified too)
+    "execute",  # EXECUTE of a prepared statement (classified as what was prepared)
+    "transaction",  # BEGIN / COMMIT / ROLLBACK / SAVEPOINT
+    "session",  # SET / RESET / DISCARD / LISTEN ...
+    "unparseable",  # the parser refused the text: always denied while any guardrail rule is on
+]
+
+
+class ColumnMaskRule(_Model):
+    """Redact or hash a named column. ``table`` is ``name`` or ``schema.name``; None matches any table."""
+
+    column: str = Field(min_length=1, max_length=63)
+    table: str | None = Field(default=None, max_length=130)
+    action: Literal["redact", "hash"] = "redact"
+
+
+class MaskingPolicy(_Model):
+    """Inline masking of card data (PCI DSS 3.3/3.4) on screen and in the recording."""
+
+    pan: Literal["truncate", "redact"] = "truncate"  # truncate: first 6 / last 4 kept, same length
+    track_data: bool = True  # magnetic-stripe track 1/2 patterns fully redacted
+    sensitive_columns: list[str] = Field(
+        default_factory=lambda: ["cvv", "cvc", "cvv2", "cvc2", "cid", "security_code", "pin", "pin_block"]
+    )  # columns (any table) whose values are fully redacted: CVV/CVC/CID, PIN blocks
+    columns: list[ColumnMaskRule] = Field(default_factory=list)
+
+
+class GuardrailRule(_Model):
+    """Deny statements of the given classes (optionally only when they touch one of ``relations``)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    deny: list[StatementClass] = Field(min_length=1)
+    relations: list[str] = Field(default_factory=list)  # "table" or "schema.table"; empty: any relation
+    message: str | None = Field(default=None, max_length=500)
+
+
 class DataPathPolicy(_Model):
-    """What the tunnel must apply. Issue 3 fills masking/guardrails; the CLI cannot loosen it."""
+    """What the tunnel must apply; the CLI cannot loosen it (the broker decides it per target and level)."""
 
     record: bool = True
-    masking: list[dict[str, object]] = Field(default_factory=list)
-    guardrails: list[dict[str, object]] = Field(default_factory=list)
+    masking: MaskingPolicy | None = None  # None: no masking
+    guardrails: list[GuardrailRule] = Field(default_factory=list)
     digest: str = ""  # sha256 hex of the canonical JSON of the policy, stored in the recording header
 
 
