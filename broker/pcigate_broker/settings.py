@@ -9,7 +9,6 @@ from
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -29,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pcigate.models import MAX_SESSION_SECONDS
+from pcigate.net import is_loopback
 
 TOKEN_ENV = "PCIGATE_BROKER_VAULT_TOKEN"
 SECRET_ID_ENV = "PCIGATE_BROKER_VAULT_SECRET_ID"
@@ -96,20 +96,11 @@ class ServerSettings(_Section):
     def _loopback_or_tls(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise PydanticCustomError("tls", "tls_cert_file and tls_key_file go together")
-        if self.tls_cert_file is None and not _is_loopback(self.host):
+        if self.tls_cert_file is None and not is_loopback(self.host):
             raise PydanticCustomError(
                 "listen", "refusing a non-loopback listen address without tls_cert_file/tls_key_file"
             )
         return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class OidcSettings(_Section):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 
 from tests.stack.idp import CLIENT_ID, WORKLOAD_AUDIENCE
-from tests.stack.ports import free_port
+from tests.stack.ports import free_port, stop_process
 
 TARGET = "prod-db"
 LEVELS = {"read": "prod-db-read", "admin": "prod-db-admin"}
@@ -214,14 +213,7 @@ class BrokerProc:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (graceful: the broker may end sessions/revoke), SIGKILL after ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: a crash, for tests of recovery."""

@@ -44,7 +44,7 @@ import httpx
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
-from tests.stack.ports import free_port
+from tests.stack.ports import free_port, stop_process
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 CLIENT_ID = "pcigate"
@@ -210,13 +210,7 @@ class Idp:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.stack.ports import free_port
+from tests.stack.ports import free_port, stop_process
 
 ROLE_CREATION = [
     "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
@@ -131,12 +131,7 @@ path "auth/token/renew-self" {{ capabilities = ["update"] }}
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(Exception):  # best effort: Stack.stop() calls revoke_all() itself first
                 self.revoke_all()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
 
 def start_openbao(log_path: Path | None = None, port: int | None = None) -> OpenBao:

@@ -1,8 +1,9 @@
-"""Free loopback ports for the test stack."""
+"""Free loopback ports and process stopping for the test stack."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 
 
 def free_port() -> int:
@@ -23,3 +24,16 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL. Nothing to do when it is gone already."""
+
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import secrets
 import ssl
 import struct
@@ -37,6 +36,7 @@ from typing import Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.models import DatabaseCredentials, DataPathPolicy
+from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
@@ -73,15 +73,6 @@ class _UpstreamError(Exception):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _one_line(text: str, cap: int = 300) -> str:
@@ -286,7 +277,7 @@ async def _authenticate(proto: _Upstream, creds: DatabaseCredentials,
 
                 proto.write(pg.password_message(md5_password(creds.username, creds.password, a.data) + b"\0"))
             elif a.code == pg.AUTH_CLEARTEXT:
-                if not (proto.tls or _is_loopback(creds.host)):
+                if not (proto.tls or is_loopback(creds.host)):
                     raise _UpstreamError("08006", f"the database at {where} asks for a cleartext password "
                                                   "without TLS; refused")
                 proto.write(pg.password_message(creds.password.encode() + b"\0"))
@@ -774,7 +765,7 @@ class PgTunnel:
             self.errors.append(_one_line(msg, 500))
 
     async def start(self) -> int:
-        if not _is_loopback(self.listen_host):
+        if not is_loopback(self.listen_host):
             raise UsageError(f"the tunnel listens on loopback only, not {self.listen_host!r}")
         pol = self.policy
         if pol is not None and (pol.masking or pol.guardrails):
