@@ -146,8 +146,11 @@ class TokenValidator:
     def _key_for(self, kid: str | None) -> AsymKey:
         with self._lock:
             now = self._clock()
+            # Refreshing cached keys is rate-limited (jwks_min_refetch_seconds), failed attempts too: while
+            # the IdP is down or slow, requests must not each wait on it under this lock.
+            may_fetch = now - self._last_fetch_attempt >= self.settings.jwks_min_refetch_seconds
             stale = self._jwks is None or now - self._jwks.fetched_at >= self.settings.jwks_cache_seconds
-            if stale:
+            if stale and (may_fetch or self._jwks is None):  # with no keys at all, always try
                 try:
                     self._last_fetch_attempt = now
                     self._jwks = self._fetch_jwks()
@@ -155,11 +158,17 @@ class TokenValidator:
                     if self._jwks is None:
                         raise
                     log.warning("JWKS refresh failed; keeping the cached keys")
+                may_fetch = False
+            assert self._jwks is not None
             key = self._lookup(kid)
-            if key is None and now - self._last_fetch_attempt >= self.settings.jwks_min_refetch_seconds:
-                # Unknown kid: the IdP may have rotated keys. Refetch, rate-limited.
+            if key is None and may_fetch:
+                # Unknown kid: the IdP may have rotated keys. Refetch, rate-limited; if the IdP cannot be
+                # reached the key stays unknown (a junk token is refused, not answered with 503).
                 self._last_fetch_attempt = now
-                self._jwks = self._fetch_jwks()
+                try:
+                    self._jwks = self._fetch_jwks()
+                except IdpUnavailable:
+                    log.warning("JWKS refetch for an unknown kid failed; keeping the cached keys")
                 key = self._lookup(kid)
             if key is None:
                 raise TokenInvalid("signing key not found (unknown kid)")

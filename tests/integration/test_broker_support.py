@@ -25,6 +25,7 @@ class MiniIssuer:
         self.keys: list[RSAKey | ECKey] = [RSAKey.generate_key(2048, parameters={"kid": "k1", "use": "sig"})]
         self.jwks_hits = 0
         self.discovery_hits = 0
+        self.requests = 0  # every GET, answered or not (the IdP being down included)
         self.down = False
         issuer = self
 
@@ -33,6 +34,7 @@ class MiniIssuer:
                 pass
 
             def do_GET(self) -> None:
+                issuer.requests += 1
                 if issuer.down:
                     self.send_response(503)
                     self.end_headers()

@@ -301,3 +301,24 @@ def test_http_vault_down_is_503(issuer: MiniIssuer, client: TestClient) -> None:
     r = client.post("/v1/sessions", json={"target": "prod-db"}, headers=h)
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "vault_unavailable"
+
+
+def test_idp_down_with_stale_keys_does_not_refetch_on_every_request(
+    issuer: MiniIssuer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale cache + IdP down: the cached keys keep serving, and the IdP is asked at most once per
+    jwks_min_refetch_seconds (every request waiting on it under one lock would serialise the broker)."""
+    v = _validator(issuer, tmp_path, monkeypatch)
+    assert v.validate(issuer.token()).subject == "alice"
+    now = [v._clock() + v.settings.jwks_cache_seconds + 1]  # the cache is stale from here on
+    v._clock = lambda: now[0]
+    issuer.down = True
+    before = issuer.requests
+    for _ in range(5):
+        assert v.validate(issuer.token()).subject == "alice"
+    assert issuer.requests - before == 1
+    # a token signed by an unknown key is refused (401), not answered with "IdP unavailable" (503)
+    now[0] += v.settings.jwks_min_refetch_seconds + 1
+    with pytest.raises(TokenInvalid):
+        v.validate(issuer.token(key=RSAKey.generate_key(2048, parameters={"kid": "rotated"})))
+    v.close()
