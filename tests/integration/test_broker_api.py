@@ -120,9 +120,11 @@ def open_session(c: httpx.Client, **body: Any) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
-def recording(tmp: Path, opened: dict[str, Any], *, session_id: str | None = None, n: int = 3) -> bytes:
+def recording(tmp: Path, opened: dict[str, Any], *, session_id: str | None = None, n: int = 3,
+              lease_id: str | None = None) -> bytes:
     hdr = RecordingHeader(session_id=session_id or opened["session_id"], user=opened["user"],
-                          target=opened["target"], level=opened["level"], lease_id=opened["lease_id"],
+                          target=opened["target"], level=opened["level"],
+                          lease_id=lease_id or opened["lease_id"],
                           policy_digest=opened["policy"]["digest"],
                           started_at=datetime.fromisoformat(opened["started_at"]))
     path = tmp / f"{hdr.session_id}-{n}.rec"
@@ -255,6 +257,15 @@ def test_recording_upload_download_idempotent_conflict(stack: Stack, tmp_path: P
         data = recording(tmp_path, s)
         sha = hashlib.sha256(data).hexdigest()
 
+        r = put_recording(alice, sid, data)  # a recording is evidence of a finished session
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "conflict"
+        assert alice.post(f"/v1/sessions/{sid}/end").status_code == 200
+
+        forged = recording(tmp_path, s, n=2, lease_id="database/creds/prod-db-read/forged")
+        r = put_recording(alice, sid, forged)
+        assert r.status_code == 422
+        assert "lease_id" in r.json()["error"]["message"]
         r = put_recording(mallory, sid, data)
         assert r.status_code == 404  # not theirs: not even visible
         r = put_recording(auditor, sid, data)
@@ -313,6 +324,7 @@ def test_recording_upload_download_idempotent_conflict(stack: Stack, tmp_path: P
 def test_recording_too_large(stack: Stack, tmp_path: Path) -> None:
     with client(stack, "alice") as alice:
         s = open_session(alice)
+        assert alice.post(f"/v1/sessions/{s['session_id']}/end").status_code == 200
         data = recording(tmp_path, s, n=1500)  # > 64 KiB cap of this broker
         assert len(data) > 64 * 1024
         r = put_recording(alice, s["session_id"], data)

@@ -23,10 +23,17 @@ router = APIRouter(prefix="/v1/sessions", tags=["recordings"])
 _BATCH = 1 << 20  # hand the verifier/hasher ~1 MiB at a time, in a worker thread
 
 
-def _lookup(broker: Broker, identity: Identity, session_id: str) -> tuple[str | None, str]:
+def _lookup(broker: Broker, identity: Identity, session_id: str) -> tuple[str | None, dict[str, str]]:
+    """The stored digest (if any) and what the recording's header must say about the session."""
     with broker.sessions() as db:
         row = sessions.owned_session(broker, db, identity, session_id, "upload its recording")
-        return row.recording_sha256, row.id
+        if row.status == "active" and row.recording_sha256 is None:
+            # A recording is evidence of a finished session: accepting one early would let a client store a
+            # clean-looking file first and have the real one refused as a conflict later.
+            raise ApiError(409, "conflict", "the session is still active: end it before uploading")
+        expected = {"session_id": row.id, "user": row.user, "target": row.target, "level": row.level,
+                    "lease_id": row.lease_id}
+        return row.recording_sha256, expected
 
 
 def _store(
@@ -102,7 +109,7 @@ async def upload(
     digest = x_content_sha256.lower()
     if not SHA256_HEX.match(digest):
         raise ApiError(422, "validation_error", "X-Content-SHA256: expected 64 hex digits")
-    existing, _ = await anyio.to_thread.run_sync(_lookup, broker, identity, session_id)
+    existing, expected = await anyio.to_thread.run_sync(_lookup, broker, identity, session_id)
     if existing is not None and existing != digest:
         raise ApiError(409, "conflict", "a different recording is already stored for this session")
     cap = broker.settings.server.max_recording_bytes
@@ -135,6 +142,8 @@ async def upload(
             err = ApiError(422, "recording_invalid", f"recording does not verify{where}: {result.error}")
         elif result.header is None or result.header.get("session_id") != session_id:
             err = ApiError(422, "recording_invalid", "recording header is for another session")
+        elif mismatch := [k for k, v in expected.items() if result.header.get(k) != v]:
+            err = ApiError(422, "recording_invalid", f"header does not match the session: {mismatch}")
         if err is not None:
             await anyio.to_thread.run_sync(_refuse, broker, identity, session_id, request_id, err)
             raise err
