@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -99,8 +100,10 @@ class RecordingWriter:
     (``event()`` is not meant for concurrent callers).
     """
 
-    def __init__(self, path: Path, header: RecordingHeader, *, fsync_interval: float = 0.1) -> None:
+    def __init__(self, path: Path, header: RecordingHeader, *, fsync_interval: float = 0.1,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.path = Path(path)
+        self._on_failure = on_failure
         self.header = header
         self.events = 0
         self._interval = fsync_interval
@@ -142,9 +145,16 @@ class RecordingWriter:
         self._last_t = t
         return t
 
+    @property
+    def failed(self) -> bool:
+        """True once writing failed (disk full, I/O error): nothing more is queued; ``close()`` raises."""
+        return isinstance(self._error, OSError)
+
     def event(self, e: str, **fields: object) -> None:
         if self._closing:
             raise RecordingError("recording is closed")
+        if self.failed:
+            return  # nothing can be written any more: don't let events pile up in memory
         self._q.append((self._now(), e, fields))
         self.events += 1
 
@@ -153,6 +163,8 @@ class RecordingWriter:
         """A ``stmt`` event with ``blocked`` null; the same line as ``event("stmt", ...)`` would write."""
         if self._closing:
             raise RecordingError("recording is closed")
+        if self.failed:
+            return
         self._q.append((self._now(), None,
                         (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)))
         self.events += 1
@@ -213,6 +225,10 @@ class RecordingWriter:
                     os.fsync(self._fd)
                 except OSError as e:
                     self._error = e
+                    self._q.clear()
+                    if self._on_failure is not None:
+                        # Fail closed: the owner ends the session rather than let it run unrecorded.
+                        self._on_failure(f"cannot write recording {self.path}: {e.strerror}")
                     return
 
     def _write(self, data: bytes) -> None:

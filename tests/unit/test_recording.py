@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import stat
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -337,3 +339,43 @@ def test_seal_leaves_a_tampered_recording_alone(tmp_path: Path) -> None:
     path.write_bytes(tampered)
     assert seal_recording(path) is False
     assert path.read_bytes() == tampered
+
+
+# -- a recording that cannot be written (disk full) ---------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs: a disk that fills up (needs root, as the suite's machines and CI have)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_fails_closed_and_stops_queueing(tiny_fs: Path) -> None:
+    from pcigate.recording import RecordingHeader, RecordingWriter
+
+    failures: list[str] = []
+    w = RecordingWriter(tiny_fs / "s.rec", RecordingHeader("s1", "alice", "prod-db", "read", "l", "d" * 64,
+                                                           datetime.now(UTC)),
+                        fsync_interval=0.01, on_failure=failures.append)
+    sql = "select " + "x" * 4000
+    deadline = time.monotonic() + 10
+    while not w.failed and time.monotonic() < deadline:
+        w.stmt(1, sql, False, "simple", None, 0.1, 1, "SELECT 1", None, None)
+        time.sleep(0.001)
+    assert w.failed
+    assert failures
+    assert "cannot write recording" in failures[0]
+    queued = len(w._q)
+    for _ in range(1000):  # later events are dropped, not piled up in memory
+        w.stmt(1, sql, False, "simple", None, 0.1, 1, "SELECT 1", None, None)
+    assert len(w._q) == queued == 0
+    with pytest.raises(RecordingError, match="cannot write recording"):
+        w.close()
