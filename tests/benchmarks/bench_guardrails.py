@@ -1,0 +1,154 @@
+"""Benchmark: the guardrails core, classification cost per statement cold (parse) vs cached.
+
+Run: .venv/bin/python -m tests.benchmarks.bench_guardrails [--rounds 5] [--no-write]
+In-process, no database. Per statement kind, medians over rounds of:
+
+* ``cold``: ``Guardrails.check`` with the cache off (parse with libpg_query + walk + judge), µs per call;
+* ``cached``: ``Guardrails.check`` of the same text again (LRU hit on the exact text), µs per call;
+* ``distinct literals``: pgbench's default simple-query mode puts the values into the text
+  (``... WHERE aid = 48213;``), so every text is new: this is the cost the tunnel pays per statement there;
+* ``no rules``: the fast path (guardrails off), µs per call.
+
+Writes a "Guardrails core" section into docs/performance.md between its markers (appended if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pcigate.guardrails import Guardrails
+from pcigate.models import GuardrailRule
+
+ROOT = Path(__file__).resolve().parents[2]
+PERF = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench_guardrails:begin -->", "<!-- bench_guardrails:end -->"
+
+RULES = [
+    GuardrailRule(name="no-drop", deny=["drop_table", "drop_schema", "drop_database", "truncate"]),
+    GuardrailRule(name="no-mass-delete", deny=["delete_without_where", "update_without_where"]),
+    GuardrailRule(
+        name="no-escape", deny=["copy_program", "copy_file", "do_block", "alter_system", "role_admin"]
+    ),
+    GuardrailRule(name="cards", deny=["write"], relations=["public.cards"]),
+]
+
+STATEMENTS: dict[str, str] = {
+    "pgbench -S select": "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+    "pgbench tpcb update": "UPDATE pgbench_accounts SET abalance = abalance + -2431 WHERE aid = 48213;",
+    "join + CTE select (~400 chars)": (
+        "WITH recent AS (SELECT customer_id, max(created_at) AS last FROM orders "
+        "WHERE created_at > now() - interval '30 days' GROUP BY customer_id) "
+        "SELECT c.id, c.name, c.email, r.last, count(o.id) AS n, sum(o.amount) AS total "
+        "FROM customers c JOIN recent r ON r.customer_id = c.id LEFT JOIN orders o ON o.customer_id = c.id "
+        "WHERE c.country = 'DE' AND c.status IN ('active', 'trial') GROUP BY c.id, c.name, c.email, r.last "
+        "ORDER BY total DESC NULLS LAST LIMIT 50"
+    ),
+    "data-modifying CTE": (
+        "WITH d AS (DELETE FROM sessions WHERE expires < now() RETURNING id) SELECT count(*) FROM d"
+    ),
+    "multi-statement (3)": "BEGIN; UPDATE cards SET last4 = '4242' WHERE id = 7; COMMIT",
+}
+
+
+def _per_call(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def _next_check(g: Guardrails, it: Iterator[str]) -> Callable[[], object]:
+    return lambda: g.check(next(it))
+
+
+def measure(rounds: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for label, sql in STATEMENTS.items():
+        cold: list[float] = []
+        cached: list[float] = []
+        distinct: list[float] = []
+        off: list[float] = []
+        for _ in range(rounds):
+            nocache = Guardrails(RULES, cache_size=0)
+            cold.append(_per_call(functools.partial(nocache.check, sql), 2000))
+            g = Guardrails(RULES)
+            g.check(sql)
+            cached.append(_per_call(functools.partial(g.check, sql), 200_000))
+            if "48213" in sql:  # the pgbench statements: a new literal each call
+                texts = [sql.replace("48213", str(100_000 + i)) for i in range(2000)]
+                g2 = Guardrails(RULES)
+                distinct.append(_per_call(_next_check(g2, iter(texts)), len(texts)))
+            none = Guardrails([])
+            off.append(_per_call(functools.partial(none.check, sql), 200_000))
+        out[label] = {
+            "cold": statistics.median(cold), "cached": statistics.median(cached),
+            "distinct": statistics.median(distinct) if distinct else float("nan"),
+            "off": statistics.median(off),
+        }
+    return out
+
+
+def render(results: dict[str, dict[str, float]], rounds: int) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d")
+    lines = [
+        f"Measured {when} on this machine ({os.cpu_count()} cores, Python {platform.python_version()}), "
+        f"{rounds} rounds, medians (`python -m tests.benchmarks.bench_guardrails`); {len(RULES)} rules, "
+        f"µs per `Guardrails.check` call, in-process (no database); load average at the end "
+        f"{os.getloadavg()[0]:.1f} (shared machine: compare within one run).",
+        "",
+        "| statement | cold: parse + classify + judge (µs) | cached, same text (µs) | cold / cached "
+        "| distinct literals each call (µs) | no rules (µs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in results.items():
+        ratio = r["cold"] / r["cached"] if r["cached"] else float("inf")
+        distinct = "—" if r["distinct"] != r["distinct"] else f"{r['distinct']:.1f}"
+        lines.append(
+            f"| {label} | {r['cold']:.1f} | {r['cached']:.2f} | {ratio:.0f}× | {distinct} | {r['off']:.2f} |"
+        )
+    lines += [
+        "",
+        "* cached = an LRU hit on the exact text (default 4096 entries, texts up to 64 KiB); the verdict is "
+        "cached with the classification unless the text contains EXECUTE/DEALLOCATE (those depend on the "
+        "connection's prepared statements and are re-judged from the cached classification).",
+        "* distinct literals = pgbench's default `-M simple` mode, which puts each value into the text, so "
+        "the exact-text cache never hits and every statement pays the cold cost. `-M extended`/`-M prepared` "
+        "(and drivers using bind parameters) repeat the text and hit the cache.",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    doc = PERF.read_text() if PERF.exists() else "# Performance\n"
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc and END in doc:
+        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip("\n") + "\n\n## Guardrails core\n\n" + block + "\n"
+    PERF.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only, leave docs/performance.md alone")
+    args = ap.parse_args()
+    results = measure(args.rounds)
+    text = render(results, args.rounds)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"\nwritten to {PERF}")
+
+
+if __name__ == "__main__":
+    main()
