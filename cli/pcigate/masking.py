@@ -1,0 +1,604 @@
+"""Inline masking of card data (PCI DSS 3.3/3.4): pure code, bytes in, bytes out. No I/O.
+
+What is masked
+--------------
+* **PAN**: 13–19 ASCII digits, contiguous or grouped with single spaces or dashes (``4111 1111 1111 1111``,
+  ``3782-822463-10005``, ``6221 2612 3456 7890 123``), Luhn-valid, anywhere inside a value (free text, JSON,
+  CSV, XML). A *run* is a maximal sequence of digit groups joined by single separators; a candidate PAN is
+  any window of consecutive groups of one run whose digits number 13–19. So ``qty 2 4111111111111111`` and
+  ``4111111111111111 12 25`` still find the card, while a contiguous run of more than 19 digits is never a
+  PAN and no PAN is looked for *inside* it (PCI practice: a 25-digit account number or hash is not a card,
+  and every 25-digit run holds a Luhn-valid 16-digit substring with probability ~1 − 0.9¹⁰ ≈ 65 %).
+  Policy ``pan="truncate"`` keeps the first 6 and last 4 digits and puts ``*`` over the digits in between
+  (separators kept); ``pan="redact"`` puts ``*`` over every digit. Both keep the length, so a frame that
+  only had PANs masked needs no new length.
+* **Track data** (when ``track_data``): track 1 ``%B<PAN>^NAME^YYMM…?`` and track 2 ``;<PAN>=YYMM…?`` (the
+  sentinels optional, PAN Luhn-valid): every byte of the track becomes ``*`` (same length).
+* **Column rules**: ``sensitive_columns`` (any table, case-insensitive) and ``ColumnMaskRule(action=
+  "redact")`` replace the whole value with ``*`` × its length; ``action="hash"`` replaces it with
+  ``h:`` + the first 16 hex digits of HMAC-SHA256(per-deployment key, value) — deterministic, so joins and
+  ``GROUP BY`` on the masked value still work, and useless without the key. A hash changes the length:
+  :meth:`Masker.mask_datarow` rewrites the field lengths and :func:`frame` re-frames the message.
+
+Speed
+-----
+The question asked of every value is "is there a run of ≥ 13 digits, separators ignored?", answered by one
+``bytes.translate`` (digits → ``0``, every other byte → ``.``, spaces and dashes deleted) and one substring
+search for thirteen ``0`` — both in C. Only values that pass it are walked with a regular expression and
+Luhn-checked. :meth:`Masker.mask_datarow` asks it of the whole DataRow body first, so a row without a long
+digit run costs one call and two C passes, and :meth:`Masker.has_candidate` lets the caller ask it of a
+whole chunk of complete messages before framing them at all.
+
+Limits (documented choices)
+---------------------------
+* ASCII digits only (every PostgreSQL client encoding is ASCII-compatible for digits); full-width digits
+  and PANs spelled with other separators (``4111.1111…``, ``4111/1111…``) are not looked for.
+* Masking a PAN stored as a JSON *number* or in a numeric column (text format) yields a value the client's
+  type parser may refuse (``411111******1111`` is no number): the card is never shown, which is the point.
+* Masking is applied until nothing changes, so it is idempotent and no Luhn-valid 13–19 digit window is
+  left in the output, even one formed by digits that the first pass left next to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, NamedTuple
+
+from pcigate.models import MaskingPolicy
+
+__all__ = [
+    "BINARY_ARRAY_OIDS",
+    "HASH_HEX_CHARS",
+    "JSON_OIDS",
+    "TEXT_LIKE_OIDS",
+    "ColumnAction",
+    "ColumnInfo",
+    "Masker",
+    "RowPlan",
+    "frame",
+    "has_candidate",
+    "luhn_ok",
+]
+
+ColumnAction = Literal["pan", "redact", "hash", "skip"]
+"""What happens to one result column: ``pan`` scan for PANs/track data; ``redact`` whole value to ``*``;
+``hash`` keyed hash; ``skip`` pass through untouched (a binary-format field of a non-text type)."""
+
+# Type OIDs (pg_type) whose binary send format is the text itself (jsonb: a 1-byte version, then the text).
+OID_NAME: Final = 19
+OID_TEXT: Final = 25
+OID_JSON: Final = 114
+OID_XML: Final = 142
+OID_UNKNOWN: Final = 705
+OID_BPCHAR: Final = 1042
+OID_VARCHAR: Final = 1043
+OID_JSONB: Final = 3802
+TEXT_LIKE_OIDS: Final = frozenset(
+    {OID_NAME, OID_TEXT, OID_JSON, OID_XML, OID_UNKNOWN, OID_BPCHAR, OID_VARCHAR, OID_JSONB}
+)
+JSON_OIDS: Final = frozenset({OID_JSON, OID_JSONB})
+# Arrays of text-like types (name[], text[], json[], xml[], bpchar[], varchar[], jsonb[]): in binary format
+# their elements are walked (each is int32 length + text), never scanned as one blob.
+BINARY_ARRAY_OIDS: Final = frozenset({1003, 1009, 199, 143, 1014, 1015, 3807})
+
+HASH_HEX_CHARS: Final = 16
+MIN_PAN: Final = 13
+MAX_PAN: Final = 19
+
+# -- the pre-filter ------------------------------------------------------------------------------------------
+
+_DIGITS = b"0123456789"
+# digits -> "0", everything else -> "."; used with delete=_SEPS, so grouped PANs become contiguous runs.
+_PRE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_SEPS = b" -"
+_RUN13 = b"0" * MIN_PAN
+# digits -> "0", spaces and dashes -> "-", everything else -> ".": one 1:1 translate per value tells whether
+# it has a contiguous 13-digit run ("0" * 13) and whether any digits are joined by a separator ("0-0").
+_CLS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2D if i in (0x20, 0x2D) else 0x2E for i in range(256))
+# Luhn: a doubled digit d contributes 2d or 2d-9.
+_DOUBLE = bytes.maketrans(_DIGITS, b"0246813579")
+# every digit -> "*", everything else kept (redact the digits of a slice, keep its separators)
+_STAR_DIGITS = bytes.maketrans(_DIGITS, b"*" * 10)
+
+# A run: digit groups joined by single spaces/dashes (maximal).
+_RUN = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
+# Track 1 (format B) and track 2, start/end sentinels optional. The PAN is checked with Luhn afterwards.
+_TRACK1 = re.compile(rb"%?B([0-9][0-9 ]{11,21}[0-9])\^[^^\x00\r\n]{1,26}\^[0-9]{4}[0-9A-Za-z]{0,60}\??")
+_TRACK2 = re.compile(rb";?([0-9]{13,19})=[0-9]{4}[0-9]{0,40}\??")
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!BI")
+
+
+def has_candidate(data: bytes | bytearray) -> bool:
+    """True when ``data`` holds ≥ 13 digits in a row once spaces and dashes are ignored.
+
+    A superset test: every PAN and every track holds such a run, so ``False`` means nothing in ``data`` can be
+    masked by pattern. Safe on any bytes (framing bytes of complete messages only add false positives), so
+    the caller may ask it of a whole read chunk before framing it.
+    """
+    return _RUN13 in data.translate(_PRE, _SEPS)
+
+
+def luhn_ok(digits: bytes) -> bool:
+    """Luhn check of an ASCII digit string (no separators)."""
+    n = len(digits)
+    if n < 2:
+        return False
+    total = sum(digits[n - 1 :: -2]) + sum(digits[n - 2 :: -2].translate(_DOUBLE)) - 0x30 * n
+    return total % 10 == 0
+
+
+def frame(mtype: bytes | int, body: bytes | bytearray) -> bytes:
+    """A typed protocol message: type byte, int32 length (self-inclusive), body."""
+    t = mtype if isinstance(mtype, int) else mtype[0]
+    return _HDR.pack(t, len(body) + 4) + bytes(body)
+
+
+# -- the scanner ---------------------------------------------------------------------------------------------
+
+
+def _mask_window(out: bytearray, groups: Sequence[tuple[int, int]], head: int, tail: int) -> None:
+    """Put ``*`` over the digits of ``groups`` except the first ``head`` and the last ``tail``."""
+    total = 0
+    for s, e in groups:
+        total += e - s
+    k = 0
+    stop = total - tail
+    for s, e in groups:
+        glen = e - s
+        lo = head - k if head > k else 0
+        hi = stop - k if stop - k < glen else glen
+        if lo < hi:
+            out[s + lo : s + hi] = b"*" * (hi - lo)
+        k += glen
+
+
+def _scan_pans(src: bytes | bytearray, out: bytearray | None, head: int, tail: int) -> tuple[bytearray | None,
+                                                                                            bool]:
+    """Mask every Luhn-valid 13–19 digit window of ``src`` (into ``out``, created on the first hit).
+
+    Returns ``(out, regroup)``; ``regroup`` is True when a masked window was part of a run of several groups,
+    the only case where masking can leave a new candidate (digits of neighbouring groups now adjacent).
+    """
+    regroup = False
+    for m in _RUN.finditer(src):
+        s, e = m.span()
+        n = e - s
+        if n < MIN_PAN:
+            continue
+        run = src[s:e]
+        if b" " not in run and b"-" not in run:  # contiguous: the common case
+            if n <= MAX_PAN and luhn_ok(bytes(run)):
+                if out is None:
+                    out = bytearray(src)
+                if e - tail > s + head:
+                    out[s + head : e - tail] = b"*" * (n - head - tail)
+            continue
+        groups: list[tuple[int, int]] = []
+        pos = s
+        for g in re.split(rb"[ -]", bytes(run)):
+            groups.append((pos, pos + len(g)))
+            pos += len(g) + 1
+        ng = len(groups)
+        for i in range(ng):
+            total = 0
+            for j in range(i, ng):
+                total += groups[j][1] - groups[j][0]
+                if total > MAX_PAN:
+                    break
+                if total >= MIN_PAN:
+                    digits = b"".join(src[a:b] for a, b in groups[i : j + 1])
+                    if luhn_ok(digits):
+                        if out is None:
+                            out = bytearray(src)
+                        _mask_window(out, groups[i : j + 1], head, tail)
+                        regroup = True
+    return out, regroup
+
+
+class ColumnInfo(NamedTuple):
+    """One result column as the tunnel knows it from RowDescription (table: resolved from its OID)."""
+
+    name: str
+    table: str | None = None  # "name" or "schema.name"; None: unknown (then any table-scoped rule applies)
+    type_oid: int = 0
+    format: int = 0  # 0 text, 1 binary
+
+
+# internal per-column codes of a RowPlan
+_SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH = 0, 1, 2, 3, 4
+# value kinds for redact/hash output
+_K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class RowPlan:
+    """What to do with each field of the rows of one result set; build it once per RowDescription with
+    :meth:`Masker.row_plan` (or :meth:`RowPlan.of` from bare actions, all text format)."""
+
+    codes: tuple[int, ...]
+    kinds: tuple[int, ...]
+    forced: bool  # some column is redacted/hashed whatever its content: walk every row
+    scans: bool  # some column is scanned for PANs
+
+    @classmethod
+    def of(cls, actions: Iterable[ColumnAction]) -> RowPlan:
+        code = {"skip": _SKIP, "pan": _PAN, "redact": _REDACT, "hash": _HASH}
+        codes = tuple(code[a] for a in actions)
+        return cls(codes, (_K_TEXT,) * len(codes), any(c >= _REDACT for c in codes),
+                   any(c in (_PAN, _PAN_ARRAY) for c in codes))
+
+    @property
+    def actions(self) -> tuple[ColumnAction, ...]:
+        names: dict[int, ColumnAction] = {_SKIP: "skip", _PAN: "pan", _PAN_ARRAY: "pan", _REDACT: "redact",
+                                          _HASH: "hash"}
+        return tuple(names[c] for c in self.codes)
+
+
+def _table_matches(rule_table: str | None, table: str | None) -> int:
+    """0: no match; 1: the rule has no table; 2: the rule's table matches (or the table is unknown)."""
+    if rule_table is None:
+        return 1
+    if table is None:
+        return 2  # fail closed: an unknown table may be the rule's
+    rt = rule_table.lower()
+    t = table.lower()
+    if rt == t:
+        return 2
+    r_name = rt.rsplit(".", 1)[-1]
+    t_name = t.rsplit(".", 1)[-1]
+    if "." in rt and "." in t:
+        return 0  # both schema-qualified and different
+    return 2 if r_name == t_name else 0
+
+
+class Masker:
+    """Applies one :class:`~pcigate.models.MaskingPolicy`. Immutable after construction; cheap to share.
+
+    ``hash_key`` is the per-deployment HMAC key; it is required when any rule asks for ``hash``.
+    """
+
+    __slots__ = ("_head", "_key", "_rules", "_sensitive", "_tail", "_track", "policy")
+
+    def __init__(self, policy: MaskingPolicy, hash_key: bytes | None = None) -> None:
+        self.policy = policy
+        if policy.pan == "truncate":
+            self._head, self._tail = 6, 4
+        else:
+            self._head, self._tail = 0, 0
+        self._track = policy.track_data
+        self._sensitive = frozenset(c.lower() for c in policy.sensitive_columns)
+        rules: dict[str, list[tuple[str | None, Literal["redact", "hash"]]]] = {}
+        for r in policy.columns:
+            rules.setdefault(r.column.lower(), []).append((r.table, r.action))
+        self._rules = rules
+        if any(r.action == "hash" for r in policy.columns) and not hash_key:
+            raise ValueError("a masking rule asks for hash but no hash key was given")
+        self._key = hash_key or b""
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def scan(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """Mask PANs and track data in a text value. Returns the masked copy (same length), or None when
+        there is nothing to mask (the fast path: one translate and two substring searches, all in C)."""
+        if isinstance(data, memoryview):
+            data = data.tobytes()
+        out = self._mask_value(data)
+        return None if out is None else bytes(out)
+
+    def _mask_value(self, v: bytes | bytearray) -> bytearray | None:
+        """Pre-filter, then mask. Values whose digits are never joined by a separator (the common case,
+        e.g. a card column) are handled without a regular expression."""
+        t = v.translate(_CLS)
+        if b"0-0" in t:  # digit groups joined by separators: the general path
+            if _RUN13 not in t.translate(None, b"-"):
+                return None
+            return self._mask(v)
+        if _RUN13 not in t:
+            return None
+        if self._track and (b"^" in v or b"=" in v):
+            return self._mask(v)
+        out: bytearray | None = None
+        head, tail = self._head, self._tail
+        n = len(t)
+        pos = 0
+        while True:
+            i = t.find(_RUN13, pos)
+            if i < 0:
+                return out
+            j = t.find(b".", i)
+            k = t.find(b"-", i)
+            if j < 0:
+                j = n
+            if 0 <= k < j:
+                j = k
+            if j - i <= MAX_PAN and luhn_ok(bytes(v[i:j])):
+                if out is None:
+                    out = bytearray(v)
+                out[i + head : j - tail] = b"*" * (j - i - head - tail)
+            pos = j
+
+    def _mask(self, src: bytes | bytearray) -> bytearray | None:
+        """The slow path for a value that passed the pre-filter; masks until nothing changes."""
+        out: bytearray | None = None
+        if self._track and (b"^" in src or b"=" in src):
+            spans: list[tuple[int, int]] = []
+            for rx in (_TRACK1, _TRACK2):
+                for m in rx.finditer(src):
+                    digits = m.group(1).replace(b" ", b"")
+                    if MIN_PAN <= len(digits) <= MAX_PAN and luhn_ok(digits):
+                        spans.append(m.span())
+            if spans:
+                out = bytearray(src)
+                for s, e in spans:
+                    out[s:e] = b"*" * (e - s)
+        out, regroup = _scan_pans(src if out is None else out, out, self._head, self._tail)
+        while regroup and out is not None and _RUN13 in out.translate(_PRE, _SEPS):
+            again, regroup = _scan_pans(out, None, self._head, self._tail)
+            if again is None:
+                break
+            out = again
+        return out
+
+    def mask_text(self, s: str) -> str:
+        """Mask a str (SQL text, error messages for the recording). Non-ASCII text is kept as it is."""
+        b = s.encode("utf-8", "surrogatepass")
+        out = self.scan(b)
+        return s if out is None else out.decode("utf-8", "surrogatepass")
+
+    # -- column rules ----------------------------------------------------------------------------------------
+
+    def column_action(self, table: str | None, column: str) -> Literal["pan", "redact", "hash"]:
+        """What to do with a result column named ``column`` of ``table`` (None: not known).
+
+        ``sensitive_columns`` always redact. Of the ``columns`` rules that match, one naming the table beats
+        one for any table; between equals ``redact`` beats ``hash`` (fail closed). Otherwise ``pan``.
+        """
+        col = column.lower()
+        if col in self._sensitive:
+            return "redact"
+        best: tuple[int, int] | None = None
+        for rtable, action in self._rules.get(col, ()):
+            score = _table_matches(rtable, table)
+            if score:
+                cand = (score, 1 if action == "redact" else 0)
+                if best is None or cand > best:
+                    best = cand
+        if best is None:
+            return "pan"
+        return "redact" if best[1] else "hash"
+
+    def row_plan(self, columns: Sequence[ColumnInfo]) -> RowPlan:
+        """The plan for one RowDescription. Binary-format fields are scanned only for text-like types
+        (:data:`TEXT_LIKE_OIDS`, and arrays of them element by element); others pass through, and a redacted
+        or hashed binary field of a non-text type becomes NULL (no well-formed stand-in exists for it)."""
+        codes: list[int] = []
+        kinds: list[int] = []
+        for c in columns:
+            action = self.column_action(c.table, c.name)
+            binary = c.format == 1
+            if binary and c.type_oid == OID_JSONB:
+                kind = _K_JSONB_BIN
+            elif c.type_oid in JSON_OIDS:
+                kind = _K_JSON
+            elif binary and c.type_oid not in TEXT_LIKE_OIDS:
+                kind = _K_OPAQUE
+            else:
+                kind = _K_TEXT
+            if action == "redact":
+                code = _REDACT
+            elif action == "hash":
+                code = _HASH
+            elif not binary or c.type_oid in TEXT_LIKE_OIDS:
+                code = _PAN
+            elif c.type_oid in BINARY_ARRAY_OIDS:
+                code = _PAN_ARRAY
+            else:
+                code = _SKIP
+            codes.append(code)
+            kinds.append(kind)
+        return RowPlan(tuple(codes), tuple(kinds), any(c >= _REDACT for c in codes),
+                       any(c in (_PAN, _PAN_ARRAY) for c in codes))
+
+    def redact_value(self, value: bytes, kind: int = _K_TEXT) -> bytes | None:
+        """``*`` × len (JSON: a JSON string of that length); None (SQL NULL) for an opaque binary value."""
+        n = len(value)
+        if kind == _K_OPAQUE:
+            return None
+        if kind == _K_JSON and n >= 2:
+            return b'"' + b"*" * (n - 2) + b'"'
+        if kind == _K_JSONB_BIN and n >= 3:
+            return b'\x01"' + b"*" * (n - 3) + b'"'
+        return b"*" * n
+
+    def hash_value(self, value: bytes, kind: int = _K_TEXT) -> bytes | None:
+        """``h:`` + 16 hex digits of HMAC-SHA256(key, value) (JSON: a JSON string); None: opaque binary."""
+        if kind == _K_OPAQUE:
+            return None
+        if kind == _K_JSONB_BIN and value[:1] == b"\x01":
+            value = value[1:]  # hash the text, so text and binary results join
+        h = b"h:" + hmac.new(self._key, value, hashlib.sha256).hexdigest()[:HASH_HEX_CHARS].encode()
+        if kind == _K_JSON:
+            return b'"' + h + b'"'
+        if kind == _K_JSONB_BIN:
+            return b'\x01"' + h + b'"'
+        return h
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def has_candidate(self, data: bytes | bytearray) -> bool:
+        """See :func:`has_candidate`."""
+        return _RUN13 in data.translate(_PRE, _SEPS)
+
+    def mask_datarow(self, body: bytes, plan: RowPlan) -> bytes | None:
+        """Mask a DataRow message body (int16 count, then per field int32 length (−1: NULL) + bytes).
+
+        Returns the new body (field lengths rewritten where a hash or NULL changed them; wrap it with
+        :func:`frame` ``(b"D", body)``), or None when nothing changed. A body that does not parse, or whose
+        field count differs from the plan, raises ValueError (the caller closes the connection: never pass
+        an unparsed row on).
+        """
+        if not plan.forced and (not plan.scans or _RUN13 not in body.translate(_PRE, _SEPS)):
+            return None
+        n = len(body)
+        if n < 2:
+            raise ValueError("short DataRow")
+        (count,) = _I16.unpack_from(body, 0)
+        codes = plan.codes
+        if count != len(codes):
+            raise ValueError(f"DataRow has {count} fields, the row description {len(codes)}")
+        kinds = plan.kinds
+        # (field start, old length, new value or None for NULL)
+        edits: list[tuple[int, int, bytes | bytearray | None]] = []
+        same_len = True
+        pos = 2
+        unpack = _I32.unpack_from
+        for i in range(count):
+            if pos + 4 > n:
+                raise ValueError("truncated DataRow")
+            (flen,) = unpack(body, pos)
+            pos += 4
+            if flen < 0:
+                if flen != -1:
+                    raise ValueError("invalid field length in DataRow")
+                continue
+            end = pos + flen
+            if end > n:
+                raise ValueError("truncated DataRow")
+            code = codes[i]
+            if code == _PAN:
+                if flen >= MIN_PAN:
+                    m = self._mask_value(body[pos:end])
+                    if m is not None:
+                        edits.append((pos, flen, m))
+            elif code in (_REDACT, _HASH):
+                v = body[pos:end]
+                new: bytes | bytearray | None = (self.redact_value(v, kinds[i]) if code == _REDACT
+                                                 else self.hash_value(v, kinds[i]))
+                if new != v:
+                    edits.append((pos, flen, new))
+                    if new is None or len(new) != flen:
+                        same_len = False
+            elif code == _PAN_ARRAY:
+                v = body[pos:end]
+                if _RUN13 in v.translate(_PRE, _SEPS):
+                    arr = self._mask_binary_array(v)
+                    if arr is not None:
+                        edits.append((pos, flen, arr))
+            pos = end
+        if pos != n:
+            raise ValueError("trailing bytes in DataRow")
+        if not edits:
+            return None
+        if same_len:
+            out = bytearray(body)
+            for p, ln, new in edits:
+                if new is not None:  # same length: never None here
+                    out[p : p + ln] = new
+            return bytes(out)
+        parts: list[bytes | bytearray] = []
+        last = 0
+        for p, ln, new in edits:
+            parts.append(body[last : p - 4])
+            if new is None:
+                parts.append(_I32.pack(-1))
+            else:
+                parts.append(_I32.pack(len(new)))
+                parts.append(new)
+            last = p + ln
+        parts.append(body[last:])
+        return b"".join(parts)
+
+    def _mask_binary_array(self, v: bytes) -> bytearray | None:
+        """A binary array of a text-like type: header, then per element int32 length + text."""
+        n = len(v)
+        if n < 12:
+            return None
+        ndim = _I32.unpack_from(v, 0)[0]
+        if not 0 <= ndim <= 6 or n < 12 + 8 * ndim:
+            raise ValueError("malformed binary array")
+        count = 1 if ndim else 0
+        for d in range(ndim):
+            count *= max(_I32.unpack_from(v, 12 + 8 * d)[0], 0)
+        pos = 12 + 8 * ndim
+        out: bytearray | None = None
+        for _ in range(count):
+            if pos + 4 > n:
+                raise ValueError("malformed binary array")
+            (ln,) = _I32.unpack_from(v, pos)
+            pos += 4
+            if ln < 0:
+                continue
+            if pos + ln > n:
+                raise ValueError("malformed binary array")
+            m = self.scan(v[pos : pos + ln])
+            if m is not None:
+                if out is None:
+                    out = bytearray(v)
+                out[pos : pos + ln] = m
+            pos += ln
+        return out
+
+    def mask_copy_data(self, payload: bytes) -> bytes | None:
+        """A CopyData payload of a text or CSV COPY (one or more rows): PANs and track data only (COPY has no
+        column names). Same length; None when unchanged. Tabs, commas, quotes and newlines bound values.
+        For binary COPY use :meth:`mask_copy_binary`."""
+        return self.scan(payload)
+
+    def mask_copy_binary(self, payload: bytes, plan: RowPlan) -> bytes | None:
+        """A CopyData payload of a binary COPY: optional 19+ byte header (``PGCOPY\\n\\377\\r\\n\\0``, flags,
+        extension), then tuples laid out like DataRow bodies, then the trailer (int16 −1). PostgreSQL sends
+        one tuple per CopyData (the header with the first one). Raises ValueError on a payload that does not
+        parse."""
+        pos = 0
+        head = b""
+        if payload.startswith(b"PGCOPY\n\xff\r\n\x00"):
+            if len(payload) < 19:
+                raise ValueError("short binary COPY header")
+            ext = _I32.unpack_from(payload, 15)[0]
+            pos = 19 + ext
+            head = payload[:pos]
+        rest = payload[pos:]
+        if rest == b"\xff\xff" or not rest:
+            return None
+        new = self.mask_datarow(rest, plan)
+        return None if new is None else head + new
+
+    def mask_error_fields(self, body: bytes) -> bytes | None:
+        """An ErrorResponse/NoticeResponse body (code byte + C string per field, then a 0 byte): every
+        field's text is scanned (field codes are letters and fields end with 0 bytes, so the whole body is
+        scanned at once). Besides PANs: in a ``Key (col, …)=(val, …)`` detail naming a redacted or hashed
+        column the values are starred, and a ``Failing row contains (…)`` detail (no column names) is starred
+        whenever the policy has column rules. Same length; None when unchanged."""
+        out: bytearray | None = None
+        if self._sensitive or self._rules:
+            for m in _KEY_DETAIL.finditer(body):
+                names = m.group(1).decode("utf-8", "replace").split(",")
+                cols = [c.strip().strip('"').lower() for c in names]
+                if any(c in self._sensitive or c in self._rules for c in cols):
+                    if out is None:
+                        out = bytearray(body)
+                    s, e = m.span(2)
+                    out[s:e] = b"*" * (e - s)
+            for m in _FAILING_ROW.finditer(body):
+                if out is None:
+                    out = bytearray(body)
+                s, e = m.span(1)
+                out[s:e] = b"*" * (e - s)
+        src: bytes | bytearray = body if out is None else out
+        if _RUN13 in src.translate(_PRE, _SEPS):
+            masked = self._mask(src)
+            if masked is not None:
+                out = masked
+        return None if out is None else bytes(out)
+
+
+_KEY_DETAIL = re.compile(rb"Key \(([^)\x00]*)\)=\(([^\x00]*)\)")
+_FAILING_ROW = re.compile(rb"Failing row contains \(([^\x00]*)\)")
