@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -320,31 +321,48 @@ def test_cancel_request_via_psql_sigint(session: Session) -> None:
     assert any(e.get("e") == "cancel" for e in events)
 
 
-def _raw_login(port: int, secret: str) -> socket.socket:
+def _raw_login(port: int, secret: str, **kw: Any) -> socket.socket:
     """Connect and authenticate with the tunnel by hand; returns the socket after ReadyForQuery."""
+    return _raw_exchange(port, secret, **kw)[0]
+
+
+def _raw_exchange(port: int, secret: str, *, params: dict[str, str] | None = None, after_final: bytes = b"",
+                  expect_error: bool = False, stop_after_final: bool = False,
+                  ) -> tuple[socket.socket, list[tuple[int, bytes]]]:
+    """The hand-made login: ``after_final`` is sent in the same packet as the last SASL message; with
+    ``expect_error`` the exchange continues to the first ErrorResponse. Returns the socket and messages."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(pg.startup_message({"user": "whoever", "database": "prod"}))
+    s.sendall(pg.startup_message({"user": "whoever", "database": "prod", **(params or {})}))
     client = ScramClient("", secret)
     buf = b""
+    msgs: list[tuple[int, bytes]] = []
     while True:
-        buf += s.recv(65536)
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {msgs}")
+        buf += chunk
         while len(buf) >= 5:
             t, n = struct.unpack("!BI", buf[:5])
             if len(buf) < n + 1:
                 break
             body, buf = buf[5 : n + 1], buf[n + 1 :]
+            msgs.append((t, body))
             if t == ord("R"):
                 a = pg.parse_auth(body)
                 if a.code == pg.AUTH_SASL:
                     s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
                 elif a.code == pg.AUTH_SASL_CONTINUE:
-                    s.sendall(pg.sasl_response(client.final(a.data)))
+                    s.sendall(pg.sasl_response(client.final(a.data)) + after_final)
+                    if stop_after_final:
+                        return s, msgs
                 elif a.code == pg.AUTH_SASL_FINAL:
                     client.verify(a.data)
             elif t == ord("E"):
+                if expect_error:
+                    return s, msgs
                 raise AssertionError(pg.parse_error_fields(body))
-            elif t == ord("Z"):
-                return s
+            elif t == ord("Z") and not expect_error:
+                return s, msgs
 
 
 def _read_until(s: socket.socket, t: bytes) -> list[tuple[int, bytes]]:
@@ -435,3 +453,209 @@ def test_large_result_memory_bounded(session: Session) -> None:
     events, _ = session.finish()
     (cp,) = [e for e in events if e.get("e") == "copy"]
     assert (cp["direction"], cp["rows"], cp["bytes"]) == ("out", 300000, len(data))
+
+
+# -- security review regressions ----------------------------------------------------------------------------
+
+
+def _self_signed(tmp: Path) -> ssl.SSLContext:
+    key, cert = tmp / "fake.key", tmp / "fake.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True, timeout=30)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class FakeTlsServer:
+    """A hand-written 'database': answers the SSLRequest with ``S`` + ``early`` in the same write, does a real
+    TLS handshake, then sends ``after_startup`` after the StartupMessage and records what it receives."""
+
+    def __init__(self, ctx: ssl.SSLContext, early: bytes = b"", after_startup: bytes = b"") -> None:
+        self.ctx, self.early, self.after_startup = ctx, early, after_startup
+        self.received = b""
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        try:
+            assert conn.recv(8) == pg.ssl_request()
+            conn.sendall(b"S" + self.early)
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+            n = struct.unpack("!I", tls.recv(4))[0]
+            tls.recv(n - 4)
+            tls.sendall(self.after_startup)
+            while chunk := tls.recv(65536):
+                self.received += chunk
+        except (OSError, AssertionError, struct.error):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_tls_upgrade_refuses_bytes_sent_before_the_handshake(cluster: tuple[PgCluster, str],
+                                                             loop: LoopThread, tmp_path: Path) -> None:
+    """Bytes buffered with the 'S' answer were sent in plaintext and must not be trusted after the upgrade
+    (CVE-2021-23222 class). A real PostgreSQL cannot be made to inject bytes, so a fake server written here
+    answers 'S' + a forged AuthenticationOk/ParameterStatus/ReadyForQuery in the same write, then does a
+    real TLS handshake: without the check the tunnel would take the forged login as authenticated."""
+    c, password = cluster
+    forged = pg.auth_ok() + pg.message(b"S", b"server_version\x0099\x00") + pg.message(b"Z", b"I")
+    fake = FakeTlsServer(_self_signed(tmp_path), early=forged)
+    try:
+        t = PgTunnel(creds(c, password, port=fake.port, sslmode="require"), "s", None)
+        with pytest.raises(DatabaseUnavailable, match="sent data before the TLS handshake"):
+            loop.run(t.check_upstream(timeout=5))
+    finally:
+        fake.close()
+
+
+def test_cleartext_password_needs_verify_full() -> None:
+    """With sslmode prefer/require the certificate is not checked, so a request for a cleartext password may
+    come from an active attacker: refused (28000) unless verify-full (or a loopback host). Exercised on
+    ``_authenticate`` directly because every test server here is on loopback."""
+    from pcigate.tunnel.pg import _authenticate, _Upstream, _UpstreamError
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        def is_closing(self) -> bool:
+            return False
+
+    ask = pg.auth_request(pg.AUTH_CLEARTEXT)
+
+    async def attempt(sslmode: str, host: str = "db.example.com") -> tuple[bytes, BaseException | None]:
+        proto = _Upstream()
+        sink = Sink()
+        proto.transport = sink  # type: ignore[assignment]
+        proto.tls = True
+        proto._buf += ask + pg.auth_ok() + pg.message(b"Z", b"I")
+        c = DatabaseCredentials(host=host, port=5432, database="prod", username="u", password="pw-secret",
+                                sslmode=sslmode)  # type: ignore[arg-type]
+        try:
+            await _authenticate(proto, c, {}, f"{host}:5432")
+        except _UpstreamError as e:
+            return sink.data, e
+        return sink.data, None
+
+    for mode in ("prefer", "require"):
+        sent, err = asyncio.run(attempt(mode))
+        assert isinstance(err, _UpstreamError)
+        assert err.sqlstate == "28000"
+        assert "verify-full" in err.message
+        assert b"pw-secret" not in sent
+    sent, err = asyncio.run(attempt("verify-full"))
+    assert err is None
+    assert b"pw-secret" in sent
+    sent, err = asyncio.run(attempt("require", host="127.0.0.1"))
+    assert err is None
+
+
+def test_client_cannot_choose_another_database(session: Session) -> None:
+    proc = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(session.port), "-d", "postgres",
+                           "-c", "select current_database()"], env=session.env(), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "this session is for database prod" in proc.stderr
+    assert session.psql("-c", "select current_database()").stdout.strip() == "prod"
+    s = _raw_login(session.port, session.secret, params={"database": "template1"}, expect_error=True)
+    s.close()
+    events, _ = session.finish()
+    assert [e["reason"] for e in events if e.get("e") == "disconn"].count("wrong_database") == 2
+
+
+def _backends(cluster: PgCluster, app: str) -> int:
+    return int(cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"))
+
+
+def test_no_upstream_login_before_local_auth(session: Session, cluster: tuple[PgCluster, str]) -> None:
+    c, _ = cluster
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", session.port), timeout=10)
+        s.sendall(pg.startup_message({"user": "x", "database": "prod", "application_name": "unauth-probe"}))
+        t, n = struct.unpack("!BI", s.recv(5))
+        assert t == ord("R")
+        s.recv(n - 4)
+        socks.append(s)
+    time.sleep(0.5)  # long enough for 20 upstream logins, had they been started
+    assert _backends(c, "unauth-probe") == 0
+    for s in socks:
+        s.close()
+    events, _ = session.finish()
+    assert not [e for e in events if e.get("e") in ("conn", "disconn")]
+    assert session.tunnel.stats.connections == 0
+
+
+def test_stalled_handshake_is_closed(session: Session) -> None:
+    session.tunnel._handshake_timeout = 0.3
+    silent = socket.create_connection(("127.0.0.1", session.port), timeout=5)
+    started = socket.create_connection(("127.0.0.1", session.port), timeout=5)
+    started.sendall(pg.startup_message({"user": "x", "database": "prod"}))
+    for s in (silent, started):
+        msgs = _read_until(s, b"E")
+        f = pg.parse_error_fields(msgs[-1][1])
+        assert (f["C"], f["M"]) == ("08006", "authentication timeout")
+        assert s.recv(100) == b""
+        s.close()
+    # an authenticated connection outlives the deadline
+    good = _raw_login(session.port, session.secret)
+    time.sleep(0.5)
+    good.sendall(pg.query("SELECT 1"))
+    assert (ord("C"), b"SELECT 1\x00") in _read_until(good, b"Z")
+    good.close()
+    assert sum("authentication timeout" in e for e in session.tunnel.errors) == 2
+
+
+@pytest.mark.parametrize("bad", [pg.message(b"E", b"no-nul"), pg.message(b"C", b"")],
+                         ids=["execute-without-nul", "empty-close"])
+@pytest.mark.parametrize("when", ["with-last-auth-message", "later"])
+def test_malformed_message_body_fails_cleanly(session: Session, loop: LoopThread, bad: bytes,
+                                              when: str) -> None:
+    raised: list[dict[str, Any]] = []
+    loop.loop.set_exception_handler(lambda _loop, ctx: raised.append(ctx))
+    if when == "later":
+        s = _raw_login(session.port, session.secret)
+        s.sendall(bad)
+        msgs = _read_until(s, b"E")
+    else:
+        s, msgs = _raw_exchange(session.port, session.secret, after_final=bad, expect_error=True)
+    assert msgs
+    assert msgs[-1][0] == ord("E")
+    assert pg.parse_error_fields(msgs[-1][1])["C"] == "08P01"
+    assert s.recv(100) == b""
+    s.close()
+    assert raised == []
+    assert any("protocol_error" in e for e in session.tunnel.errors)
+    assert session.psql("-c", "select 9").stdout.strip() == "9"
+
+
+def test_client_gone_during_upstream_login_leaves_no_backend(session: Session,
+                                                             cluster: tuple[PgCluster, str]) -> None:
+    """A client that disconnects (or a tunnel that closes) while the upstream login runs or has just finished
+    must not leave an authenticated upstream backend behind."""
+    c, _ = cluster
+    for i in range(30):
+        s = _raw_login(session.port, session.secret, params={"application_name": "gone-early"},
+                       stop_after_final=True)
+        if i % 2:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+        s.close()
+    session.loop.run(session.tunnel.close())
+    deadline = time.monotonic() + 5
+    while _backends(c, "gone-early") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _backends(c, "gone-early") == 0

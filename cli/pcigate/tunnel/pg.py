@@ -3,9 +3,11 @@
 One :class:`PgTunnel` listens on loopback. Per client connection it
 
 1. answers ``SSLRequest``/``GSSENCRequest`` with ``N`` and maps ``CancelRequest`` to the upstream key;
-2. is the SCRAM-SHA-256 *server* for the one-time ``local_secret`` (the client's user name is ignored), while
-   it opens and authenticates the upstream connection in parallel (SCRAM-SHA-256 / md5 / cleartext, TLS per
-   ``sslmode``) so the client does not wait twice;
+2. is the SCRAM-SHA-256 *server* for the one-time ``local_secret`` (the client's user name is ignored; the
+   database must be the session's own); only once the client's SCRAM proof has verified does it open and
+   authenticate the upstream connection (SCRAM-SHA-256 / md5 / cleartext, TLS per ``sslmode``), so a local
+   process without the secret never causes an upstream login. An unauthenticated connection is closed after
+   ``HANDSHAKE_TIMEOUT`` seconds;
 3. replays the upstream's ParameterStatus/ReadyForQuery with its own (pid, secret) BackendKeyData;
 4. relays bytes both ways with one write per read, walking only message headers (bodies of DataRow/CopyData
    are never copied) and reading the few messages that make a statement record: client Q/P/B/E/S/C/X, server
@@ -42,6 +44,7 @@ from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
 
 CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # from accept() to a verified local SCRAM proof
 SETUP_MESSAGE_CAP = 1 << 20  # messages during the upstream login are small
 ERROR_TEXT_CAP = 4096
 MAX_ERRORS_KEPT = 200
@@ -208,8 +211,11 @@ async def _open_upstream(creds: DatabaseCredentials, params: dict[str, str],
     try:
         if creds.sslmode != "disable":
             proto.write(pg.ssl_request())
+            early_data = f"the database at {where} sent data before the TLS handshake"
             answer = await proto.read_exact(1)
             if answer == b"S":
+                if proto._buf:  # bytes after 'S' came in plaintext: never trust them (CVE-2021-23222)
+                    raise _UpstreamError("08P01", early_data)
                 try:
                     new = await loop.start_tls(transport, proto, _ssl_context(creds.sslmode),
                                                server_hostname=creds.host)
@@ -217,6 +223,8 @@ async def _open_upstream(creds: DatabaseCredentials, params: dict[str, str],
                     raise _UpstreamError(
                         "08006", f"TLS handshake with the database at {where} failed: {_one_line(str(e))}"
                     ) from None
+                if proto._buf:  # defensive: nothing may arrive in plaintext before the upgrade completes
+                    raise _UpstreamError("08P01", early_data)
                 proto.transport = cast(asyncio.Transport, new)
                 proto.tls = True
             elif answer == b"N":
@@ -226,7 +234,7 @@ async def _open_upstream(creds: DatabaseCredentials, params: dict[str, str],
                     )
             else:
                 raise _UpstreamError("08P01", f"the database at {where} answered the SSLRequest oddly")
-        startup = {"user": creds.username, "database": params.get("database") or creds.database}
+        startup = {"user": creds.username, "database": creds.database}  # the session grants this one only
         startup.update((k, v) for k, v in params.items() if k not in _DROPPED_PARAMS)
         proto.write(pg.startup_message(startup))
         return await _authenticate(proto, creds, salted_cache, where)
@@ -277,9 +285,12 @@ async def _authenticate(proto: _Upstream, creds: DatabaseCredentials,
 
                 proto.write(pg.password_message(md5_password(creds.username, creds.password, a.data) + b"\0"))
             elif a.code == pg.AUTH_CLEARTEXT:
-                if not (proto.tls or is_loopback(creds.host)):
-                    raise _UpstreamError("08006", f"the database at {where} asks for a cleartext password "
-                                                  "without TLS; refused")
+                # Only a verified server may see the password: with sslmode prefer/require the certificate
+                # is not checked, so an active attacker could ask for it in cleartext.
+                if not ((proto.tls and creds.sslmode == "verify-full") or is_loopback(creds.host)):
+                    raise _UpstreamError("28000", f"the database at {where} asks for a cleartext password, "
+                                                  "which pcigate sends only over TLS with "
+                                                  f"sslmode=verify-full (sslmode={creds.sslmode}); refused")
                 proto.write(pg.password_message(creds.password.encode() + b"\0"))
             else:
                 raise _UpstreamError("08006", f"the database at {where} asks for an unsupported "
@@ -355,8 +366,8 @@ class _Conn(asyncio.Protocol):
         self.phase = "startup"  # startup → sasl1 → sasl2 → wait → relay → closed
         self._buf = bytearray()
         self._scram: ScramServer | None = None
-        self._login_task: asyncio.Task[_Login] | None = None
-        self._finish_task: asyncio.Task[None] | None = None
+        self._login_task: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.params: dict[str, str] = {}
         self.local_key = (0, 0)
         self.cscan = pg.MessageScanner(_CLIENT_WANTED, pg.FRONTEND_TYPES, keep=SQL_CAP * 4 + 1024)
@@ -380,6 +391,14 @@ class _Conn(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.tunnel._conns.add(self)
+        self._deadline = asyncio.get_running_loop().call_later(self.tunnel._handshake_timeout,
+                                                               self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        if self.phase in ("startup", "sasl1", "sasl2"):
+            self.tunnel._error(f"connection from {self.peer}: authentication timeout")
+            self.fail("auth_timeout", "08006", "authentication timeout")
 
     def data_received(self, data: bytes) -> None:
         if self.phase == "relay":
@@ -445,14 +464,7 @@ class _Conn(asyncio.Protocol):
                               "supported through the pcigate tunnel")
                     return
                 self.params = pkt.params
-                self.tunnel.stats.connections += 1
-                self.n = self.tunnel._next_conn()
-                if self.rec is not None:
-                    self.rec.event("conn", c=self.n, peer=self.peer, app=pkt.params.get("application_name"))
-                # Log in upstream while the client does its SCRAM round trips.
-                self._login_task = asyncio.get_running_loop().create_task(
-                    _open_upstream(self.tunnel.upstream, self.params, self.tunnel._salted_cache()))
-                self._login_task.add_done_callback(_consume)
+                # Nothing upstream and nothing recorded until the client has proven the secret.
                 self._scram = ScramServer(self.tunnel._keys)
                 self.transport.write(pg.auth_sasl([MECHANISM]))
                 self.phase = "sasl1"
@@ -476,23 +488,51 @@ class _Conn(asyncio.Protocol):
                     self.transport.write(pg.auth_sasl_continue(self._scram.first(data)))
                     self.phase = "sasl2"
                 else:
-                    final = self._scram.final(body)
-                    self.transport.write(pg.auth_sasl_final(final))
-                    self.phase = "wait"
-                    self.transport.pause_reading()
-                    self._finish_task = asyncio.get_running_loop().create_task(self._finish_login())
-                    self._finish_task.add_done_callback(_consume)
+                    final = self._scram.final(body)  # raises ScramError unless the proof verifies
+                    self._authenticated(final)
+                    return
             except ScramError as e:
-                self.tunnel._error(f"connection {self.n}: local authentication failed ({e})")
+                self.tunnel._error(f"connection from {self.peer}: local authentication failed ({e})")
                 self.fail("auth_failed", "28P01",
                           "password authentication failed: wrong or expired pcigate tunnel secret")
                 return
 
-    async def _finish_login(self) -> None:
-        assert self._login_task is not None
+    def _authenticated(self, sasl_final: bytes) -> None:
+        """The client's SCRAM proof verified: record the connection, check the database, log in upstream."""
         assert self.transport is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.transport.write(pg.auth_sasl_final(sasl_final))
+        self.tunnel.stats.connections += 1
+        self.n = self.tunnel._next_conn()
+        if self.rec is not None:
+            self.rec.event("conn", c=self.n, peer=self.peer, app=self.params.get("application_name"))
+        granted = self.tunnel.upstream.database
+        asked = self.params.get("database")
+        if asked and asked != granted:
+            self.tunnel._error(f"connection {self.n}: the client asked for database "
+                               f"{_one_line(asked, 80)!r}; this session is for {granted!r}")
+            self.fail("wrong_database", "42501", f"pcigate: this session is for database {granted}")
+            return
+        self.phase = "wait"
+        self.transport.pause_reading()
+        self._login_task = asyncio.get_running_loop().create_task(self._finish_login())
+        self._login_task.add_done_callback(_consume)
+
+    async def _finish_login(self) -> None:
+        assert self.transport is not None
+        target = self.tunnel.upstream
         try:
-            login = await self._login_task
+            # One coroutine from connect to relay: a cancellation anywhere closes the upstream (in
+            # _open_upstream), and once it returns nothing awaits before the upstream is owned by self.
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                login = await _open_upstream(target, self.params, self.tunnel._salted_cache())
+        except TimeoutError:
+            msg = f"the database at {target.host}:{target.port} did not answer within {CONNECT_TIMEOUT:g}s"
+            self.tunnel._error(f"connection {self.n}: {msg}")
+            self.fail("server", "08006", f"pcigate: {msg}")
+            return
         except _UpstreamError as e:
             self.tunnel._error(f"connection {self.n}: {e.message}")
             self.fail("server", e.sqlstate, f"pcigate: {e.message}")
@@ -536,11 +576,11 @@ class _Conn(asyncio.Protocol):
     def from_client(self, data: bytes) -> None:
         try:
             msgs = self.cscan.feed(data)
+            if msgs:
+                self._client_msgs(msgs)  # a framed message with a malformed body is as bad as bad framing
         except ProtocolError as e:
             self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
             return
-        if msgs:
-            self._client_msgs(msgs)
         up = self.up
         assert up is not None
         assert up.transport is not None
@@ -551,15 +591,20 @@ class _Conn(asyncio.Protocol):
         try:
             msgs = self.sscan.feed(data)
         except ProtocolError as e:
-            self.tunnel._error(f"connection {self.n}: malformed data from the database: {e}")
-            self.fail(f"protocol_error: server: {e}", "08P01",
-                      f"pcigate: malformed data from the database: {e}")
+            self._server_malformed(e)
             return
         assert self.transport is not None
         self.transport.write(data)
         self.tunnel.stats.bytes_down += len(data)
         if msgs:
-            self._server_msgs(msgs)
+            try:
+                self._server_msgs(msgs)
+            except ProtocolError as e:
+                self._server_malformed(e)
+
+    def _server_malformed(self, e: ProtocolError) -> None:
+        self.tunnel._error(f"connection {self.n}: malformed data from the database: {e}")
+        self.fail(f"protocol_error: server: {e}", "08P01", f"pcigate: malformed data from the database: {e}")
 
     def _client_msgs(self, msgs: list[pg.Message]) -> None:
         now = time.perf_counter()
@@ -696,13 +741,13 @@ class _Conn(asyncio.Protocol):
         if self.phase == "closed":
             return
         self.phase = "closed"
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._login_task is not None and not self._login_task.done():
+            # _open_upstream closes a half-open upstream on cancellation; a finished login is handed to
+            # self.up synchronously, so no authenticated upstream is left behind.
             self._login_task.cancel()
-        if self._finish_task is not None and not self._finish_task.done():
-            self._finish_task.cancel()
-        elif self._login_task is not None and self._login_task.done() and self.up is None:
-            with contextlib.suppress(BaseException):
-                self._login_task.result().upstream.close()
         if self.up is not None:
             self.up.conn = None
             if not self.up.lost and self.up.transport is not None and not self.up.transport.is_closing():
@@ -745,6 +790,7 @@ class PgTunnel:
         self._keys = ScramKeys.from_password(local_secret)
         # PBKDF2 results per (password, salt, iterations): repeated upstream logins skip the 4096 rounds
         self._salted: dict[str, dict[tuple[bytes, int], bytes]] = {}
+        self._handshake_timeout = HANDSHAKE_TIMEOUT  # seconds from accept() to a verified SCRAM proof
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
         self._cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
