@@ -2,7 +2,9 @@
 
 * connection refused / timeout / network failure → :class:`BrokerUnavailable` ("cannot reach the broker")
 * an error body ``{"error": {"code", "message"}}`` → ``errors.BROKER_ERROR_CLASSES[code]``
-* HTTP 401 → the stored sign-in is dropped (``on_unauthorized``) and :class:`AuthRequired` is raised
+* HTTP 401 → the bearer is refreshed once (``on_refresh``) and the call retried; a second 401 (or nothing to
+  refresh with) drops the stored sign-in (``on_unauthorized``) and raises :class:`AuthRequired`
+* the broker's error code is kept on the raised exception as ``broker_code`` (e.g. ``session_closed``)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class BrokerClient:
         *,
         token: TokenProvider | None = None,
         on_unauthorized: Callable[[], None] | None = None,
+        on_refresh: Callable[[], bool] | None = None,
         timeout: float = 15.0,
         connect_timeout: float = 5.0,
         transport: httpx.BaseTransport | None = None,
@@ -61,6 +64,7 @@ class BrokerClient:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._on_unauthorized = on_unauthorized
+        self._on_refresh = on_refresh
         self._auth_hint = auth_hint
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -81,18 +85,33 @@ class BrokerClient:
 
     # the one place errors are mapped ----------------------------------------------------------------------
     def _request(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
+        """``content`` may be a callable returning the body (a fresh stream for a retry)."""
         headers: dict[str, str] = dict(kwargs.pop("headers", None) or {})
-        if auth:
-            if self._token is None:
-                raise AuthRequired("not signed in", hint=self._auth_hint)
-            headers["Authorization"] = f"Bearer {self._token()}"
-        try:
-            response = self._http.request(method, path, headers=headers, **kwargs)
-        except httpx.TransportError as exc:  # connect/read/write errors, timeouts, protocol errors
-            raise BrokerUnavailable(f"cannot reach the broker at {self.base_url}") from exc
-        if response.status_code >= 400:
-            self._raise_for(response)
-        return response
+        content = kwargs.pop("content", None)
+        retried = False
+        while True:
+            if auth:
+                if self._token is None:
+                    raise AuthRequired("not signed in", hint=self._auth_hint)
+                headers["Authorization"] = f"Bearer {self._token()}"
+            body = content() if callable(content) else content
+            try:
+                response = self._http.request(method, path, headers=headers, content=body, **kwargs)
+            except httpx.TransportError as exc:  # connect/read/write errors, timeouts, protocol errors
+                raise BrokerUnavailable(f"cannot reach the broker at {self.base_url}") from exc
+            if (
+                response.status_code == 401
+                and auth
+                and not retried
+                and self._on_refresh is not None
+                and (content is None or callable(content))
+                and self._on_refresh()
+            ):
+                retried = True  # a fresh bearer, once; only then is the sign-in dropped
+                continue
+            if response.status_code >= 400:
+                self._raise_for(response)
+            return response
 
     def _raise_for(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -125,7 +144,9 @@ class BrokerClient:
             else:
                 cls = PcigateError
         hint = "see: pcigate targets" if code in ("level_not_allowed", "unknown_target") else None
-        raise cls(message, hint=hint)
+        error = cls(message, hint=hint)
+        error.broker_code = code  # type: ignore[attr-defined]
+        raise error
 
     def _model(self, model: type[M], response: httpx.Response) -> M:
         try:
@@ -182,7 +203,7 @@ class BrokerClient:
         response = self._request(
             "PUT",
             f"/v1/sessions/{session_id}/recording",
-            content=chunks(),
+            content=chunks,
             headers={
                 "X-Content-SHA256": sha256,
                 "Content-Type": "application/x-ndjson",

@@ -34,6 +34,32 @@ class Settings:
         return self.broker.rstrip("/")
 
 
+def check_broker_url(url: str) -> str:
+    """The broker URL, refused unless it is ``https://`` (or ``http://`` to a loopback host): bearer tokens go
+    to it, and its ``/v1/config/oidc`` decides where the refresh token goes."""
+    from urllib.parse import urlsplit
+
+    from pcigate.net import is_loopback
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as exc:
+        raise UsageError(f"invalid broker URL {url!r}: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        raise UsageError(
+            f"invalid broker URL {url!r}",
+            hint="use a URL like https://pcigate.example.com (--broker / PCIGATE_BROKER)",
+        )
+    if scheme == "http" and not is_loopback(host):
+        raise UsageError(
+            f"refusing the plain http:// broker URL {url}: tokens would cross the network unencrypted",
+            hint="use https:// for the broker URL (--broker / PCIGATE_BROKER)",
+        )
+    return url
+
+
 def state_dir(*, create: bool = True) -> Path:
     """``$PCIGATE_STATE_DIR`` or ``$XDG_STATE_HOME/pcigate`` (``~/.local/state/pcigate``), mode 0700."""
     env = os.environ.get(ENV_STATE_DIR)

@@ -25,15 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pcigate import __version__, spool
-from pcigate.config import Settings, psql_binary
-from pcigate.errors import BrokerUnavailable, PcigateError, RecordingError, UsageError, VaultUnavailable
+from pcigate.config import Settings, psql_binary, spool_dir
+from pcigate.errors import NotFound, PcigateError, RecordingError, UsageError
 from pcigate.models import SessionCreate, SessionOpened
 from pcigate.output import Output
 
 if TYPE_CHECKING:
     from pcigate.client import BrokerClient
 
-# Variables that would make psql go elsewhere or carry a password: never passed to the child.
+# Variables that would make psql go elsewhere or carry a password: never passed to the child. Every
+# ``PCIGATE_*`` variable (the workload bearer ``PCIGATE_TOKEN`` among them) is stripped as well.
+STRIPPED_PREFIX = "PCIGATE_"
 STRIPPED_ENV = (
     "PGPASSWORD",
     "PGPASSFILE",
@@ -50,6 +52,8 @@ STRIPPED_ENV = (
     "PGTARGETSESSIONATTRS",
 )
 LOCAL_HOST = "127.0.0.1"
+MIN_HEARTBEAT_SECONDS = 1.0
+PSQL_STOP_GRACE = 5.0  # seconds psql gets to exit after SIGTERM when the broker ended the session
 
 
 @dataclass
@@ -87,7 +91,11 @@ def passfile(port: int, secret: str) -> Iterator[Path]:
 
 
 def child_env(pgpassfile: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in STRIPPED_ENV}
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if k not in STRIPPED_ENV and not k.upper().startswith(STRIPPED_PREFIX)
+    }
     env["PGPASSFILE"] = str(pgpassfile)
     env["PGSSLMODE"] = "disable"  # loopback to the tunnel; the tunnel does TLS upstream
     env["PGGSSENCMODE"] = "disable"
@@ -101,6 +109,14 @@ def psql_argv(binary: str, opened: SessionOpened, port: int, extra: list[str]) -
 
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _state_error(exc: OSError) -> RecordingError:
+    where = exc.filename or spool_dir(create=False)
+    return RecordingError(
+        f"cannot write the session state to {where}: {exc.strerror or exc}",
+        hint="free some disk space or fix the permissions of the state directory (PCIGATE_STATE_DIR)",
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -143,6 +159,11 @@ class Connector:
         # instead of dying with a live lease. Inside the loop, the handlers below take over.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _interrupt)
+        recorder: Any = None
+        status = 1
+        error: BaseException | None = None
+        spooled = False
+        held = contextlib.ExitStack()
         opened = self.client.open_session(
             SessionCreate(
                 target=request.target,
@@ -152,23 +173,30 @@ class Connector:
                 client_version=__version__,
             )
         )
-        sid = opened.session_id
-        with spool.session_lock(sid):
-            spool.new_entry(sid, self.settings.broker_url)
-            recorder: Any = None
-            status = 1
-            error: BaseException | None = None
+        # From here on the lease is live: every way out (a failing spool, a signal, an error) ends it.
+        try:
             try:
+                held.enter_context(spool.session_lock(opened.session_id))
+                spool.new_entry(opened.session_id, self.settings.broker_url)
+                spooled = True
                 recorder = self._recorder(opened)
-                with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                    status = runner.run(self._session(opened, recorder, request, binary))
-            except BaseException as exc:
-                error = exc
+            except OSError as exc:
+                raise _state_error(exc) from exc
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                status = runner.run(self._session(opened, recorder, request, binary))
+        except BaseException as exc:
+            error = exc
+        finally:
+            try:
+                if spooled:
+                    self._finish(opened, recorder, interrupted=isinstance(error, KeyboardInterrupt))
+                else:
+                    self._end_unspooled(opened)
             finally:
-                self._finish(opened, recorder, interrupted=isinstance(error, KeyboardInterrupt))
-            if error is not None:
-                raise error
-            return status
+                held.close()
+        if error is not None:
+            raise error
+        return status
 
     def _recorder(self, opened: SessionOpened) -> Any:
         if not opened.policy.record:
@@ -211,7 +239,7 @@ class Connector:
             with passfile(port, secret) as pgpass:
                 if binary is None:
                     return await self._wait_no_exec(opened, port, pgpass, state)
-                return await self._run_psql(binary, opened, port, pgpass, request.psql_args)
+                return await self._run_psql(binary, opened, port, pgpass, request.psql_args, state)
         finally:
             for task in tasks:
                 task.cancel()
@@ -219,11 +247,14 @@ class Connector:
             await tunnel.close()
             for problem in getattr(tunnel, "errors", []) or []:
                 self.out.warn(f"tunnel: {problem}")
-            for note in state.notes:
-                self.out.warn(note)
+            self._notes(state)
+
+    def _notes(self, state: _State) -> None:
+        while state.notes:
+            self.out.warn(state.notes.pop(0))
 
     async def _run_psql(
-        self, binary: str, opened: SessionOpened, port: int, pgpass: Path, extra: list[str]
+        self, binary: str, opened: SessionOpened, port: int, pgpass: Path, extra: list[str], state: _State
     ) -> int:
         loop = asyncio.get_running_loop()
         proc = await asyncio.create_subprocess_exec(
@@ -247,9 +278,25 @@ class Connector:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, handler)
                 installed.append(sig)
+        exited = asyncio.ensure_future(proc.wait())
+        stopped = asyncio.ensure_future(state.stop.wait())
         try:
-            return _exit_status(await proc.wait())
+            await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                # The broker ended the session (end time, revocation): say so now and end psql, whose
+                # tunnel is about to go; then clean up as usual.
+                self._notes(state)
+                self.out.info("ending psql")
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(exited), PSQL_STOP_GRACE)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            return _exit_status(await exited)
         finally:
+            stopped.cancel()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if proc.returncode is None:
@@ -293,21 +340,23 @@ class Connector:
         return 0
 
     async def _heartbeat(self, opened: SessionOpened, state: _State) -> None:
-        interval = max(1, opened.heartbeat_seconds)
+        interval = max(MIN_HEARTBEAT_SECONDS, opened.heartbeat_seconds)
         warned = False
         while True:
             await asyncio.sleep(interval)
             try:
                 summary = await asyncio.to_thread(self.client.heartbeat, opened.session_id)
-            except (BrokerUnavailable, VaultUnavailable) as exc:
+            except PcigateError as exc:
+                # Only the broker saying the session is over ends it (409 session_closed, 404). Anything
+                # else (broker or IdP unreachable, 5xx, a refused bearer) is transient: keep going.
+                if isinstance(exc, NotFound) or getattr(exc, "broker_code", None) == "session_closed":
+                    state.notes.append(f"the broker ended the session: {exc.message}")
+                    state.stop.set()
+                    return
                 if not warned:
                     self.out.warn(f"heartbeat failed ({exc.message}); the session continues")
                     warned = True
                 continue
-            except PcigateError as exc:
-                state.notes.append(f"the broker ended the session: {exc.message}")
-                state.stop.set()
-                return
             warned = False
             if summary.status != "active":
                 state.notes.append(f"the broker ended the session ({summary.end_reason or summary.status})")
@@ -325,6 +374,17 @@ class Connector:
         state.stop.set()
 
     # -- the way out
+    def _end_unspooled(self, opened: SessionOpened) -> None:
+        """The spool could not be set up (nothing recorded yet): end the session directly."""
+        try:
+            with contextlib.suppress(NotFound):
+                self.client.end_session(opened.session_id)
+        except PcigateError as exc:
+            self.out.warn(
+                f"could not end session {opened.session_id} ({exc.message}); "
+                "the broker revokes its credentials when the heartbeats stop"
+            )
+
     def _finish(self, opened: SessionOpened, recorder: Any, *, interrupted: bool) -> None:
         sid = opened.session_id
         entry = spool.SpoolEntry(
@@ -337,11 +397,17 @@ class Connector:
                 )
             except Exception as exc:
                 self.out.warn(f"could not close the recording: {exc}")
-        spool.write_entry(entry)
+        try:
+            spool.write_entry(entry)
+        except OSError as exc:  # a full disk must not skip the session end below
+            self.out.warn(f"could not save session {sid} in the spool: {exc.strerror or exc}")
         try:
             result, receipt = spool.settle(self.client, entry, progress=self.out.progress)
+        except OSError as exc:  # raised after the session end (spool.settle ends it first)
+            self.out.warn(f"session {sid} ended, but the spool failed: {exc.strerror or exc}")
+            return
         except PcigateError as exc:
-            where = spool.recording_path(sid)
+            where = spool_dir(create=False) / f"{sid}.rec"
             self.out.warn(
                 f"{exc.message}; session {sid} "
                 + ("end and recording kept" if entry.end_owed else "recording kept")
@@ -352,7 +418,7 @@ class Connector:
         if result.kept:
             self.out.warn(
                 f"session {sid} ended; the broker refused the recording ({result.error}); "
-                f"kept in {spool.recording_path(sid)}"
+                f"kept in {spool_dir(create=False) / f'{sid}.rec'}"
             )
             raise RecordingError(f"the recording of session {sid} was refused: {result.error}")
         if receipt is not None:

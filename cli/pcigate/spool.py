@@ -155,14 +155,19 @@ def settle(
     The caller holds the session lock. Transport failures propagate (:class:`BrokerUnavailable`); a recording
     the broker refuses for good is kept and marked ``rejected``.
     """
-    rec, _, _ = _paths(entry.session_id)
+    if not _SESSION_ID.match(entry.session_id):
+        raise RecordingError(f"refusing an unsafe session id {entry.session_id!r}")
     result = SyncResult(session_id=entry.session_id, sha256=entry.sha256)
     if entry.end_owed:
+        # First, before touching the spool directory: a broken spool (full disk, bad permissions) must never
+        # keep the lease alive.
         with contextlib.suppress(NotFound):  # the broker does not know it (any more): nothing to end
             client.end_session(entry.session_id)
         entry = entry.model_copy(update={"end_owed": False})
-        write_entry(entry)
+        with contextlib.suppress(OSError):  # best effort: a repeated end is harmless
+            write_entry(entry)
         result.ended = True
+    rec, _, _ = _paths(entry.session_id)
     receipt: RecordingReceipt | None = None
     if rec.exists():
         if entry.sha256 is None:
@@ -227,6 +232,7 @@ def flush_quietly(settings: Settings, creds: Credentials, *, timeout: float) -> 
         with BrokerClient(
             settings.broker_url,
             token=creds.bearer,
+            on_refresh=creds.refresh,
             on_unauthorized=creds.drop,
             auth_hint=creds.hint,
             timeout=timeout,

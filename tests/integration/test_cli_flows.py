@@ -387,3 +387,58 @@ def test_expired_id_token_is_refreshed_silently(login, run_cli, cli_env) -> None
     ).stdout.split()
     assert after[0] != before[0]  # a new ID token
     assert float(after[1]) > time.time()
+
+
+def test_workload_token_never_reaches_psql(stack: Stack, cli_home: Path, run_cli, tmp_path: Path) -> None:
+    """The bearer in PCIGATE_TOKEN (and every PCIGATE_* variable) is stripped from psql's environment."""
+    import shutil
+
+    token = stack.idp.workload_token("ci-bot")
+    env = stack.cli_env(cli_home, token=token)
+    real_psql = shutil.which("psql", path=env["PATH"])
+    assert real_psql
+    environ_copy = tmp_path / "environ"
+    wrapper = tmp_path / "psql-wrapper"
+    wrapper.write_text(f'#!/bin/sh\ncat /proc/$$/environ > {environ_copy}\nexec {real_psql} "$@"\n')
+    wrapper.chmod(0o755)
+    env["PCIGATE_PSQL"] = str(wrapper)
+    r = run_cli(["connect", "prod-db", "--", "-X", "-A", "-t", "-c", "select 7"], env=env)
+    assert r.code == 0, r.output
+    assert r.stdout.strip().endswith("7")
+    proc_environ = environ_copy.read_bytes().decode(errors="replace").split("\0")
+    assert any(v.startswith("PGPASSFILE=") for v in proc_environ)  # the wrapper did see psql's environment
+    assert not any(token in v for v in proc_environ)
+    assert not any(v.startswith("PCIGATE_") for v in proc_environ)
+
+
+def test_unwritable_state_dir_still_ends_the_session(stack: Stack, login, run_cli, cli_env) -> None:
+    assert login("alice", device=False).code == 0
+    state = _state(cli_env)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    spool = state / "spool"
+    if spool.is_dir():
+        for leftover in spool.iterdir():
+            leftover.unlink()
+        spool.rmdir()
+    if os.geteuid() == 0:  # root ignores permissions: a file where the spool directory should be
+        spool.write_text("")
+    else:
+        spool.mkdir(mode=0o700, exist_ok=True)
+        spool.chmod(0o500)
+    try:
+        r = run_cli(["connect", "prod-db", "--", "-X", "-c", "select 1"])
+    finally:
+        if spool.is_dir():
+            spool.chmod(0o700)
+        else:
+            spool.unlink()
+    assert r.code == 13, r.output  # RecordingError: nothing may run unrecorded
+    assert "Traceback" not in r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    assert "cannot write the session state" in errors[0]
+    assert r.stderr.splitlines()[0].startswith("error: "), r.stderr  # the error is the first line
+    last = _last_session(run_cli)
+    assert last["status"] != "active", last
+    assert last["lease_id"] not in stack.bao.leases()
+    assert stack.bao.leases() == []

@@ -44,3 +44,49 @@ def test_state_dir_is_private(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
     assert spool_dir().stat().st_mode & 0o777 == 0o700
     monkeypatch.setenv("PCIGATE_STATE_DIR", str(tmp_path / "s"))
     assert spool_dir() == tmp_path / "s" / "spool"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://pcigate.example.com",
+        "http://127.0.0.1:8600",
+        "http://localhost:8600",
+        "http://[::1]:8600",
+        "HTTPS://pcigate.example.com/",
+    ],
+)
+def test_broker_url_accepted(url: str) -> None:
+    from pcigate.config import check_broker_url
+
+    assert check_broker_url(url) == url
+
+
+def test_plain_http_to_a_remote_broker_is_refused() -> None:
+    from pcigate.config import check_broker_url
+
+    with pytest.raises(UsageError) as err:
+        check_broker_url("http://pcigate.example.com:8600")
+    assert err.value.exit_code == ExitCode.USAGE
+    assert "http://" in err.value.message
+    assert "https" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("url", ["ftp://pcigate.example.com", "pcigate.example.com", "https://"])
+def test_invalid_broker_url_is_refused(url: str) -> None:
+    from pcigate.config import check_broker_url
+
+    with pytest.raises(UsageError):
+        check_broker_url(url)
+
+
+def test_commands_refuse_plain_http_before_any_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pcigate.app import app
+
+    monkeypatch.setenv("PCIGATE_TOKEN", "workload")
+    for args in (["targets"], ["login", "--no-browser"], ["logout"]):
+        result = CliRunner().invoke(app, ["--broker", "http://pcigate.example.com", *args])
+        assert isinstance(result.exception, UsageError), (args, result.output)
+        assert "use https://" in (result.exception.hint or "")

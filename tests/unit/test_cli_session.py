@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from pcigate import spool
-from pcigate.models import DatabaseCredentials, DataPathPolicy, SessionOpened
+from pcigate.errors import (
+    AuthRequired,
+    BrokerUnavailable,
+    IdpUnavailable,
+    NotFound,
+    PcigateError,
+    RecordingError,
+    VaultUnavailable,
+)
+from pcigate.models import DatabaseCredentials, DataPathPolicy, SessionOpened, SessionSummary
 from pcigate.session import STRIPPED_ENV, child_env, passfile, psql_argv
 
 
@@ -85,3 +94,173 @@ def test_spool_entries_and_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert spool.pending() == []
     with pytest.raises(Exception):
         spool.recording_path("../etc/passwd")
+
+
+def test_child_env_strips_every_pcigate_variable(tmp_path: Path) -> None:
+    base = {
+        "PCIGATE_TOKEN": "workload-bearer",
+        "PCIGATE_TOKEN_FILE": "/t",
+        "PCIGATE_BROKER": "https://b",
+        "PCIGATE_ANYTHING_NEW": "x",
+        "PGPASSWORD": "pw",
+        "HOME": "/home/a",
+    }
+    env = child_env(tmp_path / "pgpass", base)
+    assert not [k for k in env if k.upper().startswith("PCIGATE_")]
+    assert "workload-bearer" not in env.values()
+    assert "PGPASSWORD" not in env
+    assert env["HOME"] == "/home/a"
+
+
+# --- the live part and the way out, with a fake broker client ----------------------------------------------
+class FakeClient:
+    def __init__(self, heartbeats: list[object] | None = None) -> None:
+        self.heartbeats = list(heartbeats or [])
+        self.ended: list[str] = []
+
+    def heartbeat(self, session_id: str) -> object:
+        item = self.heartbeats.pop(0) if self.heartbeats else None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def end_session(self, session_id: str) -> None:
+        self.ended.append(session_id)
+
+    def upload_recording(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing to upload")
+
+
+def _connector(client: FakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pcigate.config import Settings
+    from pcigate.output import Output
+    from pcigate.session import Connector
+
+    monkeypatch.setenv("PCIGATE_STATE_DIR", str(tmp_path / "state"))
+    return Connector(client, Settings(broker="http://127.0.0.1:8600"), Output())  # type: ignore[arg-type]
+
+
+def _closed(code: str) -> PcigateError:
+    err = PcigateError("session is revoked")
+    err.broker_code = code  # type: ignore[attr-defined]
+    return err
+
+
+def test_transient_heartbeat_failures_do_not_end_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from pcigate.session import _State
+
+    transient = [
+        BrokerUnavailable("cannot reach the broker"),
+        BrokerUnavailable("the broker failed (HTTP 502)"),
+        VaultUnavailable("openbao down"),
+        AuthRequired("the broker refused the sign-in"),
+        IdpUnavailable("idp down"),
+    ]
+    summary = SessionSummary.model_construct(status="active")
+    client = FakeClient([*transient, summary, _closed("session_closed")])
+    connector = _connector(client, tmp_path, monkeypatch)
+    session = opened().model_copy(update={"heartbeat_seconds": 0})
+    monkeypatch.setattr("pcigate.session.MIN_HEARTBEAT_SECONDS", 0.001)
+
+    async def run() -> _State:
+        state = _State(stop=asyncio.Event())
+        await asyncio.wait_for(connector._heartbeat(session, state), 5)
+        return state
+
+    state = asyncio.run(run())
+    assert client.heartbeats == []  # every transient failure was retried; only session_closed stopped it
+    assert state.stop.is_set()
+    assert state.notes == ["the broker ended the session: session is revoked"]
+    assert capsys.readouterr().err.count("heartbeat failed") == 1
+
+
+def test_not_found_heartbeat_ends_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from pcigate.session import _State
+
+    client = FakeClient([NotFound("no such session")])
+    connector = _connector(client, tmp_path, monkeypatch)
+    session = opened().model_copy(update={"heartbeat_seconds": 0})
+    monkeypatch.setattr("pcigate.session.MIN_HEARTBEAT_SECONDS", 0.001)
+
+    async def run() -> _State:
+        state = _State(stop=asyncio.Event())
+        await asyncio.wait_for(connector._heartbeat(session, state), 5)
+        return state
+
+    assert asyncio.run(run()).stop.is_set()
+
+
+def test_a_failing_spool_write_still_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = FakeClient()
+    connector = _connector(client, tmp_path, monkeypatch)
+
+    def disk_full(entry: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "write_entry", disk_full)
+    connector._finish(opened(), None, interrupted=False)
+    assert client.ended == ["s1"]
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert "session s1 ended" in err
+
+
+def test_a_failing_spool_setup_still_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pcigate.session import ConnectRequest
+
+    client = FakeClient()
+    client.open_session = lambda request: opened()  # type: ignore[attr-defined]
+    connector = _connector(client, tmp_path, monkeypatch)
+
+    def unwritable(session_id: str, broker: str) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "state" / "spool" / "s1.json"))
+
+    monkeypatch.setattr(spool, "new_entry", unwritable)
+    with pytest.raises(RecordingError) as err:
+        connector.run(ConnectRequest(target="prod-db", no_exec=True))
+    assert client.ended == ["s1"]
+    assert "Permission denied" in err.value.message
+    assert "s1.json" in err.value.message
+
+
+def test_psql_is_ended_when_the_broker_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import time
+
+    from pcigate.session import _State
+
+    connector = _connector(FakeClient(), tmp_path, monkeypatch)
+    fake_psql = tmp_path / "psql"
+    fake_psql.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake_psql.chmod(0o755)
+
+    async def run() -> tuple[int, float]:
+        state = _State(stop=asyncio.Event())
+
+        async def expire() -> None:
+            await asyncio.sleep(0.5)
+            state.notes.append("the session reached its end time")
+            state.stop.set()
+
+        task = asyncio.create_task(expire())
+        t0 = time.monotonic()
+        status = await connector._run_psql(str(fake_psql), opened(), 1, tmp_path / "pgpass", [], state)
+        await task
+        return status, time.monotonic() - t0
+
+    status, took = asyncio.run(run())
+    assert took < 5
+    assert status == 128 + 15  # SIGTERM
+    assert "the session reached its end time" in capsys.readouterr().err

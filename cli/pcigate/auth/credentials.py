@@ -1,10 +1,17 @@
 """The bearer sent to the broker: a workload token (``--token-file`` / ``PCIGATE_TOKEN``) used as-is, or the
-signed-in user's ID token from the keyring, refreshed silently when it is near expiry."""
+signed-in user's ID token from the keyring, refreshed silently when it is near expiry.
+
+The ID token is cached with its expiry for the life of the process: a session longer than the token's
+lifetime refreshes it (with the refresh token) whenever it comes within :data:`REFRESH_MARGIN_SECONDS` of
+expiry, and a 401 from the broker triggers one forced refresh and a retry (:meth:`Credentials.refresh`)
+before the sign-in is dropped.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 from pcigate.auth.tokens import StoredTokens, TokenStore
@@ -25,10 +32,25 @@ def _read_token_file(path: Path) -> str:
     return token
 
 
+def refresh_margin(tokens: StoredTokens) -> float:
+    """Refresh this long before expiry: a minute, or a third of the token's lifetime when it is short."""
+    from pcigate.auth.oidc import id_token_claims
+
+    try:
+        claims = id_token_claims(tokens.id_token)
+    except AuthRequired:
+        return REFRESH_MARGIN_SECONDS
+    iat, exp = claims.get("iat"), claims.get("exp")
+    if isinstance(iat, int | float) and isinstance(exp, int | float) and exp > iat:
+        return min(REFRESH_MARGIN_SECONDS, (exp - iat) / 3)
+    return REFRESH_MARGIN_SECONDS
+
+
 class Credentials:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._bearer: str | None = None
+        self._tokens: StoredTokens | None = None
+        self._lock = threading.RLock()  # the heartbeat thread and the main thread share one instance
         self.workload: str | None = None
         if settings.token_file is not None:
             self.workload = _read_token_file(settings.token_file)
@@ -49,34 +71,65 @@ class Credentials:
     def bearer(self) -> str:
         if self.workload is not None:
             return self.workload
-        if self._bearer is None:
-            self._bearer = self._user_token().id_token
-        return self._bearer
+        with self._lock:
+            if self._tokens is None or self._tokens.expires_within(refresh_margin(self._tokens)):
+                self._tokens = self._user_token()
+            return self._tokens.id_token
+
+    def refresh(self) -> bool:
+        """The broker refused the current bearer: get a fresh ID token once. True when there is a new one
+        to retry with (another process may already have refreshed the stored sign-in)."""
+        if self.workload is not None:
+            return False
+        with self._lock:
+            used = self._tokens
+            store = TokenStore(self.settings.broker_url)
+            stored = store.load()
+            if stored is None:
+                return False
+            if (
+                used is not None
+                and stored.id_token != used.id_token
+                and not stored.expires_within(refresh_margin(stored))
+            ):
+                self._tokens = stored
+                return True
+            if not stored.refresh_token:
+                return False
+            self._tokens = self._refresh(store, stored)
+            return True
 
     def _user_token(self) -> StoredTokens:
         store = TokenStore(self.settings.broker_url)
         tokens = store.load()
         if tokens is None:
             raise AuthRequired(f"not signed in to {self.settings.broker_url}", hint=LOGIN_HINT)
-        if tokens.expires_within(REFRESH_MARGIN_SECONDS):
+        if tokens.expires_within(refresh_margin(tokens)):
             if not tokens.refresh_token:
                 raise AuthRequired("the sign-in has expired", hint=LOGIN_HINT)
-            from pcigate.auth import oidc
-            from pcigate.client import BrokerClient
-
-            with BrokerClient(self.settings.broker_url) as client:
-                provider = oidc.discover(client.oidc_config())
-            try:
-                tokens = oidc.refresh(provider, tokens)
-            except AuthRequired:
-                store.delete()
-                raise
-            store.save(tokens)
+            tokens = self._refresh(store, tokens)
         return tokens
+
+    def _refresh(self, store: TokenStore, tokens: StoredTokens) -> StoredTokens:
+        from pcigate.auth import oidc
+        from pcigate.client import BrokerClient
+
+        with BrokerClient(self.settings.broker_url) as client:
+            config = client.oidc_config()
+        oidc.check_same_provider(tokens, config)  # never send the refresh token anywhere else
+        provider = oidc.discover(config)
+        try:
+            fresh = oidc.refresh(provider, tokens)
+        except AuthRequired:
+            store.delete()
+            raise
+        store.save(fresh)
+        return fresh
 
     def drop(self) -> None:
         """The broker refused the bearer: forget a stored sign-in (a workload token is the caller's)."""
-        self._bearer = None
+        with self._lock:
+            self._tokens = None
         if self.workload is not None:
             return
         with contextlib.suppress(KeyringUnavailable):

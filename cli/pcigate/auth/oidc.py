@@ -293,6 +293,22 @@ def login_device(
 
 
 # --- refresh and revocation
+PROVIDER_CHANGED = "the broker's identity provider changed; run: pcigate login"
+
+
+def check_same_provider(tokens: StoredTokens, config: OidcClientConfig) -> None:
+    """The broker's (unauthenticated) OIDC config must still name the issuer and client the tokens came from;
+    otherwise the refresh token would be sent to whoever the broker now points at."""
+    same = (
+        tokens.issuer is not None
+        and tokens.client_id is not None
+        and tokens.issuer.rstrip("/") == config.issuer.rstrip("/")
+        and tokens.client_id == config.client_id
+    )
+    if not same:
+        raise AuthRequired(PROVIDER_CHANGED)
+
+
 def refresh(provider: Provider, tokens: StoredTokens) -> StoredTokens:
     if not tokens.refresh_token:
         raise AuthRequired("the sign-in has expired", hint=LOGIN_HINT)

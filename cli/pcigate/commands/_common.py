@@ -32,8 +32,10 @@ def output(ctx: typer.Context, json_flag: bool = False) -> Output:
 def broker(ctx: typer.Context, *, sync_spool: bool = True, authenticated: bool = True) -> BrokerClient:
     """A client for the configured broker; first, quietly, upload what the spool still owes it."""
     from pcigate.client import BrokerClient
+    from pcigate.config import check_broker_url
 
     s = settings(ctx)
+    check_broker_url(s.broker_url)
     if not authenticated:
         return BrokerClient(s.broker_url)
     from pcigate.auth.credentials import Credentials
@@ -43,4 +45,10 @@ def broker(ctx: typer.Context, *, sync_spool: bool = True, authenticated: bool =
         from pcigate import spool
 
         spool.flush_quietly(s, creds, timeout=SPOOL_SYNC_TIMEOUT)
-    return BrokerClient(s.broker_url, token=creds.bearer, on_unauthorized=creds.drop, auth_hint=creds.hint)
+    return BrokerClient(
+        s.broker_url,
+        token=creds.bearer,
+        on_refresh=creds.refresh,
+        on_unauthorized=creds.drop,
+        auth_hint=creds.hint,
+    )

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pcigate.commands._common import JsonOpt, broker, output, settings
+from pcigate.config import check_broker_url
 
 
 def login(
@@ -29,6 +30,7 @@ def login(
 
     out = output(ctx, json_flag)
     s = settings(ctx)
+    check_broker_url(s.broker_url)
     store = TokenStore(s.broker_url)
     _usable_keyring()  # fail before the user signs in, not after
     with broker(ctx, authenticated=False) as anon:
@@ -51,18 +53,23 @@ def logout(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
     """Sign out: forget the sign-in and revoke its refresh token."""
     from pcigate.auth import oidc
     from pcigate.auth.tokens import TokenStore
-    from pcigate.errors import PcigateError
+    from pcigate.errors import AuthRequired, PcigateError
 
     out = output(ctx, json_flag)
     s = settings(ctx)
+    check_broker_url(s.broker_url)
     store = TokenStore(s.broker_url)
     tokens = store.load()
     revoked = False
     if tokens is not None and tokens.refresh_token:
         try:
             with broker(ctx, authenticated=False) as anon:
-                provider = oidc.discover(anon.oidc_config())
-            revoked = oidc.revoke(provider, tokens.refresh_token)
+                config = anon.oidc_config()
+            oidc.check_same_provider(tokens, config)  # never send the refresh token to another provider
+            revoked = oidc.revoke(oidc.discover(config), tokens.refresh_token)
+        except AuthRequired as exc:
+            out.warn(f"the refresh token was not revoked: {exc.message}")
+            revoked = False
         except PcigateError:
             revoked = False
     removed = store.delete()
