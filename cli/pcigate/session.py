@@ -151,6 +151,14 @@ class Connector:
         self.client = client
         self.settings = settings
         self.out = out
+        # Set while the session runs: ends it from the recording's writer thread (fail closed).
+        self._end_unrecorded: Callable[[str], None] | None = None
+
+    def _recording_failed(self, message: str) -> None:
+        """The recording's writer thread could not write (disk full...): nothing may run unrecorded."""
+        end = self._end_unrecorded
+        if end is not None:
+            end(message)
 
     # -- entry point
     def run(self, request: ConnectRequest) -> int:
@@ -213,7 +221,9 @@ class Connector:
             started_at=opened.started_at,
             kind="pg",
         )
-        return RecordingWriter(spool.recording_path(opened.session_id), header)
+        return RecordingWriter(
+            spool.recording_path(opened.session_id), header, on_failure=self._recording_failed
+        )
 
     # -- the live part
     async def _session(
@@ -230,6 +240,18 @@ class Connector:
             policy=opened.policy,
         )
         state = _State(stop=asyncio.Event())
+        loop = asyncio.get_running_loop()
+
+        def end_unrecorded(message: str) -> None:
+            def stop() -> None:
+                state.notes.append(f"{message}; ending the session (nothing may run unrecorded)")
+                state.stop.set()
+
+            loop.call_soon_threadsafe(stop)
+
+        self._end_unrecorded = end_unrecorded
+        if recorder is not None and recorder.failed:  # failed before we were listening
+            end_unrecorded(f"cannot write recording {recorder.path}")
         tasks: list[asyncio.Task[None]] = []
         try:
             await tunnel.check_upstream()
@@ -241,6 +263,7 @@ class Connector:
                     return await self._wait_no_exec(opened, port, pgpass, state)
                 return await self._run_psql(binary, opened, port, pgpass, request.psql_args, state)
         finally:
+            self._end_unrecorded = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

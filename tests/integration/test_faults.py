@@ -147,6 +147,33 @@ def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
     assert not list(spool.glob("*.rec"))
 
 
+def test_recording_disk_full_ends_the_session(fstack: Stack, env: dict[str, str], tmp_path: Path) -> None:
+    """Fail closed: when the recording cannot be written (a real 64 KiB tmpfs fills up), the session is
+    ended at once rather than left running unrecorded, and its lease is revoked."""
+    import subprocess
+
+    state = Path(env["PCIGATE_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(state)], check=True)
+    try:
+        script = tmp_path / "many.sql"
+        filler = "x" * 500
+        script.write_text("".join(f"select '{filler}' as c{i};\n" for i in range(2000))
+                          + "select pg_sleep(60);\n")
+        t0 = time.monotonic()
+        result = run_cli(["connect", "prod-db", "--", "-q", "-o", "/dev/null", "-f", str(script)], env=env,
+                         timeout=90)
+        elapsed = time.monotonic() - t0
+        assert "nothing may run unrecorded" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.code != 0
+        assert elapsed < 45, elapsed  # not the 60 s the last statement would have taken
+        assert fstack.bao.leases() == []
+        assert fstack.leftover_roles() == []
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
 def test_broker_down_is_exit_6(fstack: Stack, env: dict[str, str]) -> None:
     assert fstack.broker is not None
     fstack.broker.stop()
