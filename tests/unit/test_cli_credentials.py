@@ -11,7 +11,7 @@ from typing import ClassVar
 import httpx
 import keyring
 import pytest
-from keyring.backend import KeyringBackend
+from tests.stack.memory_keyring import MemoryKeyring
 
 from pcigate.auth import oidc
 from pcigate.auth.credentials import Credentials
@@ -24,23 +24,6 @@ from pcigate.models import OidcClientConfig
 BROKER = "http://127.0.0.1:8600"
 ISSUER = "https://idp.test"
 CLIENT = "pcigate"
-
-
-class MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.data.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.data[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.data.pop((service, username))
 
 
 def _b64(data: bytes) -> str:

@@ -6,30 +6,10 @@ import keyring
 import pytest
 from keyring.backend import KeyringBackend
 from keyring.backends import fail, null
+from tests.stack.memory_keyring import MemoryKeyring
 
 from pcigate.auth.tokens import StoredTokens, TokenStore
 from pcigate.errors import ExitCode, KeyringUnavailable
-
-
-class MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.data.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.data[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        from keyring.errors import PasswordDeleteError
-
-        if (service, username) not in self.data:
-            raise PasswordDeleteError("none")
-        del self.data[(service, username)]
 
 
 @pytest.fixture
