@@ -12,9 +12,11 @@ first allowed level in the target's own order.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
-from pcigate.models import MAX_SESSION_SECONDS, Identity, LevelInfo, TargetInfo
+from pcigate.models import MAX_SESSION_SECONDS, DataPathPolicy, Identity, LevelInfo, TargetInfo
 
 from .errors import ApiError
 from .settings import Settings, TargetSettings
@@ -51,11 +53,41 @@ def allowed_levels(settings: Settings, identity: Identity, target: str) -> list[
     return [lvl for lvl in tgt.levels if lvl in granted]
 
 
+def canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def policy_digest(pol: DataPathPolicy) -> str:
+    """sha256 hex of the canonical JSON of the policy without its ``digest`` (defaults included, so two
+    configurations that mean the same policy have the same digest)."""
+    return hashlib.sha256(canonical(pol.model_dump(mode="json", exclude={"digest"}))).hexdigest()
+
+
+def data_path_policy(settings: Settings, target: str, level: str) -> DataPathPolicy:
+    """The policy the tunnel applies for a session on ``target`` at ``level`` (both must be configured).
+
+    Inheritance: the level's ``masking`` table, when present, replaces the target's (absent: the target's,
+    and absent on both: no masking); the level's ``guardrails`` are appended to the target's, so a level can
+    add rules but never drop a target-wide one. Recording is always on.
+    """
+    tgt = settings.targets[target]
+    lvl = tgt.levels[level]
+    body = DataPathPolicy(
+        record=True,
+        masking=lvl.masking if lvl.masking is not None else tgt.masking,
+        guardrails=[*tgt.guardrails, *lvl.guardrails],
+    )
+    return body.model_copy(update={"digest": policy_digest(body)})
+
+
 def default_level_for(tgt: TargetSettings, levels: list[str]) -> str:
     return tgt.default if tgt.default in levels else levels[0]
 
 
-def visible_targets(settings: Settings, identity: Identity) -> list[TargetInfo]:
+def visible_targets(
+    settings: Settings, identity: Identity, *, include_policy: bool = False
+) -> list[TargetInfo]:
+    """Targets the caller reaches, with only their levels; ``include_policy`` fills each level's policy."""
     out: list[TargetInfo] = []
     for name, tgt in settings.targets.items():
         levels = allowed_levels(settings, identity, name)
@@ -69,7 +101,14 @@ def visible_targets(settings: Settings, identity: Identity) -> list[TargetInfo]:
                 port=tgt.port,
                 database=tgt.database,
                 description=tgt.description,
-                levels=[LevelInfo(name=lvl, max_ttl_seconds=tgt.levels[lvl].ttl_cap) for lvl in levels],
+                levels=[
+                    LevelInfo(
+                        name=lvl,
+                        max_ttl_seconds=tgt.levels[lvl].ttl_cap,
+                        policy=data_path_policy(settings, name, lvl) if include_policy else None,
+                    )
+                    for lvl in levels
+                ],
                 default_level=default_level_for(tgt, levels),
             )
         )

@@ -8,8 +8,6 @@ reaper).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import secrets
 from datetime import datetime, timedelta
@@ -18,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from pcigate.models import (
     DatabaseCredentials,
-    DataPathPolicy,
     Identity,
     SessionCreate,
     SessionOpened,
@@ -27,21 +24,13 @@ from pcigate.models import (
 
 from . import policy
 from .errors import ApiError, DatabaseUnavailable, NotFoundError, VaultUnavailable
+from .policy import canonical as canonical  # re-exported; the session's policy is built in policy.py
+from .policy import data_path_policy as data_path_policy
 from .state import Broker, utcnow
 from .store import repo
 from .store.tables import SessionRow
 
 log = logging.getLogger(__name__)
-
-
-def canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def data_path_policy() -> DataPathPolicy:
-    """Issue 1: record everything, no masking/guardrails yet. ``digest`` covers every other field."""
-    body = DataPathPolicy(record=True).model_dump(mode="json", exclude={"digest"})
-    return DataPathPolicy(record=True, digest=hashlib.sha256(canonical(body)).hexdigest())
 
 
 def new_session_id() -> str:
@@ -75,6 +64,8 @@ def open_session(
         )
         db.commit()
         raise
+    # Built before any credential exists: a policy problem must not leave a lease behind.
+    session_policy = data_path_policy(settings, grant.target, grant.level)
     try:
         creds = broker.vault.issue_db_creds(grant.vault_mount, grant.vault_role)
     except (VaultUnavailable, DatabaseUnavailable) as exc:
@@ -159,7 +150,7 @@ def open_session(
             password=creds.password,
             sslmode=tgt.sslmode,
         ),
-        policy=data_path_policy(),
+        policy=session_policy,
     )
 
 

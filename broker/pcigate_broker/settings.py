@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pcigate.models import MAX_SESSION_SECONDS
+from pcigate.models import MAX_SESSION_SECONDS, GuardrailRule, MaskingPolicy
 from pcigate.net import is_loopback
 
 TOKEN_ENV = "PCIGATE_BROKER_VAULT_TOKEN"
@@ -204,9 +204,25 @@ class AuditorSettings(_Section):
     groups: list[str] = Field(default_factory=list)
 
 
+def _unique_rule_names(rules: list[GuardrailRule], where: str) -> None:
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise PydanticCustomError(
+                "guardrails",
+                "duplicate guardrail rule name {name}{where}",
+                {"name": repr(rule.name), "where": where},
+            )
+        seen.add(rule.name)
+
+
 class LevelSettings(_Section):
     vault_role: str
     ttl_cap: Duration
+    # Data-path policy of the level (docs/configuration.md): ``masking`` replaces the target's masking table,
+    # ``guardrails`` are appended to the target's rules (a level can add rules, never drop a target-wide one).
+    masking: MaskingPolicy | None = None
+    guardrails: list[GuardrailRule] = Field(default_factory=list)
 
     @field_validator("ttl_cap")
     @classmethod
@@ -227,6 +243,9 @@ class TargetSettings(_Section):
     description: str | None = None
     default_level: str | None = None
     vault_mount: str = "database"
+    # Target-wide data-path policy, inherited by every level (see LevelSettings).
+    masking: MaskingPolicy | None = None
+    guardrails: list[GuardrailRule] = Field(default_factory=list)
     levels: dict[str, LevelSettings]
 
     @model_validator(mode="after")
@@ -235,12 +254,17 @@ class TargetSettings(_Section):
             raise PydanticCustomError("levels", "a target needs at least one level")
         for name in self.levels:
             if not _NAME.match(name):
-                raise PydanticCustomError("levels", "bad level name {name!r}", {"name": name})
+                raise PydanticCustomError("levels", "bad level name {name}", {"name": repr(name)})
         if self.default_level is not None and self.default_level not in self.levels:
             raise PydanticCustomError(
                 "default_level",
-                "default_level {lvl!r} is not one of the target's levels",
-                {"lvl": self.default_level},
+                "default_level {lvl} is not one of the target's levels",
+                {"lvl": repr(self.default_level)},
+            )
+        _unique_rule_names(self.guardrails, "")
+        for name, level in self.levels.items():
+            _unique_rule_names(
+                [*self.guardrails, *level.guardrails], f" (level {name!r} with the target's rules)"
             )
         return self
 

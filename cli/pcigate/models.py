@@ -8,7 +8,8 @@ Endpoints (all under ``/v1``, all need ``Authorization: Bearer <OIDC JWT>`` exce
     GET  /healthz                              -> {"status": "ok"}
     GET  /v1/config/oidc                       -> OidcClientConfig  (unauthenticated)
     GET  /v1/whoami                            -> Identity
-    GET  /v1/targets                           -> list[TargetInfo]  (only targets the caller reaches)
+    GET  /v1/targets?include_policy=           -> list[TargetInfo]  (only targets the caller reaches; with
+                                                  include_policy=true each level carries its DataPathPolicy)
     POST /v1/sessions          SessionCreate   -> SessionOpened  (201)
     POST /v1/sessions/{id}/heartbeat           -> SessionSummary
     POST /v1/sessions/{id}/end                 -> SessionSummary  (lease revoked now; idempotent)
@@ -81,6 +82,7 @@ class Identity(_Model):
 class LevelInfo(_Model):
     name: str
     max_ttl_seconds: int
+    policy: DataPathPolicy | None = None  # only with ``GET /v1/targets?include_policy=true``
 
 
 class TargetInfo(_Model):
@@ -177,6 +179,10 @@ class DataPathPolicy(_Model):
     masking: MaskingPolicy | None = None  # None: no masking
     guardrails: list[GuardrailRule] = Field(default_factory=list)
     digest: str = ""  # sha256 hex of the canonical JSON of the policy, stored in the recording header
+
+
+LevelInfo.model_rebuild()
+TargetInfo.model_rebuild()
 
 
 class SessionOpened(_Model):

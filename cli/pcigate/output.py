@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 Column = tuple[str, Callable[[Any], object]]
@@ -82,6 +82,11 @@ class Output:
         for name, getter in fields:
             table.add_row(name, _cell(getter(model)))
         self.out.print(table)
+
+    def render(self, renderable: RenderableType) -> None:
+        """A rich layout (tree, panel...) on stdout, human mode only; callers print JSON themselves."""
+        if not self.json_mode:
+            self.out.print(renderable)
 
     def text(self, line: str) -> None:
         """A plain result line on stdout (human mode only)."""

@@ -76,6 +76,27 @@ def start_broker(workdir: Path, issuer: MiniIssuer, bao: OpenBao, pg: PgCluster,
     return Broker(url=url, proc=proc, log=log, db_url=db_url, recordings=workdir / "recordings")
 
 
+# Data-path policy of prod-db: a target-wide guardrail, masking on the read level only.
+POLICY_TOML = """
+[[targets.prod-db.guardrails]]
+name = "no-drop"
+deny = ["drop_table", "drop_database"]
+message = "no drops on prod-db"
+
+[targets.prod-db.levels.read.masking]
+pan = "redact"
+
+[[targets.prod-db.levels.read.masking.columns]]
+table = "payments.cards"
+column = "holder"
+action = "hash"
+
+[[targets.prod-db.levels.read.guardrails]]
+name = "read-only"
+deny = ["write", "truncate"]
+"""
+
+
 @dataclass
 class Stack:
     pg: PgCluster
@@ -97,7 +118,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         bao = start_openbao(log_path=base / "bao.log")
         bao.setup_database("127.0.0.1", pg.port, "bao_admin", pw)
         token = bao.create_broker_token() if hasattr(bao, "create_broker_token") else bao.root_token
-        broker = start_broker(base / "main", issuer, bao, pg, token, max_recording_bytes=64 * 1024)
+        broker = start_broker(base / "main", issuer, bao, pg, token, max_recording_bytes=64 * 1024,
+                              extra=POLICY_TOML)
         yield Stack(pg=pg, bao=bao, issuer=issuer, broker=broker, token=token)
     finally:
         if broker is not None:
@@ -460,3 +482,41 @@ def test_outages_vault_and_database(tmp_path: Path) -> None:
         issuer.stop()
         bao.stop()
         pg.stop()
+
+
+def test_targets_with_and_without_policy_and_session_policy(stack: Stack) -> None:
+    with client(stack, "alice") as c:
+        plain = c.get("/v1/targets")
+        assert plain.status_code == 200
+        for t in plain.json():
+            assert all("policy" not in lv for lv in t["levels"])  # the wire format of older clients
+        assert c.get("/v1/targets", params={"include_policy": "false"}).json() == plain.json()
+        full = c.get("/v1/targets", params={"include_policy": "true"})
+        assert full.status_code == 200
+        levels = {lv["name"]: lv["policy"] for lv in full.json()[0]["levels"]}
+        assert set(levels) == {"read", "admin"}
+        read, admin = levels["read"], levels["admin"]
+        assert read["record"] is True
+        assert read["masking"]["pan"] == "redact"
+        assert read["masking"]["columns"] == [
+            {"table": "payments.cards", "column": "holder", "action": "hash"}]
+        assert [g["name"] for g in read["guardrails"]] == ["no-drop", "read-only"]
+        assert read["guardrails"][0]["message"] == "no drops on prod-db"
+        assert read["guardrails"][0]["deny"] == ["drop_table", "drop_database"]
+        assert admin["masking"] is None
+        assert [g["name"] for g in admin["guardrails"]] == ["no-drop"]
+        assert len({read["digest"], admin["digest"]}) == 2
+        assert c.get("/v1/targets", params={"include_policy": "maybe"}).status_code == 422
+        # the session gets exactly the policy shown for its level
+        for level, shown in levels.items():
+            opened = open_session(c, level=level)
+            assert opened["policy"] == shown
+            assert c.post(f"/v1/sessions/{opened['session_id']}/end").status_code == 200
+        # the same config gives the same digests on a second call
+        again = c.get("/v1/targets", params={"include_policy": "true"}).json()
+        assert {lv["name"]: lv["policy"]["digest"] for lv in again[0]["levels"]} == {
+            k: v["digest"] for k, v in levels.items()}
+    with client(stack, "dave", ["dev"]) as dev:  # only what the caller reaches, policies included
+        got = {t["name"]: [lv["name"] for lv in t["levels"]]
+               for t in dev.get("/v1/targets", params={"include_policy": "true"}).json()}
+        assert got == {"prod-db": ["read"], "staging-db": ["read"]}

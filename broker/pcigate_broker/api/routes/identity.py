@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 
 from pcigate.models import Identity, TargetInfo
 
@@ -18,5 +21,13 @@ def whoami(identity: CurrentIdentity) -> Identity:
 
 
 @router.get("/targets", response_model=list[TargetInfo])
-def targets(broker: BrokerDep, identity: CurrentIdentity) -> list[TargetInfo]:
-    return policy.visible_targets(broker.settings, identity)
+def targets(
+    broker: BrokerDep,
+    identity: CurrentIdentity,
+    include_policy: Annotated[bool, Query(description="fill each level's data-path policy")] = False,
+) -> JSONResponse:
+    """Without ``include_policy`` the levels carry no ``policy`` key at all (the wire format of clients that
+    predate it, whose models forbid unknown keys)."""
+    items = policy.visible_targets(broker.settings, identity, include_policy=include_policy)
+    exclude = None if include_policy else {"levels": {"__all__": {"policy"}}}
+    return JSONResponse([t.model_dump(mode="json", exclude=exclude) for t in items])
