@@ -166,12 +166,17 @@ class BrokerClient:
     def whoami(self) -> Identity:
         return self._model(Identity, self._request("GET", "/v1/whoami"))
 
-    def targets(self) -> list[TargetInfo]:
-        response = self._request("GET", "/v1/targets")
+    def targets(self, *, include_policy: bool = False) -> list[TargetInfo]:
+        """Reachable targets; with ``include_policy`` each level carries the data-path policy it would get."""
+        params = {"include_policy": "true"} if include_policy else None
+        response = self._request("GET", "/v1/targets", params=params)
         try:
-            return _TARGETS.validate_json(response.content)
+            items = _TARGETS.validate_json(response.content)
         except ValidationError as exc:
             raise BrokerUnavailable(f"the broker at {self.base_url} sent an unexpected target list") from exc
+        if include_policy and any(lv.policy is None for t in items for lv in t.levels):
+            raise BrokerUnavailable(f"the broker at {self.base_url} does not report data-path policies")
+        return items
 
     def open_session(self, request: SessionCreate) -> SessionOpened:
         body = request.model_dump(mode="json", exclude_none=True)

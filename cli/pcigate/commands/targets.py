@@ -11,7 +11,6 @@ from pcigate.commands._common import JsonOpt, broker, output
 if TYPE_CHECKING:
     from rich.tree import Tree
 
-    from pcigate.client import BrokerClient
     from pcigate.models import DataPathPolicy, MaskingPolicy, TargetInfo
 
 ShowPolicyOpt = Annotated[
@@ -34,22 +33,6 @@ def _ttl(seconds: int) -> str:
 
 def _address(t: TargetInfo) -> str:
     return f"{t.host}:{t.port}" + (f"/{t.database}" if t.database else "")
-
-
-def _targets_with_policy(client: BrokerClient) -> list[TargetInfo]:
-    from pydantic import TypeAdapter, ValidationError
-
-    from pcigate.errors import BrokerUnavailable
-    from pcigate.models import TargetInfo
-
-    response = client._request("GET", "/v1/targets", params={"include_policy": "true"})
-    try:
-        items = TypeAdapter(list[TargetInfo]).validate_json(response.content)
-    except ValidationError as exc:
-        raise BrokerUnavailable(f"the broker at {client.base_url} sent an unexpected target list") from exc
-    if any(lv.policy is None for t in items for lv in t.levels):
-        raise BrokerUnavailable(f"the broker at {client.base_url} does not report data-path policies")
-    return items
 
 
 def _masking_node(parent: Tree, masking: MaskingPolicy | None) -> None:
@@ -122,7 +105,7 @@ def targets(ctx: typer.Context, json_flag: JsonOpt = False, show_policy: ShowPol
     """
     out = output(ctx, json_flag)
     with broker(ctx) as client:
-        items = _targets_with_policy(client) if show_policy else client.targets()
+        items = client.targets(include_policy=show_policy)
     if show_policy and not out.json_mode:
         if not items:
             out.info("no targets you may connect to")
