@@ -22,6 +22,13 @@ extended protocol one ``stmt`` is recorded per Execute (SQL from the Parse of th
 the server after an error are not recorded; an error in a batch without Execute (e.g. a failing Parse) is
 recorded with the batch's last Parse text. A ``copy`` event follows the CommandComplete of a COPY, and a
 ``cancel`` event marks a forwarded CancelRequest.
+
+Guardrails (``policy.guardrails``; one :class:`~pcigate.guardrails.Guardrails` per tunnel, its cache shared by
+the connections): without rules the relay above is unchanged. With rules every Query and Parse text is judged
+before any byte of it is forwarded; a denied one never reaches the server, the client gets ErrorResponse
+42501 (the rule's message) and a ReadyForQuery, and a ``stmt`` event with ``blocked`` (the rule's name, or
+``"unparseable"``) is recorded. See "guardrails" in :class:`_Conn` for the extended-protocol details.
+Masking is not implemented here yet: a policy with masking still makes ``start()`` refuse.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
+from pcigate.guardrails import Guardrails, StatementInfo
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
@@ -56,6 +64,31 @@ _HDR = struct.Struct("!BI")
 _Q, _P, _B, _E, _S, _C, _X = (ord(c) for c in "QPBESCX")
 _I, _s, _Z, _G, _H, _W = (ord(c) for c in "IsZGHW")
 _CMD, _ERR = ord("C"), ord("E")  # server CommandComplete / ErrorResponse
+_PS, _COPY_DATA = ord("S"), ord("d")  # server ParameterStatus; CopyData (either side)
+_BATCH_TYPES = frozenset(b"PBDEC")  # extended-protocol messages that open a batch (ended by Sync)
+_SYNC_MSG = pg.message(b"S")
+# PostgreSQL client_encoding names -> Python codecs (what the guardrails decode a query with). An encoding not
+# listed here makes every statement unparseable (denied): the tunnel must read exactly what the server reads.
+_CODECS = {
+    "UTF8": "utf-8", "UNICODE": "utf-8", "SQLASCII": "latin-1", "LATIN1": "iso8859-1", "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+    "ISO88595": "iso8859-5", "ISO88596": "iso8859-6", "ISO88597": "iso8859-7", "ISO88598": "iso8859-8",
+    "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250", "WIN1251": "cp1251", "WIN1252": "cp1252",
+    "WIN1253": "cp1253", "WIN1254": "cp1254", "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257",
+    "WIN1258": "cp1258", "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUCJP": "euc-jp", "EUCKR": "euc-kr",
+    "EUCCN": "gb2312", "SJIS": "shift_jis", "BIG5": "big5", "GBK": "gbk", "UHC": "cp949",
+    "GB18030": "gb18030", "JOHAB": "johab", "EUCJIS2004": "euc_jis_2004", "SHIFTJIS2004": "shift_jis_2004",
+}
+
+
+def _codec(pg_name: str) -> str | None:
+    return _CODECS.get("".join(ch for ch in pg_name.upper() if ch.isalnum()))
+
+
+def _affects_prepared(st: StatementInfo) -> bool:
+    """Whether this statement's CommandComplete may change the prepared-statement map."""
+    return st.prepared_name is not None or st.deallocate is not None or "session" in st.classes
 # Startup parameters a client may not pass through.
 _DROPPED_PARAMS = frozenset({"user", "database", "replication"})
 
@@ -67,6 +100,7 @@ class TunnelStats:
     bytes_up: int = 0
     bytes_down: int = 0
     errors: int = 0
+    blocked: int = 0  # statements denied by a guardrail (also counted in ``statements``)
 
 
 class _UpstreamError(Exception):
@@ -325,8 +359,8 @@ async def _send_cancel(host: str, port: int, key: tuple[int, int]) -> None:
 
 
 class _Stmt:
-    __slots__ = ("copy", "copy_dir", "error", "params", "proto", "rows", "sql", "sqlstate", "t0", "tag",
-                 "truncated")
+    __slots__ = ("copy", "copy_dir", "error", "info", "ncc", "params", "proto", "rows", "sql", "sqlstate",
+                 "t0", "tag", "truncated")
 
     def __init__(self, sql: str, truncated: bool, proto: str, params: int | None, t0: float) -> None:
         self.sql = sql
@@ -340,13 +374,30 @@ class _Stmt:
         self.error: str | None = None
         self.copy = -1  # copy_bytes mark at CopyIn/OutResponse
         self.copy_dir = ""
+        # guardrails only: the classified statements whose CommandComplete changes the prepared-statement map
+        # (PREPARE / DEALLOCATE / DISCARD ALL), and how many CommandCompletes this Query has had
+        self.info: tuple[StatementInfo | None, ...] | None = None
+        self.ncc = 0
 
 
 class _Sync:
-    __slots__ = ("parse_sql",)
+    __slots__ = ("parse_sql", "swallow")
 
-    def __init__(self, parse_sql: tuple[str, bool] | None) -> None:
+    def __init__(self, parse_sql: tuple[str, bool] | None, swallow: bool = False) -> None:
         self.parse_sql = parse_sql
+        self.swallow = swallow  # a Sync the tunnel sent itself: its ReadyForQuery is not the client's
+
+
+class _Synth:
+    """A response the tunnel makes up for a blocked message, sent when all earlier responses have been."""
+
+    __slots__ = ("blocked", "data", "ready", "st")
+
+    def __init__(self, data: bytes, ready: bool, st: _Stmt | None = None, blocked: str | None = None) -> None:
+        self.data = data
+        self.ready = ready  # followed by ReadyForQuery with the last transaction status the server reported
+        self.st = st
+        self.blocked = blocked
 
 
 def _sql_text(body: bytes, truncated: bool, text: str) -> tuple[str, bool]:
@@ -372,7 +423,7 @@ class _Conn(asyncio.Protocol):
         self.local_key = (0, 0)
         self.cscan = pg.MessageScanner(_CLIENT_WANTED, pg.FRONTEND_TYPES, keep=SQL_CAP * 4 + 1024)
         self.sscan = pg.MessageScanner(_SERVER_WANTED, pg.BACKEND_TYPES, keep=8192)
-        self.pending: deque[_Stmt | _Sync] = deque()
+        self.pending: deque[_Stmt | _Sync | _Synth] = deque()
         self.statements: dict[str, tuple[str, bool]] = {}
         self.portals: dict[str, tuple[str, bool, int | None]] = {}
         self.batch_parse: tuple[str, bool] | None = None
@@ -382,6 +433,25 @@ class _Conn(asyncio.Protocol):
         self._client_paused = False
         self._server_paused = False
         self.rec = tunnel.recorder
+        # guardrails (None: no rules, and the relay path is exactly the unguarded one)
+        g = tunnel.guard
+        self.guard: Guardrails | None = g if g.enabled else None
+        if self.guard is not None:
+            self.sscan = pg.MessageScanner(_SERVER_WANTED + b"S", pg.BACKEND_TYPES, keep=8192)
+        self._cbuf = bytearray()  # client bytes not yet judged / forwarded
+        self._cskip = 0  # bytes of a streamed CopyData still to pass
+        self._hold = False  # a made-up response waits for the server: judge nothing more until it is sent
+        self._discard = False  # after a denied Parse: drop client messages up to and including Sync
+        self._in_batch = False  # extended-protocol messages forwarded since the last Sync
+        self._codec: str | None = "utf-8"
+        self.txn_status = b"I"
+        self.prepared: dict[str, StatementInfo] = {}  # name -> what EXECUTE name runs (server-side names)
+        self._g_stmts: dict[str, StatementInfo | None] = {}  # protocol-level statement -> its classification
+        self._g_portals: dict[str, StatementInfo | None] = {}
+        self._swallow = 0  # tunnel-sent Syncs not yet answered
+        self._sw_rem = 0  # swallow mode: bytes of the current server message still to pass
+        self._sw_hdr = b""  # swallow mode: a partial header already passed to the client
+        self._sw_buf = b""  # swallow mode: held bytes (a partial message that may be the ReadyForQuery)
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -556,6 +626,16 @@ class _Conn(asyncio.Protocol):
         if login.key is not None:
             self.tunnel._cancel_keys[self.local_key] = login.key
         self.transport.write(pg.auth_ok() + login.greeting + pg.backend_key_data(pid, secret) + login.ready)
+        if self.guard is not None:
+            self.txn_status = login.ready[5:6] or b"I"
+            enc = self.params.get("client_encoding")
+            for gm in pg.split_messages(login.greeting):
+                if gm.type == _PS:
+                    name, value = pg.parse_parameter_status(gm.body)
+                    if name == "client_encoding":
+                        enc = value
+            if enc is not None:
+                self._codec = _codec(enc)
         self.phase = "relay"
         up.conn = self
         rest = up.take_buffer()
@@ -574,6 +654,10 @@ class _Conn(asyncio.Protocol):
     # ---- relay --------------------------------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
+        if self.guard is not None:
+            self._cbuf += data
+            self._judge_client()
+            return
         try:
             msgs = self.cscan.feed(data)
             if msgs:
@@ -588,6 +672,9 @@ class _Conn(asyncio.Protocol):
         self.tunnel.stats.bytes_up += len(data)
 
     def from_server(self, data: bytes) -> None:
+        if self._swallow:
+            self._from_server_swallow(data)
+            return
         try:
             msgs = self.sscan.feed(data)
         except ProtocolError as e:
@@ -650,13 +737,21 @@ class _Conn(asyncio.Protocol):
                     item = pending.popleft()
                     if isinstance(item, _Sync):
                         break
+                    if isinstance(item, _Synth):  # not expected here: synthesized items are sent eagerly
+                        continue
                     if item.proto == "simple":
                         now = now or time.perf_counter()
                         self._record(item, now)
                         break
+                if self.guard is not None:
+                    self.txn_status = m.body[:1] or b"I"
+                    if pending and isinstance(pending[0], _Synth):
+                        self._send_synth()
                 continue
             if not isinstance(head, _Stmt):
-                if t == _ERR and isinstance(head, _Sync) and head.parse_sql is not None:
+                if t == _PS:
+                    self._parameter_status(m.body)
+                elif t == _ERR and isinstance(head, _Sync) and head.parse_sql is not None:
                     # an error in a batch without Execute (a Parse that fails)
                     st = _Stmt(head.parse_sql[0], head.parse_sql[1], "extended", None, time.perf_counter())
                     self._set_error(st, m.body)
@@ -672,6 +767,8 @@ class _Conn(asyncio.Protocol):
             if t == _CMD or t in (_I, _s):
                 tag = pg.parse_command_complete(m.body) if t == _CMD else None
                 rows = pg.rows_from_tag(tag)
+                if head.info is not None and tag is not None:
+                    self._prepared_effect(head, tag)
                 if head.copy >= 0:
                     scan = self.cscan if head.copy_dir == "in" else self.sscan
                     nbytes = scan.copy_bytes - head.copy if head.copy_dir == "in" else m.mark - head.copy
@@ -702,6 +799,8 @@ class _Conn(asyncio.Protocol):
             elif t == _H:
                 head.copy = m.mark
                 head.copy_dir = "out"
+            elif t == _PS:  # wanted only with guardrails
+                self._parameter_status(m.body)
 
     def _set_error(self, st: _Stmt, body: bytes) -> None:
         f = pg.parse_error_fields(body)
@@ -714,6 +813,363 @@ class _Conn(asyncio.Protocol):
         if rec is not None:
             rec.stmt(self.n, st.sql, st.truncated, st.proto, st.params, round((now - st.t0) * 1000.0, 3),
                      st.rows, st.tag, st.sqlstate, st.error)
+
+    # ---- guardrails ---------------------------------------------------------------------------------------
+    #
+    # With rules, client bytes go through _judge_client instead of straight upstream: every message but
+    # CopyData is held until complete, each Query / Parse text is judged before any byte of it is forwarded,
+    # and the forwarded bytes then take the ordinary recording path (_forward).
+    #
+    # A denied message is never forwarded; the tunnel answers for the server, and the client must see a
+    # well-formed stream, in order:
+    # * Query: ErrorResponse 42501 + ReadyForQuery (the last transaction status the server reported).
+    # * Parse: ErrorResponse 42501; every later client message up to and including the next Sync is
+    #   dropped (as the server skips to Sync after an error) and that Sync is answered with ReadyForQuery.
+    #   If extended-protocol messages of the same batch were already forwarded (pipelining, or a batch
+    #   split over reads), the tunnel ends that batch with a Sync of its own and does not pass on the
+    #   server's ReadyForQuery for it (_from_server_swallow); the client sees the prefix's responses, then the
+    #   ErrorResponse, then one ReadyForQuery for its Sync. Deviation from a server-side error: outside an
+    #   explicit transaction block the prefix commits (the server would have rolled it back).
+    # * Made-up responses queue in `pending` behind the responses still owed by the server (_Synth); until
+    #   one is sent, nothing more of the client's input is judged or forwarded (reading paused), so no
+    #   server response to a later message can overtake it.
+
+    def _judge_client(self) -> None:
+        guard = self.guard
+        if guard is None or self.phase != "relay" or self._hold:
+            return
+        buf = self._cbuf
+        total = len(buf)
+        pos = seg = 0
+        pieces: list[bytes] = []
+        infos: list[tuple[StatementInfo | None, ...] | None] = []
+        try:
+            while pos < total and not self._hold and self.phase == "relay":
+                if self._cskip:  # the rest of a CopyData message, streamed
+                    take = min(self._cskip, total - pos)
+                    pos += take
+                    self._cskip -= take
+                    continue
+                if total - pos < 5:
+                    break
+                t, n = _HDR.unpack_from(buf, pos)
+                if n < 4 or n > pg.MAX_MESSAGE or t not in pg.FRONTEND_TYPES:
+                    pos = total  # bad framing: the scanner (in _forward) fails the connection
+                    break
+                end = pos + 1 + n
+                if t == _COPY_DATA and not self._discard:
+                    if end > total:
+                        self._cskip = end - total
+                        pos = total
+                        break
+                    pos = end
+                    continue
+                if end > total:
+                    break  # held until complete
+                if self._discard:
+                    if t != _X:
+                        pieces.append(bytes(buf[seg:pos]))
+                        seg = end
+                        if t == _S:
+                            self._discard = False
+                            self._queue_synth(_Synth(b"", ready=True))
+                    pos = end
+                    continue
+                if t in (_Q, _P):
+                    body = bytes(buf[pos + 5 : end])
+                    name = ""
+                    nparams: int | None = 0
+                    if t == _Q:
+                        z = body.find(b"\x00")
+                        raw = body if z < 0 else body[:z]
+                    else:
+                        p = pg.parse_parse(body)
+                        name, nparams = p.name, p.nparams
+                        z = body.find(b"\x00")
+                        z2 = body.find(b"\x00", z + 1)
+                        raw = body[z + 1 : z2 if z2 >= 0 else len(body)]
+                    verdict = self._check(guard, raw)
+                    if not verdict.allowed:
+                        pieces.append(bytes(buf[seg:pos]))
+                        seg = pos = end
+                        if not self._forward(b"".join(pieces), infos):
+                            return
+                        pieces = []
+                        infos = []
+                        self._block(t, raw, verdict.message, verdict.rule or "unparseable", nparams)
+                        continue
+                    if t == _Q:
+                        sts = verdict.statements
+                        infos.append(tuple(sts) if any(_affects_prepared(x) for x in sts) else None)
+                    else:
+                        st = verdict.statements[0] if len(verdict.statements) == 1 else None
+                        self._g_stmts[name] = st if st is not None and _affects_prepared(st) else None
+                        if name and st is not None:  # protocol-level names share SQL PREPARE's namespace
+                            self.prepared[name] = st
+                        self._in_batch = True
+                elif t == _B:
+                    z1 = buf.find(b"\x00", pos + 5, end)
+                    z2 = buf.find(b"\x00", z1 + 1, end) if z1 >= 0 else -1
+                    if z2 < 0:
+                        raise ProtocolError("unterminated string in message")
+                    sinfo = self._g_stmts.get(buf[z1 + 1 : z2].decode("utf-8", "replace")) if self._g_stmts \
+                        else None
+                    portal = buf[pos + 5 : z1].decode("utf-8", "replace")
+                    if sinfo is not None:
+                        self._g_portals[portal] = sinfo
+                    elif self._g_portals:
+                        self._g_portals.pop(portal, None)
+                    self._in_batch = True
+                elif t == _E:
+                    if self._g_portals:
+                        pinfo = self._g_portals.get(pg.parse_execute(bytes(buf[pos + 5 : end])))
+                        infos.append((pinfo,) if pinfo is not None else None)
+                    else:
+                        infos.append(None)
+                    self._in_batch = True
+                elif t == _C:
+                    kind, cname = pg.parse_close(bytes(buf[pos + 5 : end]))
+                    if kind == "S":
+                        self._g_stmts.pop(cname, None)
+                        self.prepared.pop(cname, None)
+                    else:
+                        self._g_portals.pop(cname, None)
+                    self._in_batch = True
+                elif t == _S:
+                    self._in_batch = False
+                elif t in _BATCH_TYPES:
+                    self._in_batch = True
+                pos = end
+        except ProtocolError as e:
+            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            return
+        if pieces:
+            pieces.append(bytes(buf[seg:pos]))
+            data = b"".join(pieces)
+        else:
+            data = bytes(buf[seg:pos])
+        del buf[:pos]
+        self._forward(data, infos)
+
+    def _check(self, guard: Guardrails, raw: bytes) -> Any:
+        """The verdict for one query text as the server will read it (client_encoding)."""
+        codec = self._codec
+        try:
+            text = raw.decode(codec) if codec is not None else None
+        except (UnicodeDecodeError, LookupError):
+            text = None
+        if text is None:
+            # Not readable as the server reads it: give the core a text it classifies as unparseable, so the
+            # fail-closed verdict (or a rule naming "unparseable") applies.
+            text = "\x00"
+        return guard.check(text, self.prepared)
+
+    def _forward(self, data: bytes, infos: list[tuple[StatementInfo | None, ...] | None]) -> bool:
+        """Send judged client bytes upstream through the ordinary recording path. False if the connection
+        failed."""
+        if not data:
+            return True
+        pending = self.pending
+        before = len(pending)
+        try:
+            msgs = self.cscan.feed(data)
+            if msgs:
+                self._client_msgs(msgs)
+        except ProtocolError as e:
+            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            return False
+        if any(infos):  # one per forwarded Query / Execute, in the order _client_msgs queued their _Stmt
+            it = iter(infos)
+            for i in range(before, len(pending)):
+                item = pending[i]
+                if isinstance(item, _Stmt):
+                    item.info = next(it, None)
+        up = self.up
+        assert up is not None
+        assert up.transport is not None
+        up.transport.write(data)
+        self.tunnel.stats.bytes_up += len(data)
+        return True
+
+    def _block(self, t: int, raw: bytes, message: str, rule: str, nparams: int | None) -> None:
+        codec = self._codec or "utf-8"
+        try:
+            text = raw.decode(codec, "replace")
+        except LookupError:
+            text = raw.decode("utf-8", "replace")
+        sql, trunc = _sql_text(raw, False, text)
+        simple = t == _Q
+        st = _Stmt(sql, trunc, "simple" if simple else "extended", 0 if simple else nparams,
+                   time.perf_counter())
+        st.sqlstate = "42501"
+        st.error = message[:ERROR_TEXT_CAP]
+        if self._in_batch:
+            # Part of this batch already reached the server: end it with our own Sync (see above).
+            if self._swallow == 0:
+                # Swallow mode starts mid-stream: continue where the scanner is in the current message.
+                sc = self.sscan
+                self._sw_rem = sc._skip or (sc._bneed if sc._btype >= 0 else 0)
+                self._sw_hdr = sc._hdr
+                self._sw_buf = b""
+            self._swallow += 1
+            up = self.up
+            assert up is not None
+            assert up.transport is not None
+            up.transport.write(_SYNC_MSG)
+            self.pending.append(_Sync(self.batch_parse, swallow=True))
+            self.batch_parse = None
+            self._in_batch = False
+        err = pg.error_response("42501", message, severity="ERROR")
+        self._queue_synth(_Synth(err, ready=simple, st=st, blocked=rule))
+        if not simple:
+            self._discard = True
+
+    def _queue_synth(self, s: _Synth) -> None:
+        self.pending.append(s)
+        self._send_synth()
+
+    def _send_synth(self) -> None:
+        """Send the made-up responses now at the head of `pending`; hold client input while one waits."""
+        pending = self.pending
+        tr = self.transport
+        while pending and isinstance(pending[0], _Synth):
+            s = cast(_Synth, pending.popleft())
+            data = s.data + pg.ready_for_query(self.txn_status) if s.ready else s.data
+            if data and tr is not None and not tr.is_closing():
+                tr.write(data)
+                self.tunnel.stats.bytes_down += len(data)
+            if s.st is not None:
+                self._record_blocked(s.st, s.blocked)
+        waiting = any(isinstance(x, _Synth) for x in pending)
+        if waiting and not self._hold:
+            self._hold = True
+            if tr is not None and not self._client_paused:
+                tr.pause_reading()
+        elif not waiting and self._hold:
+            self._hold = False
+            if tr is not None and not self._client_paused and self.phase == "relay":
+                tr.resume_reading()
+            asyncio.get_running_loop().call_soon(self._judge_client)
+
+    def _record_blocked(self, st: _Stmt, rule: str | None) -> None:
+        stats = self.tunnel.stats
+        stats.statements += 1
+        stats.blocked += 1
+        rec = self.rec
+        if rec is None:
+            return
+        fields: dict[str, object] = {"c": self.n, "sql": st.sql}
+        if st.truncated:
+            fields["sql_truncated"] = True
+        fields.update(proto=st.proto, params=st.params, ms=round((time.perf_counter() - st.t0) * 1000.0, 3),
+                      rows=None, tag=None, sqlstate=st.sqlstate, error=st.error, blocked=rule)
+        rec.event("stmt", **fields)
+
+    def _prepared_effect(self, head: _Stmt, tag: str) -> None:
+        """A CommandComplete confirmed a statement: keep the prepared-statement map as the server has it."""
+        infos = head.info
+        assert infos is not None
+        if head.proto == "simple":
+            i = head.ncc
+            head.ncc += 1
+        else:
+            i = 0
+        st = infos[i] if i < len(infos) else None
+        if tag == "PREPARE":
+            if st is not None and st.prepared_name:
+                self.prepared[st.prepared_name] = st.as_prepared()
+        elif tag in ("DEALLOCATE ALL", "DISCARD ALL"):  # also drops protocol-level named statements
+            self.prepared.clear()
+            unnamed = self._g_stmts.get("")
+            self._g_stmts.clear()
+            self._g_stmts[""] = unnamed
+        elif tag == "DEALLOCATE" and st is not None and st.deallocate:
+            self.prepared.pop(st.deallocate, None)
+            self._g_stmts.pop(st.deallocate, None)
+
+    def _parameter_status(self, body: bytes) -> None:
+        name, value = pg.parse_parameter_status(body)
+        if name == "client_encoding":
+            self._codec = _codec(value)
+
+    def _next_z_swallowed(self) -> bool:
+        for item in self.pending:
+            if isinstance(item, _Sync):
+                return item.swallow
+            if isinstance(item, _Stmt) and item.proto == "simple":
+                return False
+        return False
+
+    def _server_piece(self, data: bytes, write: bool) -> bool:
+        if not data:
+            return True
+        try:
+            msgs = self.sscan.feed(data)
+        except ProtocolError as e:
+            self._server_malformed(e)
+            return False
+        if write:
+            assert self.transport is not None
+            self.transport.write(data)
+            self.tunnel.stats.bytes_down += len(data)
+        if msgs:
+            try:
+                self._server_msgs(msgs)
+            except ProtocolError as e:
+                self._server_malformed(e)
+                return False
+        return self.phase != "closed"
+
+    def _from_server_swallow(self, data: bytes) -> None:
+        """Server bytes while a tunnel-sent Sync is unanswered: walk message boundaries so that its
+        ReadyForQuery (6 bytes) is fed to the scanner but not written to the client."""
+        buf = self._sw_buf + data if self._sw_buf else bytes(data)
+        self._sw_buf = b""
+        end = len(buf)
+        pos = start = 0
+        while pos < end:
+            if self._sw_rem:
+                take = min(self._sw_rem, end - pos)
+                pos += take
+                self._sw_rem -= take
+                continue
+            if self._sw_hdr:  # a header begun before swallow mode (already passed on)
+                need = 5 - len(self._sw_hdr)
+                hdr = self._sw_hdr + buf[pos : pos + need]
+                if len(hdr) < 5:
+                    self._sw_hdr = hdr
+                    pos = end
+                    break
+                self._sw_hdr = b""
+                pos += need
+                self._sw_rem = max(_HDR.unpack(hdr)[1] - 4, 0)
+                continue
+            if end - pos < 6 and (end - pos < 5 or buf[pos] == _Z):
+                break  # held: a partial header, or a ReadyForQuery that may be ours
+            t, n = _HDR.unpack_from(buf, pos)
+            if t == _Z and n == 5:
+                if not self._server_piece(buf[start:pos], True):
+                    return
+                start = pos
+                if self._next_z_swallowed():
+                    if not self._server_piece(buf[pos : pos + 6], False):
+                        return
+                    pos = start = pos + 6
+                    self._swallow -= 1
+                    if not self._swallow:
+                        if pos < end:
+                            self.from_server(buf[pos:])
+                        return
+                    continue
+                pos += 6
+                continue
+            if n < 4:
+                pos = end  # malformed: the scanner fails the connection
+                break
+            self._sw_rem = 1 + n
+        if pos < end:
+            self._sw_buf = buf[pos:]
+        self._server_piece(buf[start:pos], True)
 
     # ---- ending -------------------------------------------------------------------------------------------
 
@@ -797,6 +1253,8 @@ class PgTunnel:
         self._n = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        # one per tunnel, shared by its connections (and so is its classification cache); set again by start()
+        self.guard = Guardrails(policy.guardrails if policy is not None else [])
 
     def _salted_cache(self) -> dict[tuple[bytes, int], bytes]:
         return self._salted.setdefault(self.upstream.password, {})
@@ -814,9 +1272,10 @@ class PgTunnel:
         if not is_loopback(self.listen_host):
             raise UsageError(f"the tunnel listens on loopback only, not {self.listen_host!r}")
         pol = self.policy
-        if pol is not None and (pol.masking or pol.guardrails):
-            raise AccessDenied("the session policy asks for masking or guardrails, which this pcigate "
-                               "version does not apply; refusing to open the tunnel")
+        if pol is not None and pol.masking:
+            raise AccessDenied("the session policy asks for masking, which this pcigate version does not "
+                               "apply in the tunnel; refusing to open the tunnel")
+        self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()
         try:
