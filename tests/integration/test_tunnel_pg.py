@@ -184,7 +184,7 @@ def test_psql_select_insert_copy_and_recording(session: Session, cluster: tuple[
     disconns = [e for e in events if e.get("e") == "disconn"]
     assert len(conns) == len(disconns) == 7
     assert all(e["app"] == "psql" for e in conns)
-    assert {e["reason"] for e in disconns} == {"client"}
+    assert {e["reason"] for e in disconns} == {"client"}, (disconns, session.tunnel.errors)
     assert session.tunnel.stats.connections == 7
     assert session.tunnel.stats.statements == len(ss)
     assert session.tunnel.errors == []

@@ -1325,7 +1325,7 @@ class PgTunnel:
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
-            conn.close("shutdown")
+            conn.close("client" if conn.terminated else "shutdown")  # a sent Terminate was the client's end
         self._conns.clear()
         for t in list(self._tasks):
             t.cancel()
