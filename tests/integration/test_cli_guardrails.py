@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from tests.stack.broker import TARGET, to_toml
+from tests.stack.broker import TARGET, edit_broker_config
 from tests.stack.cli import run_cli
 from tests.stack.stack import Stack
 
@@ -33,11 +32,12 @@ def gstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("guardrails"), start_broker=False)
     stack.start()
     try:
-        cfg = tomllib.loads(stack.broker_config_path.read_text())
-        levels = cfg["targets"][TARGET]["levels"]
-        levels["read"].update(READ)
-        levels["admin"].update(ADMIN)
-        stack.broker_config_path.write_text(to_toml(cfg))
+        def add_policy(cfg: dict[str, Any]) -> None:
+            levels = cfg["targets"][TARGET]["levels"]
+            levels["read"].update(READ)
+            levels["admin"].update(ADMIN)
+
+        edit_broker_config(stack.broker_config_path, add_policy)
         stack.start_broker()
         yield stack
     finally:

@@ -4,13 +4,12 @@ stack of its own whose broker config carries a data-path policy for prod-db."""
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.stack.broker import TARGET, to_toml
+from tests.stack.broker import TARGET, edit_broker_config
 from tests.stack.cli import login_device, run_cli
 from tests.stack.stack import Stack
 
@@ -40,11 +39,12 @@ def pstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("policy"), start_broker=False)
     stack.start()
     try:
-        cfg = tomllib.loads(stack.broker_config_path.read_text())
-        target = cfg["targets"][TARGET]
-        target.update(POLICY)
-        target["levels"]["read"].update(READ_POLICY)
-        stack.broker_config_path.write_text(to_toml(cfg))
+        def add_policy(cfg: dict[str, Any]) -> None:
+            target = cfg["targets"][TARGET]
+            target.update(POLICY)
+            target["levels"]["read"].update(READ_POLICY)
+
+        edit_broker_config(stack.broker_config_path, add_policy)
         stack.start_broker()
         yield stack
     finally:

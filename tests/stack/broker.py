@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,13 @@ def broker_config(
         else:
             cfg[section] = values
     return cfg
+
+
+def edit_broker_config(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Load broker.toml, let ``edit`` change the dict in place, write it back (before the broker starts)."""
+    cfg = tomllib.loads(path.read_text())
+    edit(cfg)
+    path.write_text(to_toml(cfg))
 
 
 def write_broker_config(path: Path, **kwargs: Any) -> Path:
