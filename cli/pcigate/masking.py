@@ -339,7 +339,8 @@ class Masker:
                 out = bytearray(src)
                 for s, e in spans:
                     out[s:e] = b"*" * (e - s)
-        out, regroup = _scan_pans(src if out is None else out, out, self._head, self._tail)
+        # scan a snapshot: reading the buffer being written would miss overlapping windows of one run
+        out, regroup = _scan_pans(src if out is None else bytes(out), out, self._head, self._tail)
         while regroup and out is not None and _RUN13 in out.translate(_PRE, _SEPS):
             again, regroup = _scan_pans(out, None, self._head, self._tail)
             if again is None:

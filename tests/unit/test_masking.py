@@ -574,3 +574,17 @@ def test_error_properties(fields: dict[str, bytes]) -> None:
     assert set(parsed) == set(fields)
     for v in parsed.values():
         assert not list(luhn_windows(v.encode()))
+
+
+def test_track_data_and_a_grouped_pan_in_one_value_leave_no_window_in_clear() -> None:
+    """Regression: after track data was starred, the PAN scan read the buffer it was writing and missed a
+    second Luhn-valid window of a 19-digit grouped run (``4111 11** **** 1111 110`` showed 13 digits)."""
+    m = Masker(MaskingPolicy(pan="truncate"))
+    value = b"x 4111 1111 1111 1111 110 y ;4111111111111111=25121010000000000000?"
+    out = m.scan(value)
+    assert out is not None
+    assert b"4111 11** **** ***1 110" in out  # first 6 / last 4 of the 19-digit run, same length
+    digits = re.sub(rb"[^0-9*]", b"", out)
+    assert len(out) == len(value)
+    assert b"*" * 10 in out  # the track is starred
+    assert not re.search(rb"\d{13,}", digits.replace(b"*", b" "))
