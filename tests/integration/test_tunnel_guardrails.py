@@ -21,7 +21,7 @@ import pytest
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
-from pcigate.models import DatabaseCredentials, DataPathPolicy, GuardrailRule, MaskingPolicy
+from pcigate.models import ColumnMaskRule, DatabaseCredentials, DataPathPolicy, GuardrailRule, MaskingPolicy
 from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
 from pcigate.tunnel.pg import PgTunnel
 from pcigate.wire import pg
@@ -280,12 +280,13 @@ def test_unparseable_denied(make_session: Any, cluster: tuple[PgCluster, str]) -
     assert [e["blocked"] for e in stmts(events) if e["blocked"]] == ["unparseable", "unparseable"]
 
 
-def test_start_refuses_masking_but_accepts_guardrails(cluster: tuple[PgCluster, str],
+def test_start_refuses_unsupported_masking_but_accepts_guardrails(cluster: tuple[PgCluster, str],
                                                       loop: LoopThread) -> None:
     c, pw = cluster
     creds = DatabaseCredentials(host="127.0.0.1", port=c.port, database="prod", username=APP_USER,
                                 password=pw)
-    t = PgTunnel(creds, "x", None, policy=DataPathPolicy(masking=MaskingPolicy(), guardrails=RULES))
+    hashing = MaskingPolicy(columns=[ColumnMaskRule(column="email", action="hash")])  # no key yet: refused
+    t = PgTunnel(creds, "x", None, policy=DataPathPolicy(masking=hashing, guardrails=RULES))
     with pytest.raises(AccessDenied):
         loop.run(t.start())
     t2 = PgTunnel(creds, "x", None, policy=DataPathPolicy(guardrails=RULES))

@@ -28,7 +28,23 @@ the connections): without rules the relay above is unchanged. With rules every Q
 before any byte of it is forwarded; a denied one never reaches the server, the client gets ErrorResponse
 42501 (the rule's message) and a ReadyForQuery, and a ``stmt`` event with ``blocked`` (the rule's name, or
 ``"unparseable"``) is recorded. See "guardrails" in :class:`_Conn` for the extended-protocol details.
-Masking is not implemented here yet: a policy with masking still makes ``start()`` refuse.
+Masking (``policy.masking``; one :class:`~pcigate.masking.Masker` per tunnel): without it the relay above is
+unchanged. With it, server bytes are framed into complete messages before anything is passed on (a partial
+message is held until the rest arrives) and each chunk is rewritten, then written once:
+* RowDescription (``T``) gives the plan for the DataRows (``D``) that follow (column name, type OID, format;
+  table OIDs are not resolved, so a table-scoped column rule applies to that column name in any table, the
+  core's fail-closed reading); a DataRow is masked with :meth:`~pcigate.masking.Masker.mask_datarow` and
+  re-framed when its length changes. The plan ends with CommandComplete / EmptyQuery / ErrorResponse /
+  ReadyForQuery. A DataRow without a plan (an extended-protocol Execute whose rows were not described in the
+  same exchange) is masked by pattern when the policy has no column rules; with column rules (the default
+  CVV/PIN list) the connection is failed instead, since the columns cannot be told.
+* COPY OUT (``H`` … ``d`` … ``c``): text/CSV payloads by pattern; binary payloads tuple by tuple, every field
+  by pattern (COPY has no column names, so column rules cannot apply to COPY data).
+* ErrorResponse / NoticeResponse: :meth:`~pcigate.masking.Masker.mask_error_fields` (so the recording's
+  ``error`` is masked too). SQL texts (and the client's application name) are masked before they are recorded.
+A chunk with no digit run that could be a PAN (:meth:`~pcigate.masking.Masker.has_candidate`) and no
+redacted column in play has only its headers walked. Column rules with ``action="hash"`` need a key that the
+session contract does not carry yet: ``start()`` refuses such a policy.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from typing import Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.guardrails import Guardrails, StatementInfo
+from pcigate.masking import ColumnInfo, Masker, RowPlan
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
@@ -67,6 +84,12 @@ _CMD, _ERR = ord("C"), ord("E")  # server CommandComplete / ErrorResponse
 _PS, _COPY_DATA = ord("S"), ord("d")  # server ParameterStatus; CopyData (either side)
 _BATCH_TYPES = frozenset(b"PBDEC")  # extended-protocol messages that open a batch (ended by Sync)
 _SYNC_MSG = pg.message(b"S")
+# server message types the masking layer looks at
+_T, _D, _N, _c = (ord(c) for c in "TDNc")
+_EMPTY_Q = ord("I")
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_FIELD_TAIL = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, typmod, format
 # PostgreSQL client_encoding names -> Python codecs (what the guardrails decode a query with). An encoding not
 # listed here makes every statement unparseable (denied): the tunnel must read exactly what the server reads.
 _CODECS = {
@@ -400,7 +423,9 @@ class _Synth:
         self.blocked = blocked
 
 
-def _sql_text(body: bytes, truncated: bool, text: str) -> tuple[str, bool]:
+def _sql_text(body: bytes, truncated: bool, text: str, masker: Masker | None = None) -> tuple[str, bool]:
+    if masker is not None:  # before the cap: a cut must not leave a PAN's head unmasked
+        text = masker.mask_text(text)
     if len(text) > SQL_CAP:
         return text[:SQL_CAP], True
     return text, truncated
@@ -452,6 +477,14 @@ class _Conn(asyncio.Protocol):
         self._sw_rem = 0  # swallow mode: bytes of the current server message still to pass
         self._sw_hdr = b""  # swallow mode: a partial header already passed to the client
         self._sw_buf = b""  # swallow mode: held bytes (a partial message that may be the ReadyForQuery)
+        # masking (None: no masking, and the server->client relay path is exactly the unmasked one)
+        self.masker: Masker | None = tunnel.masker
+        self._mbuf = b""  # server bytes of a partial message, held until complete
+        self._plan: RowPlan | None = None  # the plan of the current result set (from its RowDescription)
+        self._copy_out = 0  # 0: no COPY OUT; 1: text/CSV; 2: binary
+        self._copy_plan: RowPlan | None = None
+        if self.masker is not None:  # without masking, from_server is the plain relay (no extra call)
+            self.from_server = self._from_server_masked  # type: ignore[method-assign]
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -577,7 +610,10 @@ class _Conn(asyncio.Protocol):
         self.tunnel.stats.connections += 1
         self.n = self.tunnel._next_conn()
         if self.rec is not None:
-            self.rec.event("conn", c=self.n, peer=self.peer, app=self.params.get("application_name"))
+            app = self.params.get("application_name")
+            if app is not None and self.masker is not None:
+                app = self.masker.mask_text(app)
+            self.rec.event("conn", c=self.n, peer=self.peer, app=app)
         granted = self.tunnel.upstream.database
         asked = self.params.get("database")
         if asked and asked != granted:
@@ -671,7 +707,15 @@ class _Conn(asyncio.Protocol):
         up.transport.write(data)
         self.tunnel.stats.bytes_up += len(data)
 
-    def from_server(self, data: bytes) -> None:
+    def _from_server_masked(self, data: bytes) -> None:
+        """``from_server`` of a connection with masking (bound per instance, see ``__init__``)."""
+        mk = self.masker
+        assert mk is not None
+        masked = self._mask_server(data, mk)
+        if masked:
+            self._relay_server(masked)
+
+    def _relay_server(self, data: bytes) -> None:
         if self._swallow:
             self._from_server_swallow(data)
             return
@@ -689,6 +733,128 @@ class _Conn(asyncio.Protocol):
             except ProtocolError as e:
                 self._server_malformed(e)
 
+    from_server = _relay_server  # the relay path without masking: exactly the unmasked one
+
+    # ---- masking (server -> client) ----------------------------------------------------------------------
+
+    def _mask_server(self, data: bytes, mk: Masker) -> bytes | None:
+        """Frame ``data`` (after any held partial message), mask the complete messages, hold the partial
+        rest. Returns the bytes to pass on (empty: nothing complete yet; None: the connection failed)."""
+        if self._mbuf:
+            buf = self._mbuf + data
+            self._mbuf = b""
+        else:
+            buf = bytes(data)
+        end = len(buf)
+        cand = mk.has_candidate(buf)  # a superset test on the whole chunk: framing bytes only add hits
+        plan = self._plan
+        work = cand or (plan is not None and plan.forced)
+        unpack = _HDR.unpack_from
+        parts: list[bytes] = []
+        seg = pos = 0
+        try:
+            while pos + 5 <= end:
+                t, n = unpack(buf, pos)
+                nxt = pos + 1 + n
+                if n < 4 or n > pg.MAX_MESSAGE:
+                    pos = end  # malformed: passed on as is, the scanner fails the connection before writing
+                    break
+                if nxt > end:
+                    break
+                if t == _D:
+                    if work:
+                        body = buf[pos + 5 : nxt]
+                        if plan is None:
+                            plan = self._plan = self._rowless_plan(body)
+                            if plan is None:
+                                return None
+                            work = cand or plan.forced
+                        new = mk.mask_datarow(body, plan)
+                        if new is not None:
+                            parts.append(buf[seg:pos])
+                            parts.append(_HDR.pack(_D, len(new) + 4) + new)
+                            seg = nxt
+                    elif plan is None:  # nothing to find by pattern; column rules still need a plan
+                        plan = self._plan = self._rowless_plan(buf[pos + 5 : nxt])
+                        if plan is None:
+                            return None
+                elif t == _COPY_DATA:
+                    if cand and self._copy_out:
+                        body = buf[pos + 5 : nxt]
+                        if self._copy_out == 2 and self._copy_plan is not None:
+                            new = mk.mask_copy_binary(body, self._copy_plan)
+                        else:
+                            new = mk.mask_copy_data(body)
+                        if new is not None:
+                            parts.append(buf[seg:pos])
+                            parts.append(_HDR.pack(t, len(new) + 4) + new)
+                            seg = nxt
+                elif t == _T:
+                    plan = self._plan = mk.row_plan(_row_description(buf[pos + 5 : nxt]))
+                    work = cand or plan.forced
+                elif t in (_ERR, _N):
+                    new = mk.mask_error_fields(buf[pos + 5 : nxt])
+                    if new is not None:
+                        parts.append(buf[seg:pos])
+                        parts.append(_HDR.pack(t, len(new) + 4) + new)
+                        seg = nxt
+                    if t == _ERR:
+                        plan = self._plan = None
+                        work = cand
+                        self._copy_out = 0
+                elif t in (_CMD, _Z, _EMPTY_Q):
+                    plan = self._plan = None
+                    work = cand
+                    self._copy_out = 0
+                elif t == _H:
+                    if mk.policy.sensitive_columns or mk.policy.columns:
+                        # COPY output carries no column names: a cvv column could not be told apart, so
+                        # with column rules COPY OUT is refused (fail closed) instead of leaking it.
+                        msg = ("pcigate: COPY TO STDOUT is refused under this session's column masking "
+                               "rules (COPY output has no column names); use SELECT instead")
+                        self.tunnel._error(f"connection {self.n}: {msg}")
+                        self.fail("masking: copy refused", "42501", msg)
+                        return None
+                    body = buf[pos + 5 : nxt]
+                    if len(body) < 3:
+                        raise ValueError("short CopyOutResponse")
+                    ncols = _I16.unpack_from(body, 1)[0]
+                    if body[0] == 1:
+                        self._copy_out = 2
+                        self._copy_plan = RowPlan.of(["pan"] * ncols)  # no column names in COPY
+                    else:
+                        self._copy_out = 1
+                        self._copy_plan = None
+                elif t == _c:
+                    self._copy_out = 0
+                pos = nxt
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            self._server_malformed(ProtocolError(f"cannot mask a message: {e}"))
+            return None
+        if pos < end:
+            self._mbuf = buf[pos:]
+        if not parts:
+            return buf if pos == end else buf[:pos]
+        parts.append(buf[seg:pos])
+        return b"".join(parts)
+
+    def _rowless_plan(self, body: bytes) -> RowPlan | None:
+        """A DataRow arrived without a RowDescription in this exchange (an extended-protocol Execute whose
+        statement was described earlier). Without column rules: scan every field by pattern. With them the
+        columns cannot be told, so fail the connection (fail closed). None: failed."""
+        mk = self.masker
+        assert mk is not None
+        pol = mk.policy
+        if pol.sensitive_columns or pol.columns:
+            msg = ("pcigate: result rows arrived without a row description, so the masking policy's column "
+                   "rules cannot be applied; describe the portal (libpq does) to use this session")
+            self.tunnel._error(f"connection {self.n}: {msg}")
+            self.fail("protocol_error: masking: undescribed rows", "0A000", msg)
+            return None
+        if len(body) < 2:
+            raise ValueError("short DataRow")
+        return RowPlan.of(["pan"] * max(_I16.unpack_from(body, 0)[0], 0))
+
     def _server_malformed(self, e: ProtocolError) -> None:
         self.tunnel._error(f"connection {self.n}: malformed data from the database: {e}")
         self.fail(f"protocol_error: server: {e}", "08P01", f"pcigate: malformed data from the database: {e}")
@@ -699,11 +865,11 @@ class _Conn(asyncio.Protocol):
         for m in msgs:
             t = m.type
             if t == _Q:
-                sql, trunc = _sql_text(m.body, m.truncated, pg.parse_query(m.body))
+                sql, trunc = _sql_text(m.body, m.truncated, pg.parse_query(m.body), self.masker)
                 pending.append(_Stmt(sql, trunc or m.truncated, "simple", 0, now))
             elif t == _P:
                 p = pg.parse_parse(m.body)
-                entry = _sql_text(m.body, m.truncated, p.query)
+                entry = _sql_text(m.body, m.truncated, p.query, self.masker)
                 entry = (entry[0], entry[1] or m.truncated)
                 self.statements[p.name] = entry
                 self.batch_parse = entry
@@ -997,7 +1163,7 @@ class _Conn(asyncio.Protocol):
             text = raw.decode(codec, "replace")
         except LookupError:
             text = raw.decode("utf-8", "replace")
-        sql, trunc = _sql_text(raw, False, text)
+        sql, trunc = _sql_text(raw, False, text, self.masker)
         simple = t == _Q
         st = _Stmt(sql, trunc, "simple" if simple else "extended", 0 if simple else nparams,
                    time.perf_counter())
@@ -1158,7 +1324,7 @@ class _Conn(asyncio.Protocol):
                     self._swallow -= 1
                     if not self._swallow:
                         if pos < end:
-                            self.from_server(buf[pos:])
+                            self._relay_server(buf[pos:])
                         return
                     continue
                 pos += 6
@@ -1218,6 +1384,22 @@ class _Conn(asyncio.Protocol):
                 self.rec.event("disconn", c=self.n, reason=reason)
 
 
+def _row_description(body: bytes) -> list[ColumnInfo]:
+    """The columns of a RowDescription body (table OIDs are not resolved: ``table`` is None)."""
+    (count,) = _I16.unpack_from(body, 0)
+    pos = 2
+    cols: list[ColumnInfo] = []
+    for _ in range(count):
+        z = body.index(b"\x00", pos)
+        name = body[pos:z].decode("utf-8", "replace")
+        _toid, _att, typ, _tlen, _tmod, fmt = _FIELD_TAIL.unpack_from(body, z + 1)
+        cols.append(ColumnInfo(name, None, typ & 0xFFFFFFFF, fmt))
+        pos = z + 1 + _FIELD_TAIL.size
+    if pos != len(body):
+        raise ValueError("trailing bytes in RowDescription")
+    return cols
+
+
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # mark retrieved; the owner handles it
@@ -1255,6 +1437,7 @@ class PgTunnel:
         self.port = 0
         # one per tunnel, shared by its connections (and so is its classification cache); set again by start()
         self.guard = Guardrails(policy.guardrails if policy is not None else [])
+        self.masker: Masker | None = None  # set by start() when the policy asks for masking
 
     def _salted_cache(self) -> dict[tuple[bytes, int], bytes]:
         return self._salted.setdefault(self.upstream.password, {})
@@ -1272,9 +1455,12 @@ class PgTunnel:
         if not is_loopback(self.listen_host):
             raise UsageError(f"the tunnel listens on loopback only, not {self.listen_host!r}")
         pol = self.policy
-        if pol is not None and pol.masking:
-            raise AccessDenied("the session policy asks for masking, which this pcigate version does not "
-                               "apply in the tunnel; refusing to open the tunnel")
+        self.masker = None
+        if pol is not None and pol.masking is not None:
+            if any(r.action == "hash" for r in pol.masking.columns):
+                raise AccessDenied("hash column rules need a masking key, which this pcigate cannot receive "
+                                   "yet; refusing to open the tunnel")
+            self.masker = Masker(pol.masking)
         self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()

@@ -1,0 +1,443 @@
+"""Masking in the PgTunnel, against a real SCRAM-only cluster through the real psql and pgbench: PANs of
+several brands (contiguous, spaced, dashed, inside text and JSON), CVV and track-2 data in result rows, COPY
+OUT (text, CSV, binary), a unique-violation DETAIL and a NOTICE, and the recording."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from tests.stack.postgres import PgCluster, seed_prod, start_cluster
+
+from pcigate.errors import AccessDenied
+from pcigate.masking import luhn_ok
+from pcigate.models import ColumnMaskRule, DatabaseCredentials, DataPathPolicy, GuardrailRule, MaskingPolicy
+from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
+from pcigate.tunnel.pg import PgTunnel
+from pcigate.wire import pg
+from pcigate.wire.scram import ScramClient
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+APP_USER = "mk_user"
+TABLE = "mk_cards"
+
+
+def _with_check(prefix: str) -> str:
+    """``prefix`` + the Luhn check digit."""
+    for d in "0123456789":
+        if luhn_ok((prefix + d).encode()):
+            return prefix + d
+    raise AssertionError(prefix)
+
+
+# (brand, PAN): every major brand's lengths
+PANS = [
+    ("visa16", "4111111111111111"),
+    ("visa13", "4222222222222"),
+    ("visa19", _with_check("411111111111111111")),
+    ("mastercard", "5555555555554444"),
+    ("mastercard2", "2223003122003222"),
+    ("amex", "378282246310005"),
+    ("discover", "6011111111111117"),
+    ("diners14", "30569309025904"),
+    ("jcb", "3530111333300000"),
+    ("unionpay19", _with_check("620000000000000000")),
+    ("maestro", "6759649826438453"),
+]
+for _b, _p in PANS:
+    assert luhn_ok(_p.encode()), _b
+
+
+def spaced(p: str) -> str:
+    return " ".join(p[i : i + 4] for i in range(0, len(p), 4))
+
+
+def dashed(p: str) -> str:
+    return "-".join(p[i : i + 4] for i in range(0, len(p), 4))
+
+
+def truncated(s: str) -> str:
+    """First 6 and last 4 digits kept, the digits between starred, separators kept."""
+    digits = [i for i, ch in enumerate(s) if ch.isdigit()]
+    keep = set(digits[:6]) | set(digits[-4:])
+    return "".join(ch if (not ch.isdigit() or i in keep) else "*" for i, ch in enumerate(s))
+
+
+TRACK2 = ";4111111111111111=25121010000012300000?"
+NOT_A_PAN = "4111111111111112"  # fails Luhn: left alone
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[PgCluster, str]]:
+    c = start_cluster()
+    try:
+        seed_prod(c)
+        password = secrets.token_urlsafe(24)
+        c.psql(f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{password}'")
+        c.psql(f"GRANT ALL ON DATABASE prod TO {APP_USER}")
+        c.psql(f"GRANT ALL ON SCHEMA public TO {APP_USER}", database="prod")
+        rows = []
+        for i, (brand, p) in enumerate(PANS, start=1):
+            note = f"order {i} paid with {spaced(p)} by {brand}"
+            doc = json.dumps({"brand": brand, "card": dashed(p), "qty": 2})
+            rows.append(f"({i}, '{p}', '{note}', '{doc}', '{i:03d}', '{TRACK2}')")
+        c.psql(f"DROP TABLE IF EXISTS {TABLE}; CREATE TABLE {TABLE} (id int PRIMARY KEY, pan text UNIQUE, "
+               f"note text, doc jsonb, cvv text, track text); INSERT INTO {TABLE} VALUES {', '.join(rows)}, "
+               f"(100, '{NOT_A_PAN}', 'phone +1 415 555 0100', '{{}}', '999', 'none'); "
+               f"ALTER TABLE {TABLE} OWNER TO {APP_USER}", database="prod")
+        yield c, password
+    finally:
+        c.stop()
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        try:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+class Session:
+    def __init__(self, loop: LoopThread, tmp: Path, cluster: tuple[PgCluster, str],
+                 policy: DataPathPolicy | None, name: str = "s") -> None:
+        c, pw = cluster
+        self.loop = loop
+        self.secret = secrets.token_urlsafe(32)
+        self.rec_path = tmp / name / "s.rec"
+        header = RecordingHeader("sess-m", "alice", "prod-db", "read", "lease-1", "d" * 64, datetime.now(UTC))
+        self.recorder = RecordingWriter(self.rec_path, header)
+        creds = DatabaseCredentials(host="127.0.0.1", port=c.port, database="prod", username=APP_USER,
+                                    password=pw, sslmode="prefer")
+        self.tunnel = PgTunnel(creds, self.secret, self.recorder, policy=policy)
+        self.port = loop.run(self.tunnel.start())
+        self.passfile = tmp / name / "pgpass"
+        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, f"127.0.0.1:{self.port}:*:*:{self.secret}\n".encode())
+        os.close(fd)
+        self.closed = False
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(PGPASSFILE=str(self.passfile), PGCONNECT_TIMEOUT="10")
+        return env
+
+    def argv(self, *args: str) -> list[str]:
+        return ["psql", "-X", "-h", "127.0.0.1", "-p", str(self.port), "-d", "prod", "-v", "ON_ERROR_STOP=1",
+                *args]
+
+    def psql(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env(), capture_output=True, text=True, timeout=60)
+
+    def psql_bytes(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(*args), env=self.env(), capture_output=True, timeout=60)
+
+    def pgbench(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(self.port), "-n", *args, "prod"],
+                              env=self.env(), capture_output=True, text=True, timeout=120)
+
+    def finish(self) -> bytes:
+        self.loop.run(self.tunnel.close())
+        self.recorder.close()
+        self.closed = True
+        data = self.rec_path.read_bytes()
+        check = verify_recording(data)
+        assert check.ok, (check.error, check.line)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.loop.run(self.tunnel.close())
+            self.recorder.close()
+
+
+@pytest.fixture
+def make_session(cluster: tuple[PgCluster, str], loop: LoopThread, tmp_path: Path) -> Iterator[Any]:
+    made: list[Session] = []
+
+    def make(policy: DataPathPolicy | None, name: str = "s") -> Session:
+        s = Session(loop, tmp_path, cluster, policy, name)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+MASKING = DataPathPolicy(masking=MaskingPolicy(pan="truncate"))
+# COPY OUT is only served without column rules (COPY output has no column names): pattern masking only.
+PATTERN_ONLY = DataPathPolicy(masking=MaskingPolicy(pan="truncate", sensitive_columns=[]))
+CLEAR_FORMS = [f(p) for _, p in PANS for f in (str, spaced, dashed)]
+
+
+def assert_no_clear_pan(text: str | bytes) -> None:
+    data = text.encode() if isinstance(text, str) else text
+    for form in CLEAR_FORMS:
+        assert form.encode() not in data, form
+    assert TRACK2.encode() not in data
+    # no clear PAN hides in another form: every 13-19 digit window of a contiguous run fails Luhn
+    for m in re.finditer(rb"(?<![0-9])[0-9]{13,19}(?![0-9])", data):
+        assert not luhn_ok(m.group()) or m.group() == NOT_A_PAN.encode(), m.group()
+
+
+def test_select_masked_through_psql(make_session: Any) -> None:
+    s = make_session(MASKING)
+    sql = f"SELECT id, pan, note, doc::text, cvv, track FROM {TABLE} ORDER BY id"
+    proc = s.psql("-A", "-F", "|", "-c", sql)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+    # well-formed: header, one line per row, the row count footer
+    assert lines[0] == "id|pan|note|doc|cvv|track"
+    assert lines[-1] == f"({len(PANS) + 1} rows)"
+    rows = [ln.split("|") for ln in lines[1:-1]]
+    assert len(rows) == len(PANS) + 1
+    for (brand, p), row in zip(PANS, rows, strict=False):
+        assert row[1] == truncated(p), brand
+        assert (row[1][:6], row[1][-4:], set(row[1][6:-4])) == (p[:6], p[-4:], {"*"})
+        assert truncated(spaced(p)) in row[2], brand
+        assert json.loads(row[3])["card"] == truncated(dashed(p)), brand
+        assert row[4] == "***"  # cvv: a sensitive column, fully starred
+        assert row[5] == "*" * len(TRACK2)  # track 2 data: every byte starred
+    assert rows[-1][1] == NOT_A_PAN  # not Luhn-valid: left alone
+    assert rows[-1][2] == "phone +1 415 555 0100"
+    assert rows[-1][4] == "***"
+    assert_no_clear_pan(out)
+    # the same query without the tunnel's masking shows the clear data (the table really holds it)
+    plain = make_session(None, "plain").psql("-At", "-c", f"SELECT pan FROM {TABLE} WHERE id = 1")
+    assert plain.stdout.strip() == PANS[0][1]
+
+
+def test_copy_out_refused_under_column_rules(make_session: Any) -> None:
+    """The default policy redacts cvv-like columns by name; COPY output has no names, so a cvv column could
+    not be told apart: COPY TO STDOUT is refused (fail closed) rather than leak it."""
+    s = make_session(MASKING)
+    proc = s.psql("-c", f"COPY (SELECT id, pan, cvv FROM {TABLE} ORDER BY id) TO STDOUT")
+    assert proc.returncode != 0
+    assert "COPY TO STDOUT is refused" in proc.stderr
+    assert proc.stdout.strip() == ""  # not one row went out
+
+
+def test_copy_out_masked(make_session: Any) -> None:
+    s = make_session(PATTERN_ONLY)
+    for opts in ("", "(FORMAT csv)"):
+        # track data in its own COPY: see test_copy_line_with_track_and_overlapping_pan_windows
+        for cols in ("id, pan, note, doc", "id, track"):
+            proc = s.psql("-c", f"COPY (SELECT {cols} FROM {TABLE} ORDER BY id) TO STDOUT {opts}")
+            assert proc.returncode == 0, proc.stderr
+            assert_no_clear_pan(proc.stdout)
+            lines = proc.stdout.splitlines()
+            assert len(lines) == len(PANS) + 1
+            for (_, p), line in zip(PANS, lines, strict=False):
+                if "track" in cols:
+                    assert "*" * len(TRACK2) in line
+                else:
+                    assert truncated(p) in line
+                    assert truncated(spaced(p)) in line
+                    assert truncated(dashed(p)) in line
+            if "track" not in cols:
+                assert NOT_A_PAN in lines[-1]
+    binary = f"COPY (SELECT id, pan, note FROM {TABLE} ORDER BY id) TO STDOUT (FORMAT binary)"
+    proc_b = s.psql_bytes("-c", binary)
+    assert proc_b.returncode == 0, proc_b.stderr
+    assert proc_b.stdout.startswith(b"PGCOPY\n\xff\r\n\x00")
+    assert_no_clear_pan(proc_b.stdout)
+    for _, p in PANS:
+        assert truncated(p).encode() in proc_b.stdout
+    # the masked binary COPY is still well-formed: it loads back
+    load = subprocess.run(s.argv("-c", f"CREATE TABLE {TABLE}_b (id int, pan text, note text)",
+                                 "-c", f"COPY {TABLE}_b FROM STDIN (FORMAT binary)",
+                                 "-c", f"SELECT count(*), min(pan) FROM {TABLE}_b", "-At"),
+                          env=s.env(), input=proc_b.stdout, capture_output=True, timeout=60)
+    try:
+        assert load.returncode == 0, load.stderr
+        last = load.stdout.decode().strip().splitlines()[-1]
+        assert last == f"{len(PANS) + 1}|{truncated('2223003122003222')}"
+    finally:
+        s.psql("-c", f"DROP TABLE IF EXISTS {TABLE}_b")
+
+
+def test_error_and_notice_masked_and_recording_clean(make_session: Any) -> None:
+    s = make_session(MASKING)
+    p = PANS[0][1]
+    proc = s.psql("-v", "VERBOSITY=verbose", "-c", f"INSERT INTO {TABLE} (id, pan) VALUES (999, '{p}')")
+    assert proc.returncode != 0
+    assert "23505" in proc.stderr
+    assert "already exists" in proc.stderr
+    assert f"Key (pan)=({truncated(p)})" in proc.stderr, proc.stderr
+    assert_no_clear_pan(proc.stderr)
+    amex = PANS[5][1]
+    proc = s.psql("-c", f"DO $$BEGIN RAISE NOTICE 'charged %', '{spaced(amex)}'; END$$")
+    assert proc.returncode == 0, proc.stderr
+    assert f"charged {truncated(spaced(amex))}" in proc.stderr
+    assert_no_clear_pan(proc.stderr)
+    proc = s.psql("-c", f"SELECT 1 WHERE '{dashed(PANS[3][1])}' = 'x'", "-c", f"SELECT '{TRACK2}'::int")
+    assert proc.returncode != 0
+    # psql echoes its own copy of the query ("LINE 1: …"); the server's message is masked
+    server_lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("LINE ", " "))]
+    assert f'"{"*" * len(TRACK2)}"' in "\n".join(server_lines), proc.stderr
+    assert_no_clear_pan("\n".join(server_lines))
+    s.psql("-c", f"SELECT * FROM {TABLE}")
+    data = s.finish()
+    assert_no_clear_pan(data)
+    events = [json.loads(x) for x in data.splitlines()]
+    st = [e for e in events if e.get("e") == "stmt"]
+    assert any(e["sqlstate"] == "23505" and truncated(p) in e["sql"] for e in st)
+    assert any(e["sqlstate"] == "22P02" for e in st)  # invalid input syntax: its message quoted the track
+    assert s.tunnel.errors == []
+
+
+def test_pgbench_with_masking(make_session: Any, cluster: tuple[PgCluster, str]) -> None:
+    c, _ = cluster
+    if c.psql("SELECT to_regclass('pgbench_accounts') IS NOT NULL", database="prod") != "t":
+        subprocess.run(["pgbench", "-i", "-s", "1", "-q", "prod"], env=c.env, check=True, capture_output=True)
+        c.psql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_USER}", database="prod")
+    s = make_session(MASKING)
+    for mode in ("simple", "extended", "prepared"):
+        proc = s.pgbench("-M", mode, "-S", "-c", "2", "-t", "200")
+        assert proc.returncode == 0, (mode, proc.stderr)
+        assert "number of failed transactions: 0" in proc.stdout, proc.stdout
+    assert s.tunnel.errors == []
+
+
+def test_masking_with_guardrails_and_column_rules(make_session: Any) -> None:
+    pol = DataPathPolicy(masking=MaskingPolicy(pan="redact", columns=[ColumnMaskRule(column="note")]),
+                         guardrails=[GuardrailRule(name="no-drop", deny=["drop_table"])])
+    s = make_session(pol)
+    proc = s.psql("-At", "-c", f"SELECT pan, note, cvv FROM {TABLE} WHERE id = 2")
+    assert proc.returncode == 0, proc.stderr
+    pan, note, cvv = proc.stdout.strip().split("|")
+    assert pan == "*" * len(PANS[1][1])
+    assert set(note) == {"*"}
+    assert cvv == "***"
+    proc = s.psql("-v", "VERBOSITY=verbose", "-c", f"DROP TABLE {TABLE}")
+    assert proc.returncode != 0
+    assert "42501" in proc.stderr, proc.stderr
+    assert s.psql("-At", "-c", f"SELECT count(*) FROM {TABLE}").stdout.strip() == str(len(PANS) + 1)
+
+
+def test_hash_rules_refused(cluster: tuple[PgCluster, str], loop: LoopThread) -> None:
+    c, pw = cluster
+    creds = DatabaseCredentials(host="127.0.0.1", port=c.port, database="prod", username=APP_USER,
+                                password=pw)
+    pol = DataPathPolicy(masking=MaskingPolicy(columns=[ColumnMaskRule(column="email", action="hash")]))
+    t = PgTunnel(creds, "x", None, policy=pol)
+    with pytest.raises(AccessDenied, match="masking key"):
+        loop.run(t.start())
+    t2 = PgTunnel(creds, "x", None, policy=MASKING)
+    assert loop.run(t2.start()) > 0
+    loop.run(t2.close())
+
+
+def test_copy_line_with_track_and_overlapping_pan_windows(make_session: Any) -> None:
+    s = make_session(PATTERN_ONLY)
+    p = PANS[2][1]  # visa19: its 16-digit prefix is Luhn-valid too
+    proc = s.psql("-c", f"COPY (SELECT note, track FROM {TABLE} WHERE pan = '{p}') TO STDOUT")
+    assert proc.returncode == 0, proc.stderr
+    assert truncated(spaced(p)) in proc.stdout, proc.stdout
+
+
+# -- extended protocol: rows whose columns were not described in the same exchange -------------------------
+
+
+def _raw_login(port: int, secret: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(pg.startup_message({"user": "whoever", "database": "prod"}))
+    client = ScramClient("", secret)
+    msgs = _read(s, b"Z", client)
+    assert msgs[-1][0] == ord("Z")
+    return s
+
+
+def _read(s: socket.socket, until: bytes, client: ScramClient | None = None) -> list[tuple[int, bytes]]:
+    buf = b""
+    out: list[tuple[int, bytes]] = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        buf += chunk
+        while len(buf) >= 5:
+            t, n = struct.unpack("!BI", buf[:5])
+            if len(buf) < n + 1:
+                break
+            body, buf = buf[5 : n + 1], buf[n + 1 :]
+            out.append((t, body))
+            if client is not None and t == ord("R"):
+                a = pg.parse_auth(body)
+                if a.code == pg.AUTH_SASL:
+                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
+                elif a.code == pg.AUTH_SASL_CONTINUE:
+                    s.sendall(pg.sasl_response(client.final(a.data)))
+                elif a.code == pg.AUTH_SASL_FINAL:
+                    client.verify(a.data)
+            if t == until[0]:
+                return out
+
+
+def _undescribed_rows(s: Session) -> list[tuple[int, bytes]]:
+    sock = _raw_login(s.port, s.secret)
+    try:
+        q = f"SELECT pan, cvv FROM {TABLE} WHERE id = 1".encode()
+        sync = pg.message(b"S")
+        sock.sendall(pg.message(b"P", b"s1\0" + q + b"\0\0\0") + pg.message(b"D", b"Ss1\0") + sync)
+        assert any(t == ord("T") for t, _ in _read(sock, b"Z"))
+        # Bind + Execute without Describe: the rows come with no RowDescription in this exchange
+        bind = pg.message(b"B", b"\0s1\0" + struct.pack("!hhh", 0, 0, 0))
+        sock.sendall(bind + pg.message(b"E", b"\0\0\0\0\0") + sync)
+        return _read(sock, b"Z")
+    finally:
+        sock.close()
+
+
+def test_undescribed_rows_fail_closed_with_column_rules(make_session: Any) -> None:
+    s = make_session(MASKING)  # default sensitive columns (cvv, …): the columns must be known
+    got = _undescribed_rows(s)
+    assert not any(t == ord("D") for t, _ in got)
+    errs = [pg.parse_error_fields(b) for t, b in got if t == ord("E")]
+    assert errs
+    assert errs[0]["C"] == "0A000"
+    assert "row description" in errs[0]["M"]
+
+
+def test_undescribed_rows_masked_by_pattern_without_column_rules(make_session: Any) -> None:
+    s = make_session(DataPathPolicy(masking=MaskingPolicy(sensitive_columns=[])))
+    got = _undescribed_rows(s)
+    rows = [b for t, b in got if t == ord("D")]
+    assert len(rows) == 1
+    assert truncated(PANS[0][1]).encode() in rows[0]
+    assert PANS[0][1].encode() not in rows[0]
+    assert s.tunnel.errors == []
