@@ -21,6 +21,7 @@ import pytest
 from tests.stack.cli import CliResult, login_browser, login_device
 from tests.stack.cli import run_cli as _run_cli
 from tests.stack.idp import Idp
+from tests.stack.loopthread import LoopThread
 from tests.stack.stack import Stack
 
 RunCli = Callable[..., CliResult]
@@ -87,3 +88,11 @@ def login(request: pytest.FixtureRequest, stack: Stack) -> Login:
         return login_browser(env, stack.idp, user, password, timeout=timeout)
 
     return do
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    """An event loop in a thread for driving the tunnel in-process (tests/stack/loopthread.py)."""
+    lt = LoopThread()
+    yield lt
+    lt.stop()

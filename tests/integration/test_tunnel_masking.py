@@ -4,7 +4,6 @@ OUT (text, CSV, binary), a unique-violation DETAIL and a NOTICE, and the recordi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -12,13 +11,13 @@ import secrets
 import socket
 import struct
 import subprocess
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from tests.stack.loopthread import LoopThread
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
@@ -31,7 +30,6 @@ from pcigate.wire.scram import ScramClient
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 APP_USER = "mk_user"
 TABLE = "mk_cards"
 
@@ -102,32 +100,6 @@ def cluster() -> Iterator[tuple[PgCluster, str]]:
         yield c, password
     finally:
         c.stop()
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        try:
-            import uvloop
-
-            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover
-            self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.stop()
 
 
 class Session:
