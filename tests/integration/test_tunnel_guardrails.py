@@ -6,7 +6,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import struct
 import subprocess
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from tests.stack.loopthread import LoopThread
+from tests.stack.pgraw import raw_login, read_until
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
@@ -24,7 +24,6 @@ from pcigate.models import ColumnMaskRule, DatabaseCredentials, DataPathPolicy, 
 from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
 from pcigate.tunnel.pg import PgTunnel
 from pcigate.wire import pg
-from pcigate.wire.scram import ScramClient
 
 pytestmark = pytest.mark.integration
 
@@ -240,11 +239,11 @@ def test_unparseable_denied(make_session: Any, cluster: tuple[PgCluster, str]) -
     # bytes that are not valid in the client encoding (UTF8) cannot be judged: denied
     sock = raw_login(s.port, s.secret)
     sock.sendall(pg.message(b"Q", b"SELECT '\xff\xfe'\x00"))
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert [m[0] for m in msgs] == [ord("E"), ord("Z")]
     assert pg.parse_error_fields(msgs[0][1])["C"] == "42501"
     sock.sendall(pg.query("SELECT 41 + 1"))
-    assert any(t == ord("D") and b"42" in b for t, b in read_until(sock, b"Z"))
+    assert any(t == ord("D") and b"42" in b for t, b in read_until(sock, b"Z", nothing_after=True))
     sock.close()
     events = s.finish()
     assert [e["blocked"] for e in stmts(events) if e["blocked"]] == ["unparseable", "unparseable"]
@@ -265,56 +264,6 @@ def test_start_refuses_unsupported_masking_but_accepts_guardrails(cluster: tuple
 
 
 # -- extended protocol -------------------------------------------------------------------------------------
-
-
-def raw_login(port: int, secret: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(pg.startup_message({"user": "whoever", "database": "prod"}))
-    client = ScramClient("", secret)
-    buf = b""
-    while True:
-        chunk = s.recv(65536)
-        assert chunk, "connection closed during login"
-        buf += chunk
-        while len(buf) >= 5:
-            t, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            body, buf = buf[5 : n + 1], buf[n + 1 :]
-            if t == ord("R"):
-                a = pg.parse_auth(body)
-                if a.code == pg.AUTH_SASL:
-                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
-                elif a.code == pg.AUTH_SASL_CONTINUE:
-                    s.sendall(pg.sasl_response(client.final(a.data)))
-                elif a.code == pg.AUTH_SASL_FINAL:
-                    client.verify(a.data)
-            elif t == ord("E"):
-                raise AssertionError(pg.parse_error_fields(body))
-            elif t == ord("Z"):
-                return s
-
-
-def read_until(s: socket.socket, t: bytes, count: int = 1) -> list[tuple[int, bytes]]:
-    buf = b""
-    out: list[tuple[int, bytes]] = []
-    seen = 0
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return out
-        buf += chunk
-        while len(buf) >= 5:
-            mt, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            out.append((mt, buf[5 : n + 1]))
-            buf = buf[n + 1 :]
-            if mt == t[0]:
-                seen += 1
-                if seen == count:
-                    assert not buf, f"unexpected bytes after the last message: {buf!r}"
-                    return out
 
 
 def parse(sql: str, name: str = "") -> bytes:
@@ -344,48 +293,48 @@ def test_raw_extended_protocol(make_session: Any, cluster: tuple[PgCluster, str]
     sock = raw_login(s.port, s.secret)
     # a denied Parse: ErrorResponse 42501, the rest of the batch dropped, its Sync answered
     sock.sendall(parse(f"DELETE FROM {TABLE}") + bind() + execute() + SYNC)
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert types(msgs) == "EZ"
     f = pg.parse_error_fields(msgs[0][1])
     assert (f["S"], f["C"], f["M"]) == ("ERROR", "42501", MESSAGES["no-unbounded"])
     assert msgs[1][1] == b"I"
     # the connection goes on
     sock.sendall(parse(f"SELECT count(*) FROM {TABLE}") + bind() + execute() + SYNC)
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert types(msgs) == "12DCZ"
     assert msgs[2][1].endswith(b"3")
     # a batch whose allowed prefix is in the same packet as the denied Parse (pipelining)
     sock.sendall(parse("SELECT 1") + bind() + execute() + parse(f"TRUNCATE {TABLE}") + bind() + execute()
                  + parse("SELECT 2") + bind() + execute() + SYNC)
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert types(msgs) == "12DCEZ"
     assert pg.parse_error_fields(msgs[4][1])["C"] == "42501"
     # the prefix reached the server in an earlier read (Flush): the tunnel ends it with its own Sync, whose
     # ReadyForQuery the client never sees
     sock.sendall(pg.query("BEGIN"))
-    assert types(read_until(sock, b"Z"))[-1] == "Z"
+    assert types(read_until(sock, b"Z", nothing_after=True))[-1] == "Z"
     sock.sendall(parse(f"INSERT INTO {TABLE} VALUES (4, 'd')") + bind() + execute() + FLUSH)
-    assert types(read_until(sock, b"C")) == "12C"
+    assert types(read_until(sock, b"C", nothing_after=True)) == "12C"
     sock.sendall(parse(f"DROP TABLE {TABLE}") + bind() + execute() + SYNC)
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert types(msgs) == "EZ"
     assert msgs[1][1] == b"T"  # still in the transaction the server reported
     sock.sendall(pg.query("ROLLBACK"))
-    assert types(read_until(sock, b"Z"))[-1] == "Z"
+    assert types(read_until(sock, b"Z", nothing_after=True))[-1] == "Z"
     # in a transaction block, a blocked simple Query keeps the status
     sock.sendall(pg.query("BEGIN; SELECT 1"))
-    read_until(sock, b"Z")
+    read_until(sock, b"Z", nothing_after=True)
     sock.sendall(pg.query(f"DELETE FROM {TABLE}"))
-    msgs = read_until(sock, b"Z")
+    msgs = read_until(sock, b"Z", nothing_after=True)
     assert types(msgs) == "EZ"
     assert msgs[1][1] == b"T"
     sock.sendall(pg.query("COMMIT"))
-    read_until(sock, b"Z")
+    read_until(sock, b"Z", nothing_after=True)
     # protocol-level named statement, then SQL EXECUTE and DEALLOCATE
     sock.sendall(parse(f"SELECT v FROM {TABLE} WHERE id = 1", "named") + SYNC)
-    assert types(read_until(sock, b"Z")) == "1Z"
+    assert types(read_until(sock, b"Z", nothing_after=True)) == "1Z"
     sock.sendall(pg.query("EXECUTE named; DEALLOCATE named"))
-    assert "D" in types(read_until(sock, b"Z"))
+    assert "D" in types(read_until(sock, b"Z", nothing_after=True))
     sock.sendall(pg.message(b"X"))
     sock.close()
     assert intact(c)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 from tests.stack.loopthread import LoopThread
+from tests.stack.pgraw import raw_login, read_until
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
@@ -26,7 +26,6 @@ from pcigate.models import ColumnMaskRule, DatabaseCredentials, DataPathPolicy, 
 from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
 from pcigate.tunnel.pg import PgTunnel
 from pcigate.wire import pg
-from pcigate.wire.scram import ScramClient
 
 pytestmark = pytest.mark.integration
 
@@ -345,52 +344,17 @@ def test_copy_line_with_track_and_overlapping_pan_windows(make_session: Any) -> 
 # -- extended protocol: rows whose columns were not described in the same exchange -------------------------
 
 
-def _raw_login(port: int, secret: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(pg.startup_message({"user": "whoever", "database": "prod"}))
-    client = ScramClient("", secret)
-    msgs = _read(s, b"Z", client)
-    assert msgs[-1][0] == ord("Z")
-    return s
-
-
-def _read(s: socket.socket, until: bytes, client: ScramClient | None = None) -> list[tuple[int, bytes]]:
-    buf = b""
-    out: list[tuple[int, bytes]] = []
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return out
-        buf += chunk
-        while len(buf) >= 5:
-            t, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            body, buf = buf[5 : n + 1], buf[n + 1 :]
-            out.append((t, body))
-            if client is not None and t == ord("R"):
-                a = pg.parse_auth(body)
-                if a.code == pg.AUTH_SASL:
-                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
-                elif a.code == pg.AUTH_SASL_CONTINUE:
-                    s.sendall(pg.sasl_response(client.final(a.data)))
-                elif a.code == pg.AUTH_SASL_FINAL:
-                    client.verify(a.data)
-            if t == until[0]:
-                return out
-
-
 def _undescribed_rows(s: Session) -> list[tuple[int, bytes]]:
-    sock = _raw_login(s.port, s.secret)
+    sock = raw_login(s.port, s.secret)
     try:
         q = f"SELECT pan, cvv FROM {TABLE} WHERE id = 1".encode()
         sync = pg.message(b"S")
         sock.sendall(pg.message(b"P", b"s1\0" + q + b"\0\0\0") + pg.message(b"D", b"Ss1\0") + sync)
-        assert any(t == ord("T") for t, _ in _read(sock, b"Z"))
+        assert any(t == ord("T") for t, _ in read_until(sock, b"Z"))
         # Bind + Execute without Describe: the rows come with no RowDescription in this exchange
         bind = pg.message(b"B", b"\0s1\0" + struct.pack("!hhh", 0, 0, 0))
         sock.sendall(bind + pg.message(b"E", b"\0\0\0\0\0") + sync)
-        return _read(sock, b"Z")
+        return read_until(sock, b"Z")
     finally:
         sock.close()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from tests.stack.loopthread import LoopThread
+from tests.stack.pgraw import raw_exchange, raw_login, read_until
 from tests.stack.ports import free_port
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
@@ -27,7 +28,6 @@ from pcigate.models import DatabaseCredentials
 from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
 from pcigate.tunnel.pg import PgTunnel
 from pcigate.wire import pg
-from pcigate.wire.scram import ScramClient
 
 pytestmark = pytest.mark.integration
 
@@ -293,87 +293,25 @@ def test_cancel_request_via_psql_sigint(session: Session) -> None:
     assert any(e.get("e") == "cancel" for e in events)
 
 
-def _raw_login(port: int, secret: str, **kw: Any) -> socket.socket:
-    """Connect and authenticate with the tunnel by hand; returns the socket after ReadyForQuery."""
-    return _raw_exchange(port, secret, **kw)[0]
-
-
-def _raw_exchange(port: int, secret: str, *, params: dict[str, str] | None = None, after_final: bytes = b"",
-                  expect_error: bool = False, stop_after_final: bool = False,
-                  ) -> tuple[socket.socket, list[tuple[int, bytes]]]:
-    """The hand-made login: ``after_final`` is sent in the same packet as the last SASL message; with
-    ``expect_error`` the exchange continues to the first ErrorResponse. Returns the socket and messages."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(pg.startup_message({"user": "whoever", "database": "prod", **(params or {})}))
-    client = ScramClient("", secret)
-    buf = b""
-    msgs: list[tuple[int, bytes]] = []
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed after {msgs}")
-        buf += chunk
-        while len(buf) >= 5:
-            t, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            body, buf = buf[5 : n + 1], buf[n + 1 :]
-            msgs.append((t, body))
-            if t == ord("R"):
-                a = pg.parse_auth(body)
-                if a.code == pg.AUTH_SASL:
-                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
-                elif a.code == pg.AUTH_SASL_CONTINUE:
-                    s.sendall(pg.sasl_response(client.final(a.data)) + after_final)
-                    if stop_after_final:
-                        return s, msgs
-                elif a.code == pg.AUTH_SASL_FINAL:
-                    client.verify(a.data)
-            elif t == ord("E"):
-                if expect_error:
-                    return s, msgs
-                raise AssertionError(pg.parse_error_fields(body))
-            elif t == ord("Z") and not expect_error:
-                return s, msgs
-
-
-def _read_until(s: socket.socket, t: bytes) -> list[tuple[int, bytes]]:
-    buf = b""
-    out: list[tuple[int, bytes]] = []
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return out
-        buf += chunk
-        while len(buf) >= 5:
-            mt, n = struct.unpack("!BI", buf[:5])
-            if len(buf) < n + 1:
-                break
-            out.append((mt, buf[5 : n + 1]))
-            buf = buf[n + 1 :]
-            if mt == t[0]:
-                return out
-
-
 def test_malformed_bytes_close_only_that_connection(session: Session) -> None:
-    good = _raw_login(session.port, session.secret)
-    bad = _raw_login(session.port, session.secret)
+    good = raw_login(session.port, session.secret)
+    bad = raw_login(session.port, session.secret)
     bad.sendall(b"\xff\x00\x00\x00\x08garbage!")
-    msgs = _read_until(bad, b"E")
+    msgs = read_until(bad, b"E")
     assert msgs
     assert msgs[-1][0] == ord("E")
     assert pg.parse_error_fields(msgs[-1][1])["C"] == "08P01"
     assert bad.recv(100) == b""  # closed
     # a message length over the cap
-    bad2 = _raw_login(session.port, session.secret)
+    bad2 = raw_login(session.port, session.secret)
     bad2.sendall(b"Q" + struct.pack("!I", (1 << 30) + 1))
-    assert pg.parse_error_fields(_read_until(bad2, b"E")[-1][1])["C"] == "08P01"
+    assert pg.parse_error_fields(read_until(bad2, b"E")[-1][1])["C"] == "08P01"
     # a garbage startup packet
     bad3 = socket.create_connection(("127.0.0.1", session.port))
     bad3.sendall(b"\x7f\xff\xff\xff" + b"x" * 20)
-    assert _read_until(bad3, b"E")[-1][0] == ord("E")
+    assert read_until(bad3, b"E")[-1][0] == ord("E")
     good.sendall(pg.query("SELECT 7"))
-    msgs = _read_until(good, b"Z")
+    msgs = read_until(good, b"Z")
     assert (ord("C"), b"SELECT 1\x00") in msgs
     assert session.psql("-c", "select 8").stdout.strip() == "8"
     good.sendall(pg.terminate())
@@ -401,7 +339,7 @@ def test_concurrent_clients(session: Session) -> None:
 
 
 def test_close_ends_open_connections(session: Session) -> None:
-    good = _raw_login(session.port, session.secret)
+    good = raw_login(session.port, session.secret)
     events, _ = session.finish()
     assert good.recv(100) == b""
     assert [e["reason"] for e in events if e.get("e") == "disconn"] == ["shutdown"]
@@ -543,7 +481,7 @@ def test_client_cannot_choose_another_database(session: Session) -> None:
     assert proc.returncode != 0
     assert "this session is for database prod" in proc.stderr
     assert session.psql("-c", "select current_database()").stdout.strip() == "prod"
-    s = _raw_login(session.port, session.secret, params={"database": "template1"}, expect_error=True)
+    s = raw_login(session.port, session.secret, params={"database": "template1"}, expect_error=True)
     s.close()
     events, _ = session.finish()
     assert [e["reason"] for e in events if e.get("e") == "disconn"].count("wrong_database") == 2
@@ -578,16 +516,16 @@ def test_stalled_handshake_is_closed(session: Session) -> None:
     started = socket.create_connection(("127.0.0.1", session.port), timeout=5)
     started.sendall(pg.startup_message({"user": "x", "database": "prod"}))
     for s in (silent, started):
-        msgs = _read_until(s, b"E")
+        msgs = read_until(s, b"E")
         f = pg.parse_error_fields(msgs[-1][1])
         assert (f["C"], f["M"]) == ("08006", "authentication timeout")
         assert s.recv(100) == b""
         s.close()
     # an authenticated connection outlives the deadline
-    good = _raw_login(session.port, session.secret)
+    good = raw_login(session.port, session.secret)
     time.sleep(0.5)
     good.sendall(pg.query("SELECT 1"))
-    assert (ord("C"), b"SELECT 1\x00") in _read_until(good, b"Z")
+    assert (ord("C"), b"SELECT 1\x00") in read_until(good, b"Z")
     good.close()
     assert sum("authentication timeout" in e for e in session.tunnel.errors) == 2
 
@@ -600,11 +538,11 @@ def test_malformed_message_body_fails_cleanly(session: Session, loop: LoopThread
     raised: list[dict[str, Any]] = []
     loop.loop.set_exception_handler(lambda _loop, ctx: raised.append(ctx))
     if when == "later":
-        s = _raw_login(session.port, session.secret)
+        s = raw_login(session.port, session.secret)
         s.sendall(bad)
-        msgs = _read_until(s, b"E")
+        msgs = read_until(s, b"E")
     else:
-        s, msgs = _raw_exchange(session.port, session.secret, after_final=bad, expect_error=True)
+        s, msgs = raw_exchange(session.port, session.secret, after_final=bad, expect_error=True)
     assert msgs
     assert msgs[-1][0] == ord("E")
     assert pg.parse_error_fields(msgs[-1][1])["C"] == "08P01"
@@ -621,7 +559,7 @@ def test_client_gone_during_upstream_login_leaves_no_backend(session: Session,
     must not leave an authenticated upstream backend behind."""
     c, _ = cluster
     for i in range(30):
-        s = _raw_login(session.port, session.secret, params={"application_name": "gone-early"},
+        s = raw_login(session.port, session.secret, params={"application_name": "gone-early"},
                        stop_after_final=True)
         if i % 2:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST

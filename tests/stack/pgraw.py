@@ -1,0 +1,81 @@
+"""A hand-made PostgreSQL client for tunnel tests that need to send exact protocol bytes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from pcigate.wire import pg
+from pcigate.wire.scram import ScramClient
+
+
+def raw_exchange(port: int, secret: str, *, params: dict[str, str] | None = None, after_final: bytes = b"",
+                 expect_error: bool = False, stop_after_final: bool = False,
+                 ) -> tuple[socket.socket, list[tuple[int, bytes]]]:
+    """Log in to the tunnel with SCRAM by hand. ``after_final`` is sent in the same packet as the last SASL
+    message; with ``expect_error`` the exchange continues to the first ErrorResponse; with
+    ``stop_after_final`` it returns right after sending the last SASL message. Returns the socket and the
+    messages received."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(pg.startup_message({"user": "whoever", "database": "prod", **(params or {})}))
+    client = ScramClient("", secret)
+    buf = b""
+    msgs: list[tuple[int, bytes]] = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {msgs}")
+        buf += chunk
+        while len(buf) >= 5:
+            t, n = struct.unpack("!BI", buf[:5])
+            if len(buf) < n + 1:
+                break
+            body, buf = buf[5 : n + 1], buf[n + 1 :]
+            msgs.append((t, body))
+            if t == ord("R"):
+                a = pg.parse_auth(body)
+                if a.code == pg.AUTH_SASL:
+                    s.sendall(pg.sasl_initial_response("SCRAM-SHA-256", client.first()))
+                elif a.code == pg.AUTH_SASL_CONTINUE:
+                    s.sendall(pg.sasl_response(client.final(a.data)) + after_final)
+                    if stop_after_final:
+                        return s, msgs
+                elif a.code == pg.AUTH_SASL_FINAL:
+                    client.verify(a.data)
+            elif t == ord("E"):
+                if expect_error:
+                    return s, msgs
+                raise AssertionError(pg.parse_error_fields(body))
+            elif t == ord("Z") and not expect_error:
+                return s, msgs
+
+
+def raw_login(port: int, secret: str, **kw: bool | bytes | dict[str, str] | None) -> socket.socket:
+    """Connect and authenticate with the tunnel by hand; returns the socket after ReadyForQuery."""
+    return raw_exchange(port, secret, **kw)[0]  # type: ignore[arg-type]
+
+
+def read_until(s: socket.socket, t: bytes, count: int = 1, *, nothing_after: bool = False,
+               ) -> list[tuple[int, bytes]]:
+    """Messages up to the ``count``-th message of type ``t`` (or until the peer closes). With
+    ``nothing_after`` no further bytes may have arrived with it."""
+    buf = b""
+    out: list[tuple[int, bytes]] = []
+    seen = 0
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        buf += chunk
+        while len(buf) >= 5:
+            mt, n = struct.unpack("!BI", buf[:5])
+            if len(buf) < n + 1:
+                break
+            out.append((mt, buf[5 : n + 1]))
+            buf = buf[n + 1 :]
+            if mt == t[0]:
+                seen += 1
+                if seen == count:
+                    if nothing_after:
+                        assert not buf, f"unexpected bytes after the last message: {buf!r}"
+                    return out
