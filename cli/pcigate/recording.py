@@ -90,14 +90,22 @@ class RecordingHeader:
 class RecordingWriter:
     """Appends hash-chained events to a new 0600 file.
 
-    ``event()`` (and its fixed-shape twin :meth:`stmt`) only stamps the time and appends a tuple to a
-    thread-safe deque (~1 µs on the event loop). A background thread wakes at most every ``fsync_interval``
-    seconds, encodes the queued events to canonical JSON in order, extends the hash chain, writes them and
-    fsyncs (group commit), so neither a burst of statements nor the disk throttles the event loop.
-    ``flush()`` and ``close()`` drain the queue synchronously; ``close()`` appends the ``end`` event, writes,
-    fsyncs and returns the file's SHA-256. Field values must be JSON-encodable (str, int, float, bool, None,
-    lists, dicts); one that is not is reported by ``close()``/``flush()``. One event loop owns the writer
-    (``event()`` is not meant for concurrent callers).
+    ``event()`` (and its fixed-shape twin :meth:`stmt`) stamps the time, encodes the event to its canonical
+    line and extends the hash chain right away, on the caller's thread (~3 µs for a statement), and appends
+    the line to a thread-safe deque. A background thread wakes at most every ``fsync_interval`` seconds, takes
+    the queued lines, writes them and fsyncs (group commit), so neither a burst of statements nor the disk
+    throttles the event loop.
+
+    Why encode on the caller's side: the background thread then only joins bytes and makes system calls,
+    which release the GIL. An earlier design that encoded in the background thread cost the tunnel ~30% of
+    its pgbench rate, almost all of it GIL hand-offs between the two threads rather than the encoding
+    itself (docs/performance.md).
+
+    ``flush()`` and ``close()`` write what is queued synchronously; ``close()`` appends the ``end`` event,
+    writes, fsyncs and returns the file's SHA-256. Field values must be JSON-encodable (str, int, float,
+    bool, None, lists, dicts); an event with one that is not is left out (the chain stays intact) and
+    reported by ``close()``/``flush()``. One thread owns the writer (``event()`` is not meant for concurrent
+    callers).
     """
 
     def __init__(self, path: Path, header: RecordingHeader, *, fsync_interval: float = 0.1,
@@ -123,12 +131,11 @@ class RecordingWriter:
         now_wall = datetime.now(UTC)
         self._t0 = time.monotonic() - max(0.0, (now_wall - header.started_at).total_seconds())
         self._last_t = 0.0
-        # Pending events, oldest first: (t, e, fields) or (t, None, stmt tuple). deque.append/popleft are
-        # atomic, so the event loop never takes a lock.
-        self._q: deque[tuple[float, str | None, Any]] = deque()
-        self._head: bytes | None = canonical(hdr) + b"\n"
+        # Encoded lines not yet written, oldest first. deque.append/popleft are atomic, so the owner's thread
+        # never takes a lock.
+        self._q: deque[bytes] = deque((canonical(hdr) + b"\n",))
         self._wake = threading.Event()
-        self._wlock = threading.Lock()  # one drainer at a time: keeps the chain and the file in order
+        self._wlock = threading.Lock()  # one writer at a time: keeps the file in chain order
         self._closing = False
         self._closed = False
         self._sha: str | None = None
@@ -136,7 +143,7 @@ class RecordingWriter:
         self._thread = threading.Thread(target=self._run, name=f"recording-{header.session_id}", daemon=True)
         self._thread.start()
 
-    # -- events (event loop side: no encoding, no hashing, no locks) --------------------------------------
+    # -- events (owner's side: encode, chain, queue; no locks, no I/O) ------------------------------------
 
     def _now(self) -> float:
         t = round(time.monotonic() - self._t0, 6)
@@ -155,7 +162,16 @@ class RecordingWriter:
             raise RecordingError("recording is closed")
         if self.failed:
             return  # nothing can be written any more: don't let events pile up in memory
-        self._q.append((self._now(), e, fields))
+        self._add_event(self._now(), e, fields)
+
+    def _add_event(self, t: float, e: str, fields: dict[str, object]) -> None:
+        try:
+            line, self._h = _encode_event(self._h, t, e, fields)
+        except (TypeError, ValueError) as exc:
+            if self._error is None:
+                self._error = exc
+            return
+        self._q.append(line)
         self.events += 1
 
     def stmt(self, c: int, sql: str, truncated: bool, proto: str, params: int | None, ms: float,
@@ -165,63 +181,39 @@ class RecordingWriter:
             raise RecordingError("recording is closed")
         if self.failed:
             return
-        self._q.append((self._now(), None,
-                        (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)))
+        t = self._now()
+        payload = (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)
+        canon, pre = _stmt_parts(t, payload)
+        if canon is None:
+            self._add_event(t, "stmt", _stmt_fields(payload))
+            return
+        h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
+        self._q.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
         self.events += 1
 
-    # -- encoding (drainer side) ---------------------------------------------------------------------------
+    # -- writing (background thread, flush, close) ---------------------------------------------------------
 
-    def _drain(self, yield_gil: bool = False) -> None:
-        """Encode, chain and write everything queued now. Caller holds ``_wlock``. The background thread
-        (``yield_gil``) lets the event loop run every 64 events instead of holding the GIL for a whole
-        switch interval (5 ms), which would stall every connection of the tunnel."""
+    def _drain(self) -> None:
+        """Write everything queued now, in order. Caller holds ``_wlock``."""
         q = self._q
-        out: list[bytes] = []
-        if self._head is not None:
-            out.append(self._head)
-            self._head = None
-        h = self._h
         popleft = q.popleft
-        sha = hashlib.sha256
-        for i in range(len(q)):
-            if yield_gil and i & 63 == 63:
-                time.sleep(0)
-            t, e, payload = popleft()
-            if e is None:
-                canon, pre = _stmt_parts(t, payload)
-                if canon is not None:
-                    h = sha(h.encode() + canon).hexdigest()
-                    out.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
-                    continue
-                e = "stmt"
-                payload = _stmt_fields(payload)
-            try:
-                line, h = _encode_event(h, t, e, payload)
-            except (TypeError, ValueError) as exc:
-                if self._error is None:
-                    self._error = exc
-                continue
-            out.append(line)
-        self._h = h
-        if out:
-            chunk = b"".join(out)
-            self._digest.update(chunk)
+        chunk = b"".join([popleft() for _ in range(len(q))])
+        if chunk:
+            self._digest.update(chunk)  # hashlib releases the GIL for large buffers
             self._write(chunk)
-
-    # -- background group commit -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._closing:
             self._wake.wait(self._interval)
             if self._closing:
                 return  # close() writes what is left itself
-            if not self._q and self._head is None:
+            if not self._q:
                 continue
             with self._wlock:
                 if self._closing:
                     return
                 try:
-                    self._drain(yield_gil=True)
+                    self._drain()
                     os.fsync(self._fd)
                 except OSError as e:
                     self._error = e
