@@ -73,13 +73,15 @@ relation-scoped rules match its classes regardless (fail closed).
 
 from __future__ import annotations
 
-import functools
 import json
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, cast, get_args
+from typing import Any, Final, NamedTuple, cast, get_args
 
-from pglast.parser import parse_sql_json
+from pglast.parser import parse_sql_json, scan
 
 from pcigate.models import GuardrailRule, StatementClass
 
@@ -184,9 +186,10 @@ class Verdict:
 
 
 class _Acc:
-    __slots__ = ("classes", "deallocate", "execute_names", "functions", "prepared_name", "rels")
+    __slots__ = ("classes", "consts", "deallocate", "execute_names", "functions", "prepared_name", "rels")
 
     def __init__(self) -> None:
+        self.consts = False  # a constant's value decided something (not cacheable by template)
         self.classes: set[str] = set()
         self.rels: dict[str, set[RelRef]] = {}
         self.functions: set[str] = set()
@@ -286,6 +289,11 @@ class _Walker:
             return
         self.fields(obj, mode, inert)
 
+    def _option_true(self, arg: Any) -> bool:
+        if arg is not None:
+            self.acc.consts = True
+        return _defelem_true(arg)
+
     def fields(self, body: Mapping[str, Any], mode: str, inert: bool, skip: tuple[str, ...] = ()) -> None:
         for k, v in body.items():
             t = type(v)
@@ -343,7 +351,8 @@ class _Walker:
             analyze = False
             for opt in body.get("options") or []:
                 de = opt.get("DefElem") if isinstance(opt, dict) else None
-                if isinstance(de, dict) and de.get("defname") == "analyze" and _defelem_true(de.get("arg")):
+                if (isinstance(de, dict) and de.get("defname") == "analyze"
+                        and self._option_true(de.get("arg"))):
                     analyze = True
             self.walk(body.get("query"), "read", not analyze)
         elif typ == "CopyStmt":
@@ -458,6 +467,7 @@ class _Walker:
                 elif fname == "set_config":
                     self.acc.add("session")
                     args = body.get("args") or []
+                    self.acc.consts = True
                     first = args[0].get("A_Const") if args and isinstance(args[0], dict) else None
                     setting = None
                     if isinstance(first, dict) and isinstance(first.get("sval"), dict):
@@ -486,8 +496,20 @@ def _rel_strings(rels: Mapping[str, frozenset[RelRef]]) -> frozenset[str]:
 
 def _classify(sql: str) -> tuple[StatementInfo, ...]:
     """Classify without resolving EXECUTE (the cacheable part)."""
+    return _classify_full(sql)[0]
+
+
+_Span = tuple[int, int]
+
+
+def _classify_full(sql: str) -> tuple[tuple[StatementInfo, ...], bool, list[_Span]]:
+    """:func:`_classify`; whether the value of a constant decided a class (EXPLAIN option values,
+    ``set_config``'s setting name, or the text did not parse): such texts must not be cached by template;
+    and each statement's ``text`` as a span of UTF-8 byte offsets into ``sql``."""
     if "\x00" in sql:
-        return _unparseable(sql)
+        return _unparseable(sql), True, []
+    consts = False
+    spans: list[_Span] = []
     try:
         raw = sql.encode("utf-8")
         tree = json.loads(parse_sql_json(sql))
@@ -495,17 +517,22 @@ def _classify(sql: str) -> tuple[StatementInfo, ...]:
         for entry in tree.get("stmts") or []:
             acc = _Acc()
             _Walker(acc).walk(entry.get("stmt"), "read", False)
+            consts = consts or acc.consts
             if not acc.classes:  # cannot happen for a parsed statement; fail closed if it ever does
                 acc.add("ddl")
             start = int(entry.get("stmt_location", 0))
             length = int(entry.get("stmt_len", 0))
             chunk = raw[start : start + length] if length else raw[start:]
             rels = {c: frozenset(r) for c, r in acc.rels.items() if c in acc.classes and r}
+            text = chunk.decode("utf-8", "replace")
+            stripped = text.strip()
+            lead = len(text) - len(text.lstrip())
+            spans.append((start + lead, start + lead + len(stripped)))  # byte offsets when ASCII
             out.append(
                 StatementInfo(
                     classes=cast("frozenset[StatementClass]", frozenset(acc.classes)),
                     relations=_rel_strings({c: frozenset(r) for c, r in acc.rels.items()}),
-                    text=chunk.decode("utf-8", "replace").strip(),
+                    text=stripped,
                     functions=frozenset(acc.functions),
                     class_relations=rels,
                     prepared_name=acc.prepared_name,
@@ -513,9 +540,9 @@ def _classify(sql: str) -> tuple[StatementInfo, ...]:
                     deallocate=acc.deallocate,
                 )
             )
-        return tuple(out)
+        return tuple(out), consts, spans
     except Exception:  # ParseError, UnicodeEncodeError (lone surrogates), RecursionError on absurd nesting
-        return _unparseable(sql)
+        return _unparseable(sql), True, []
 
 
 PreparedMap = Mapping[str, frozenset[StatementClass] | StatementInfo]
@@ -655,11 +682,97 @@ _FAIL_CLOSED_MESSAGE: Final = (
 _ALLOW_ALL: Final = Verdict(allowed=True, rule=None, message="", statements=[])
 
 
+class CacheInfo(NamedTuple):
+    hits: int  # exact-text hits
+    misses: int  # texts classified by the parser
+    maxsize: int
+    currsize: int  # exact-text entries
+    template_hits: int = 0  # texts answered by a template (same statement, other integer constants)
+    templates: int = 0
+
+
+_DIGIT_RUNS = re.compile(r"[0-9]+")
+_MAX_SLOT_DIGITS = 9  # any run of at most 9 digits is an int4 ICONST to the scanner, never an FCONST
+
+
+class _Template:
+    """A classified ASCII text whose integer constants may differ.
+
+    ``fullmatch`` of ``regex`` holds exactly for the texts that are this one with each integer-constant token
+    (as PostgreSQL's scanner found it: a run of 1-9 ASCII digits) replaced by another run of 1-9 digits, and
+    every other character the same. The characters around each slot are the same, so the scanner produces the
+    same token sequence, every slot still an ICONST; the parse trees differ only in those constants' values,
+    which the classification of a template never depended on (``_classify_full``'s ``consts``). So the
+    classes, relations, names and verdict carry over; only the statements' ``text`` is re-cut."""
+
+    __slots__ = ("cuts", "regex", "slots", "stmts", "verdict")
+
+    def __init__(self, regex: re.Pattern[str], slots: list[_Span], spans: list[_Span],
+                 stmts: tuple[StatementInfo, ...], verdict: Verdict | None) -> None:
+        self.regex = regex
+        self.slots = slots  # (start, end) of each integer constant in the template's text
+        # each statement's text in the template's text: (start, slots ending at or before it, end, same)
+        self.cuts = [(a, sum(1 for _, e in slots if e <= a), b, sum(1 for _, e in slots if e <= b))
+                     for a, b in spans]
+        self.stmts = stmts
+        self.verdict = verdict
+
+    @classmethod
+    def build(cls, sql: str, stmts: tuple[StatementInfo, ...], spans: list[_Span],
+              verdict: Verdict | None) -> _Template | None:
+        """A template for ``sql`` (ASCII, classified), or None when it has no integer constant to vary."""
+        try:
+            tokens = scan(sql)
+        except Exception:  # the parser accepted it, so the scanner will; fail safe regardless
+            return None
+        slots = [(t.start, t.end + 1) for t in tokens if t.name == "ICONST"
+                 and t.end + 1 - t.start <= _MAX_SLOT_DIGITS and sql[t.start : t.end + 1].isdigit()]
+        if not slots:
+            return None
+        parts: list[str] = []
+        pos = 0
+        for a, b in slots:
+            parts.append(re.escape(sql[pos:a]))
+            parts.append(f"([0-9]{{1,{_MAX_SLOT_DIGITS}}})")
+            pos = b
+        parts.append(re.escape(sql[pos:]))
+        return cls(re.compile("".join(parts)), slots, spans, stmts, verdict)
+
+    def apply(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None] | None:
+        """The classification of ``sql`` if it is this template with other integer constants, else None."""
+        m = self.regex.fullmatch(sql)
+        if m is None:
+            return None
+        # shift[k]: how much later than in the template the text after the k-th slot starts
+        shift = [0]
+        acc = 0
+        for i, (a, b) in enumerate(self.slots, 1):
+            acc += (m.end(i) - m.start(i)) - (b - a)
+            shift.append(acc)
+        stmts = tuple(
+            StatementInfo(st.classes, st.relations, sql[a + shift[ka] : b + shift[kb]], st.functions,
+                          st.class_relations, st.prepared_name, st.execute_names, st.deallocate,
+                          st.relations_known)
+            for st, (a, ka, b, kb) in zip(self.stmts, self.cuts, strict=True)
+        )
+        v = self.verdict
+        if v is None:
+            return stmts, None
+        return stmts, Verdict(v.allowed, v.rule, v.message, list(stmts))
+
+
 class Guardrails:
-    """Judge query strings against guardrail rules, with a bounded LRU cache keyed by the exact text.
+    """Judge query strings against guardrail rules, with bounded caches.
 
     Rules are checked in order, statements in order; the first match denies the whole string (nothing of it
-    may be forwarded). Thread-safe for concurrent ``check`` calls (the cache is functools' LRU).
+    may be forwarded).
+
+    Caching: an LRU keyed by the exact text, and an LRU of :class:`_Template` keyed by the text with its digit
+    runs replaced, so the stream of an application's statements that differ only in integer literals
+    (``... WHERE aid = 4711``, pgbench's select-only load) is judged without the parser once a text of that
+    shape has been classified twice. A template answers only a text it provably covers (see
+    :class:`_Template`); anything else is classified. Thread-safe for concurrent ``check`` calls (one lock
+    around the cache bookkeeping; classification runs outside it).
     """
 
     max_cached_len: int = 64 * 1024  # longer texts are classified every time (bounded memory)
@@ -674,34 +787,87 @@ class Guardrails:
             )
             for r in rules
         )
-        self._cached = functools.lru_cache(maxsize=max(cache_size, 0))(self._classify_and_judge)
+        self._size = max(cache_size, 0)
+        self._exact: OrderedDict[str, tuple[tuple[StatementInfo, ...], Verdict | None]] = OrderedDict()
+        # digit-normalised key -> a template (or, after one sighting, the count before one is built)
+        self._templates: OrderedDict[str, _Template | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._template_hits = 0
 
     @property
     def enabled(self) -> bool:
         return bool(self._rules)
 
-    def cache_info(self) -> Any:
-        return self._cached.cache_info()
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, self._size, len(self._exact), self._template_hits,
+                             sum(1 for t in self._templates.values() if t is not None))
 
     def check(self, sql: str, prepared: PreparedMap | None = None) -> Verdict:
         """Verdict for one query string (simple Query, or the text of an extended-protocol Parse)."""
         if not self._rules:
             return _ALLOW_ALL
-        if len(sql) > self.max_cached_len:
-            stmts, verdict = self._classify_and_judge(sql)
-        else:
-            stmts, verdict = self._cached(sql)
+        stmts, verdict = self._lookup(sql)
         if verdict is not None:
             return verdict
         resolved, _ = _resolve(stmts, prepared)
         return self._judge(resolved)
 
-    def _classify_and_judge(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None]:
-        """Cache entry: the raw classification, and the verdict when it does not depend on ``prepared``."""
-        stmts = _classify(sql)
+    def _lookup(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None]:
+        if self._size == 0 or len(sql) > self.max_cached_len:
+            with self._lock:
+                self._misses += 1
+            return self._classify_and_judge(sql)[:2]
+        key: str | None = None
+        with self._lock:
+            hit = self._exact.get(sql)
+            if hit is not None:
+                self._exact.move_to_end(sql)
+                self._hits += 1
+                return hit
+            tpl: _Template | None = None
+            if sql.isascii():
+                key = _DIGIT_RUNS.sub("0", sql)
+                tpl = self._templates.get(key)
+                if tpl is not None:
+                    self._templates.move_to_end(key)
+        if tpl is not None:
+            found = tpl.apply(sql)
+            if found is not None:
+                with self._lock:
+                    self._template_hits += 1
+                return found
+        stmts, verdict, consts, spans = self._classify_and_judge(sql)
+        build = False
+        with self._lock:
+            self._misses += 1
+            self._exact[sql] = (stmts, verdict)
+            if len(self._exact) > self._size:
+                self._exact.popitem(last=False)
+            if key is not None and not consts:
+                # a template is built the second time a shape is seen: one-off texts cost no scan
+                build = key in self._templates and self._templates[key] is None
+                if not build and key not in self._templates:
+                    self._templates[key] = None
+                    if len(self._templates) > self._size:
+                        self._templates.popitem(last=False)
+        if build:
+            assert key is not None
+            made = _Template.build(sql, stmts, spans, verdict)
+            if made is not None:
+                with self._lock:
+                    self._templates[key] = made
+        return stmts, verdict
+
+    def _classify_and_judge(
+        self, sql: str
+    ) -> tuple[tuple[StatementInfo, ...], Verdict | None, bool, list[_Span]]:
+        """The raw classification, the verdict when it does not depend on ``prepared``, and what
+        :func:`_classify_full` says about constants and statement spans."""
+        stmts, consts, spans = _classify_full(sql)
         if any(st.execute_names or st.deallocate is not None for st in stmts):
-            return stmts, None
-        return stmts, self._judge(list(stmts))
+            return stmts, None, consts, spans
+        return stmts, self._judge(list(stmts)), consts, spans
 
     def _judge(self, stmts: list[StatementInfo]) -> Verdict:
         for st in stmts:

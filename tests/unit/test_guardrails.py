@@ -557,3 +557,95 @@ def test_prefixed_comment_or_string_does_not_hide_statement(junk: str, sql: str)
     base = {c for i in classify(sql) for c in i.classes}
     got = {c for i in classify(prefixed) for c in i.classes}
     assert base <= got
+
+
+# --------------------------------------------------------------------------------------------------
+# The template cache: texts that differ only in integer constants
+
+
+def test_template_answers_texts_that_differ_in_integers() -> None:
+    g = Guardrails([_rule("drop_table")])
+    for aid in (523423, 17, 99, 123456789, 1):
+        v = g.check(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        assert v.allowed
+        assert [s.text for s in v.statements] == [f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}"]
+    info = g.cache_info()
+    assert (info.misses, info.template_hits, info.templates) == (2, 3, 1)  # built on the second sighting
+
+
+def test_template_keeps_denials_and_recuts_every_statement_text() -> None:
+    g = Guardrails([_rule("drop_table", relations=["t7"])])
+    texts = ["SELECT 1 ;  DROP TABLE t7; SELECT 22", "SELECT 4444 ;  DROP TABLE t7; SELECT 5",
+             "SELECT 987654321 ;  DROP TABLE t7; SELECT 0"]
+    for sql in texts:
+        v = g.check(sql)
+        assert not v.allowed
+        assert v.rule == "r"
+        assert [s.text for s in v.statements] == [p.strip() for p in sql.split(";")]
+    assert g.cache_info().template_hits == 1
+
+
+def test_template_never_covers_other_identifiers_or_big_numbers() -> None:
+    g = Guardrails([_rule("drop_table", relations=["t2"]), _rule("delete_without_where", name="d")])
+    for _ in range(2):
+        assert g.check("SELECT * FROM t1 WHERE a = 5; DROP TABLE t1").allowed
+    # the same shape once digits are normalised, but another table: classified, and denied
+    assert g.check("SELECT * FROM t2 WHERE a = 6; DROP TABLE t2").rule == "r"
+    # more than 9 digits is not an int4 constant to the scanner: classified, not answered by the template
+    before = g.cache_info().misses
+    assert g.check("SELECT * FROM t1 WHERE a = 12345678901; DROP TABLE t1").allowed
+    assert g.cache_info().misses == before + 1
+
+
+def test_constants_that_decide_a_class_are_never_templated() -> None:
+    g = Guardrails([_rule("delete_without_where")])
+    for _ in range(3):
+        assert g.check("EXPLAIN (ANALYZE 0) DELETE FROM t").allowed  # not run: read only
+    assert not g.check("EXPLAIN (ANALYZE 1) DELETE FROM t").allowed  # runs the DELETE
+    assert g.cache_info().templates == 0
+    role = Guardrails([_rule("role_admin")])
+    for _ in range(3):
+        assert role.check("SELECT set_config('work_mem', '64', false)").allowed
+    assert not role.check("SELECT set_config('role', '64', false)").allowed
+
+
+NUMBERS = st.sampled_from(["0", "7", "42", "999999999", "1000000000", "12345678901234567890", "007"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(SQLISH.map(lambda s: s.replace("1", "1 2 33")), st.lists(NUMBERS, min_size=1, max_size=6))
+def test_template_cache_agrees_with_the_parser(sql: str, numbers: list[str]) -> None:
+    """Whatever the cache answers equals a fresh classification, statement texts included."""
+    import re
+
+    cached = Guardrails(ALL_RULES)
+    variants = [sql, sql]
+    for k in range(len(numbers)):
+        it = iter(numbers[k:] + numbers[:k])
+        variants.append(re.sub(r"[0-9]+", lambda _m: next(it, "5"), sql))
+    for text in variants:
+        assert cached.check(text) == Guardrails(ALL_RULES, cache_size=0).check(text)
+
+
+SHAPES = st.sampled_from([
+    "SELECT {}", "DELETE FROM t WHERE a = {}", "DELETE FROM t{}", "SELECT * FROM t LIMIT {}",
+    "EXPLAIN (ANALYZE {}) DELETE FROM t", "FETCH {} FROM c", "SELECT {}; DROP TABLE t{}", "SELECT '{}', {}",
+    "SELECT $1, {}", "SELECT {}.5", "SELECT 1e{}", "SELECT {}::int", "VALUES ({}), ({})",
+    "SELECT x{} FROM t WHERE y = -{}", "/* {} */ SELECT {} -- {}", "SELECT $${}$$, {}", "SELECT 0x{}",
+    "SELECT 1_{}", "SELECT set_config('role{}', 'x', false)", "PREPARE p{} AS DELETE FROM t",
+    "COPY t FROM PROGRAM 'cat {}'", "SELECT E'\\{}', {}", 'SELECT "{}" FROM t', "SELECT {}a",
+    "TRUNCATE t{}; SELECT {}", "WITH d AS (DELETE FROM t WHERE a = {} RETURNING *) SELECT * FROM d",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(SHAPES, st.lists(NUMBERS, min_size=3, max_size=3)), min_size=2, max_size=12))
+def test_template_cache_agrees_on_valid_statement_shapes(seq: list[tuple[str, list[str]]]) -> None:
+    rules = [*ALL_RULES, _rule("delete_without_where", "role_admin", "copy_program", name="x")]
+    cached = Guardrails(rules)
+    fresh = Guardrails(rules, cache_size=0)
+    # the same shapes with other integers: the second sighting builds a template, the third may use it
+    again = [(shape, nums[k:] + nums[:k]) for k in (1, 2) for shape, nums in seq]
+    for shape, nums in seq + seq + again:
+        text = shape.format(*nums[: shape.count("{}")])
+        assert cached.check(text) == fresh.check(text), text
