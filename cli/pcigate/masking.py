@@ -46,10 +46,17 @@ import hmac
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Final, Literal, NamedTuple
 
 from pcigate.models import MaskingPolicy
+
+_cmask: ModuleType | None
+try:
+    from pcigate import _cmask
+except ImportError:  # built by hatch_build.py at install time; without it the Python code below does it all
+    _cmask = None
 
 __all__ = [
     "BINARY_ARRAY_OIDS",
@@ -216,6 +223,8 @@ class ColumnInfo(NamedTuple):
 _SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH = 0, 1, 2, 3, 4
 # value kinds for redact/hash output
 _K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE = 0, 1, 2, 3
+# _cmask's redact op per kind (its ops: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON, 4 redact jsonb)
+_NATIVE_REDACT: Final = {_K_TEXT: 2, _K_JSON: 3, _K_JSONB_BIN: 4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +236,21 @@ class RowPlan:
     kinds: tuple[int, ...]
     forced: bool  # some column is redacted/hashed whatever its content: walk every row
     scans: bool  # some column is scanned for PANs
+    # per column, the op code of pcigate._cmask.mask_datarows; None when some column needs what only the
+    # Python code does (hash, NULL for an opaque redacted value, binary arrays)
+    native: bytes | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ops = bytearray()
+        for code, kind in zip(self.codes, self.kinds, strict=True):
+            if code in (_SKIP, _PAN):
+                ops.append(code)
+            elif code == _REDACT and kind != _K_OPAQUE:
+                ops.append(_NATIVE_REDACT[kind])
+            else:
+                object.__setattr__(self, "native", None)
+                return
+        object.__setattr__(self, "native", bytes(ops))
 
     @classmethod
     def of(cls, actions: Iterable[ColumnAction]) -> RowPlan:
@@ -438,6 +462,24 @@ class Masker:
         """See :func:`has_candidate`."""
         return _RUN13 in data.translate(_PRE, _SEPS)
 
+    @property
+    def native(self) -> bool:
+        """Whether :meth:`mask_datarows` can run (the C module was built)."""
+        return _cmask is not None
+
+    def mask_datarows(self, buf: bytes, pos: int, plan: RowPlan) -> tuple[bytearray | None, int] | None:
+        """Mask the run of complete DataRow messages of ``buf`` starting at ``pos``, in C.
+
+        Returns ``(masked copy of buf[pos:stop] or None when unchanged, stop)``: ``stop`` is the offset of the
+        first message not handled (not a DataRow, incomplete, or a row the C code leaves to
+        :meth:`mask_datarow`: grouped digits or track data that may hold a PAN, or a malformed row). Returns
+        None when the C module is missing or the plan needs Python (hash rules, binary arrays). Same result,
+        byte for byte, as :meth:`mask_datarow` on each row (tests/unit/test_cmask.py).
+        """
+        if _cmask is None or plan.native is None:
+            return None
+        return _cmask.mask_datarows(buf, pos, plan.native, self._head, self._tail, self._track)  # type: ignore[no-any-return]
+
     def mask_datarow(self, body: bytes, plan: RowPlan) -> bytes | None:
         """Mask a DataRow message body (int16 count, then per field int32 length (−1: NULL) + bytes).
 
@@ -546,6 +588,13 @@ class Masker:
                 out[pos : pos + ln] = m
             pos += ln
         return out
+
+    def mask_copydatas(self, buf: bytes, pos: int) -> tuple[bytearray | None, int] | None:
+        """:meth:`mask_datarows` for a run of CopyData messages of a text/CSV COPY OUT (each payload as
+        :meth:`mask_copy_data` masks it); None when the C module is missing."""
+        if _cmask is None:
+            return None
+        return _cmask.mask_copydata(buf, pos, self._head, self._tail, self._track)  # type: ignore[no-any-return]
 
     def mask_copy_data(self, payload: bytes) -> bytes | None:
         """A CopyData payload of a text or CSV COPY (one or more rows): PANs and track data only (COPY has no

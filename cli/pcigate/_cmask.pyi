@@ -1,0 +1,6 @@
+def mask_datarows(
+    buf: bytes | bytearray | memoryview, pos: int, ops: bytes, head: int, tail: int, track: bool, /
+) -> tuple[bytearray | None, int]: ...
+def mask_copydata(
+    buf: bytes | bytearray | memoryview, pos: int, head: int, tail: int, track: bool, /
+) -> tuple[bytearray | None, int]: ...
