@@ -750,8 +750,9 @@ class _Conn(asyncio.Protocol):
         plan = self._plan
         work = cand or (plan is not None and plan.forced)
         unpack = _HDR.unpack_from
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         seg = pos = 0
+        python_row = -1  # the offset of a DataRow the C code left to Python
         try:
             while pos + 5 <= end:
                 t, n = unpack(buf, pos)
@@ -769,6 +770,19 @@ class _Conn(asyncio.Protocol):
                             if plan is None:
                                 return None
                             work = cand or plan.forced
+                        if pos != python_row:
+                            # the run of DataRows from here in C, when built and the plan allows
+                            got = mk.mask_datarows(buf, pos, plan)
+                            if got is not None:
+                                masked, stop = got
+                                if masked is not None:
+                                    parts.append(buf[seg:pos])
+                                    parts.append(masked)
+                                    seg = stop
+                                if stop > pos:
+                                    pos = stop
+                                    continue
+                                python_row = pos  # grouped digits, track data or malformed: Python's
                         new = mk.mask_datarow(body, plan)
                         if new is not None:
                             parts.append(buf[seg:pos])
@@ -779,6 +793,18 @@ class _Conn(asyncio.Protocol):
                         if plan is None:
                             return None
                 elif t == _COPY_DATA:
+                    if cand and self._copy_out == 1 and pos != python_row:
+                        got = mk.mask_copydatas(buf, pos)  # the run of text COPY rows from here, in C
+                        if got is not None:
+                            masked, stop = got
+                            if masked is not None:
+                                parts.append(buf[seg:pos])
+                                parts.append(masked)
+                                seg = stop
+                            if stop > pos:
+                                pos = stop
+                                continue
+                            python_row = pos
                     if cand and self._copy_out:
                         body = buf[pos + 5 : nxt]
                         if self._copy_out == 2 and self._copy_plan is not None:
