@@ -44,7 +44,7 @@ try:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 except ImportError:
     pass
-from pcigate.models import DatabaseCredentials
+from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.recording import RecordingHeader, RecordingWriter
 from pcigate.tunnel.pg import PgTunnel
 
@@ -55,7 +55,9 @@ async def main():
     if cfg["record"]:
         hdr = RecordingHeader("bench", "bench", "bench", "rw", "lease", "0" * 64, datetime.now(UTC))
         rec = RecordingWriter(Path(cfg["recording"]), hdr)
-    t = PgTunnel(DatabaseCredentials(**cfg["creds"]), cfg["secret"], rec, listen_port=cfg["port"])
+    policy = DataPathPolicy.model_validate(cfg["policy"]) if cfg.get("policy") else None
+    t = PgTunnel(DatabaseCredentials(**cfg["creds"]), cfg["secret"], rec, listen_port=cfg["port"],
+                 policy=policy)
     await t.check_upstream()
     await t.start()
     print("ready", flush=True)
@@ -81,13 +83,15 @@ def vm_hwm_kib(pid: int) -> int:
 
 class Tunnel:
     def __init__(self, cluster: PgCluster, user: str, password: str, workdir: Path,
-                 record: bool = True) -> None:
+                 record: bool = True, policy: dict[str, object] | None = None,
+                 database: str = "bench") -> None:
         self.port = free_port()
         self.secret = secrets.token_urlsafe(24)
         self.recording = workdir / f"bench-{self.port}.rec"
-        cfg = {"creds": {"host": "127.0.0.1", "port": cluster.port, "database": "bench", "username": user,
+        cfg = {"creds": {"host": "127.0.0.1", "port": cluster.port, "database": database, "username": user,
                          "password": password, "sslmode": "disable"},
-               "secret": self.secret, "port": self.port, "record": record, "recording": str(self.recording)}
+               "secret": self.secret, "port": self.port, "record": record, "recording": str(self.recording),
+               "policy": policy}
         self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdin is not None
