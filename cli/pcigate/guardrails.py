@@ -73,6 +73,7 @@ relation-scoped rules match its classes regardless (fail closed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -691,7 +692,7 @@ class CacheInfo(NamedTuple):
     templates: int = 0
 
 
-_DIGIT_RUNS = re.compile(r"[0-9]+")
+_DIGITS = b"0123456789"
 _MAX_SLOT_DIGITS = 9  # any run of at most 9 digits is an int4 ICONST to the scanner, never an FCONST
 
 
@@ -749,12 +750,12 @@ class _Template:
         for i, (a, b) in enumerate(self.slots, 1):
             acc += (m.end(i) - m.start(i)) - (b - a)
             shift.append(acc)
-        stmts = tuple(
+        stmts = tuple([
             StatementInfo(st.classes, st.relations, sql[a + shift[ka] : b + shift[kb]], st.functions,
                           st.class_relations, st.prepared_name, st.execute_names, st.deallocate,
                           st.relations_known)
             for st, (a, ka, b, kb) in zip(self.stmts, self.cuts, strict=True)
-        )
+        ])
         v = self.verdict
         if v is None:
             return stmts, None
@@ -767,8 +768,8 @@ class Guardrails:
     Rules are checked in order, statements in order; the first match denies the whole string (nothing of it
     may be forwarded).
 
-    Caching: an LRU keyed by the exact text, and an LRU of :class:`_Template` keyed by the text with its digit
-    runs replaced, so the stream of an application's statements that differ only in integer literals
+    Caching: an LRU keyed by the exact text, and an LRU of :class:`_Template` keyed by the text without its
+    digits, so the stream of an application's statements that differ only in integer literals
     (``... WHERE aid = 4711``, pgbench's select-only load) is judged without the parser once a text of that
     shape has been classified twice. A template answers only a text it provably covers (see
     :class:`_Template`); anything else is classified. Thread-safe for concurrent ``check`` calls (one lock
@@ -789,8 +790,8 @@ class Guardrails:
         )
         self._size = max(cache_size, 0)
         self._exact: OrderedDict[str, tuple[tuple[StatementInfo, ...], Verdict | None]] = OrderedDict()
-        # digit-normalised key -> a template (or, after one sighting, the count before one is built)
-        self._templates: OrderedDict[str, _Template | None] = OrderedDict()
+        # the text without its digits -> a template (None: seen once, no template built yet)
+        self._templates: OrderedDict[bytes, _Template | None] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = self._misses = self._template_hits = 0
 
@@ -815,35 +816,35 @@ class Guardrails:
 
     def _lookup(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None]:
         if self._size == 0 or len(sql) > self.max_cached_len:
-            with self._lock:
-                self._misses += 1
+            self._misses += 1
             return self._classify_and_judge(sql)[:2]
-        key: str | None = None
-        with self._lock:
-            hit = self._exact.get(sql)
-            if hit is not None:
-                self._exact.move_to_end(sql)
-                self._hits += 1
-                return hit
-            tpl: _Template | None = None
-            if sql.isascii():
-                key = _DIGIT_RUNS.sub("0", sql)
-                tpl = self._templates.get(key)
-                if tpl is not None:
-                    self._templates.move_to_end(key)
-        if tpl is not None:
-            found = tpl.apply(sql)
-            if found is not None:
-                with self._lock:
+        # Hits take no lock: OrderedDict's get/move_to_end are atomic under the GIL, and an entry evicted by
+        # another thread in between only costs its recency. The counters are statistics, not invariants.
+        exact = self._exact
+        hit = exact.get(sql)
+        if hit is not None:
+            self._hits += 1
+            with contextlib.suppress(KeyError):
+                exact.move_to_end(sql)
+            return hit
+        key: bytes | None = None
+        if sql.isascii():
+            key = sql.encode().translate(None, _DIGITS)
+            tpl = self._templates.get(key)
+            if tpl is not None:
+                found = tpl.apply(sql)
+                if found is not None:
                     self._template_hits += 1
-                return found
+                    with contextlib.suppress(KeyError):
+                        self._templates.move_to_end(key)
+                    return found
         stmts, verdict, consts, spans = self._classify_and_judge(sql)
         build = False
         with self._lock:
             self._misses += 1
-            self._exact[sql] = (stmts, verdict)
-            if len(self._exact) > self._size:
-                self._exact.popitem(last=False)
+            exact[sql] = (stmts, verdict)
+            if len(exact) > self._size:
+                exact.popitem(last=False)
             if key is not None and not consts:
                 # a template is built the second time a shape is seen: one-off texts cost no scan
                 build = key in self._templates and self._templates[key] is None
