@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pcigate.models import ErrorBody, ErrorCode, ErrorDetail
 
 from . import __version__
-from .api.routes import identity, meta, recordings, sessions
+from .api.routes import identity, meta, recordings, requests, sessions
 from .auth import TokenValidator
 from .errors import ApiError
+from .notify import Notifier
 from .reaper import run_reaper
 from .recordings import RecordingStore
 from .settings import Settings
@@ -177,6 +178,7 @@ def build_broker(settings: Settings) -> Broker:
         validator=TokenValidator(settings.oidc),
         vault=Vault(settings.vault),
         recordings=RecordingStore(settings.storage.recordings_dir),
+        notifier=Notifier(settings.notifications.webhooks) if settings.notifications.webhooks else None,
     )
 
 
@@ -206,5 +208,6 @@ def create_app(settings: Settings, *, broker: Broker | None = None, run_reaper_t
     app.include_router(identity.router)
     app.include_router(sessions.router)
     app.include_router(recordings.router)
+    app.include_router(requests.router)
     app.add_middleware(EdgeMiddleware)
     return app

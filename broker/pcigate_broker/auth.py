@@ -247,6 +247,8 @@ class TokenValidator:
         name = claims.get("name") or claims.get("preferred_username")
         email = claims.get("email")
         workload = claims.get(s.workload_claim) is True
+        amr = claims.get("amr")
+        acr = claims.get("acr")
         return Identity(
             subject=sub,
             name=name if isinstance(name, str) else None,
@@ -255,6 +257,8 @@ class TokenValidator:
             client_kind="workload" if workload else "human",
             issuer=s.issuer,
             expires_at=datetime.fromtimestamp(exp, UTC),
+            amr=[a for a in amr if isinstance(a, str)][:20] if isinstance(amr, list) else [],
+            acr=acr if isinstance(acr, str) else None,
         )
 
 

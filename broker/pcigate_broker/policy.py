@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pcigate.models import MAX_SESSION_SECONDS, DataPathPolicy, Identity, LevelInfo, TargetInfo
 
 from .errors import ApiError
-from .settings import Settings, TargetSettings
+from .settings import RequestPolicy, Settings, TargetSettings
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,21 @@ def data_path_policy(settings: Settings, target: str, level: str) -> DataPathPol
 
 
 def default_level_for(tgt: TargetSettings, levels: list[str]) -> str:
-    return tgt.default if tgt.default in levels else levels[0]
+    """The target's default level when the caller holds it, else their first level; a request-only level is
+    never the default when a standing one is there (``connect`` without ``--level`` should just work)."""
+    if tgt.default in levels and tgt.levels[tgt.default].request is None:
+        return tgt.default
+    standing = [lvl for lvl in levels if tgt.levels[lvl].request is None]
+    return standing[0] if standing else (tgt.default if tgt.default in levels else levels[0])
+
+
+def _approvals(pol: RequestPolicy | None) -> str | None:
+    if pol is None:
+        return None
+    if pol.one_per_group:
+        return "one approval from each of " + ", ".join(pol.approver_groups)
+    plural = "s" if pol.approvals > 1 else ""
+    return f"{pol.approvals} approval{plural} from " + " or ".join(pol.approver_groups)
 
 
 def visible_targets(
@@ -106,6 +120,8 @@ def visible_targets(
                         name=lvl,
                         max_ttl_seconds=tgt.levels[lvl].ttl_cap,
                         policy=data_path_policy(settings, name, lvl) if include_policy else None,
+                        request_only=tgt.levels[lvl].request is not None,
+                        approvals=_approvals(tgt.levels[lvl].request),
                     )
                     for lvl in levels
                 ],

@@ -11,6 +11,7 @@ import logging
 
 import anyio.to_thread
 
+from .access import expire_due
 from .sessions import reap_once
 from .state import Broker
 
@@ -21,6 +22,7 @@ def reap_pass(broker: Broker) -> int:
     caps = [lvl.ttl_cap for t in broker.settings.targets.values() for lvl in t.levels.values()]
     broker.vault.maintain_token(max(caps, default=0))
     with broker.sessions() as db:
+        expire_due(broker, db)
         return reap_once(broker, db)
 
 

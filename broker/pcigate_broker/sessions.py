@@ -22,7 +22,7 @@ from pcigate.models import (
     SessionSummary,
 )
 
-from . import policy
+from . import access, policy
 from .errors import ApiError, DatabaseUnavailable, NotFoundError, VaultUnavailable
 from .policy import canonical as canonical  # re-exported; the session's policy is built in policy.py
 from .policy import data_path_policy as data_path_policy
@@ -64,6 +64,26 @@ def open_session(
         )
         db.commit()
         raise
+    # A request-only level needs a live grant, and the session may not outlive it.
+    jit = settings.targets[grant.target].levels[grant.level].request
+    live = None
+    if jit is not None:
+        live = access.live_grant(db, user=identity.subject, target=grant.target, level=grant.level, now=now)
+        if live is None or live.grant_ends_at is None:
+            message = (f"level {grant.level!r} on {grant.target} needs an approved access request: run "
+                       f"pcigate request {grant.target} --level {grant.level} --reason '...'")
+            repo.audit(db, at=now, action="session.open", outcome="denied", actor=identity.subject,
+                       target=grant.target, request_id=request_id, message=message,
+                       detail={"level": grant.level, "code": "grant_required"})
+            db.commit()
+            raise ApiError(403, "grant_required", message)
+        if jit.require_mfa and not access.has_mfa(identity, jit):
+            message = f"level {grant.level!r} on {grant.target} needs a sign-in with MFA (pcigate login)"
+            repo.audit(db, at=now, action="session.open", outcome="denied", actor=identity.subject,
+                       target=grant.target, request_id=request_id, message=message,
+                       detail={"level": grant.level, "code": "mfa_required"})
+            db.commit()
+            raise ApiError(403, "mfa_required", message)
     # Built before any credential exists: a policy problem must not leave a lease behind.
     session_policy = data_path_policy(settings, grant.target, grant.level)
     try:
@@ -87,6 +107,8 @@ def open_session(
     if creds.lease_duration > 0:
         ttl = min(ttl, creds.lease_duration)  # never promise more than the lease itself lives
     started = utcnow()
+    if live is not None and live.grant_ends_at is not None:
+        ttl = min(ttl, max(1, int((live.grant_ends_at - started).total_seconds())))  # never past the grant
     tgt = settings.targets[grant.target]
     row = SessionRow(
         id=new_session_id(),
@@ -104,6 +126,7 @@ def open_session(
         last_heartbeat_at=started,
         client_hostname=req.client_hostname,
         client_version=req.client_version,
+        grant_id=live.id if live is not None else None,
     )
     try:
         repo.add_session(db, row)
@@ -122,6 +145,7 @@ def open_session(
                 "lease_id": creds.lease_id,
                 "client_kind": identity.client_kind,
                 "client_hostname": req.client_hostname,
+                "access_request": live.id if live is not None else None,
             },
         )
         db.commit()
@@ -182,7 +206,7 @@ def heartbeat(broker: Broker, db: Session, identity: Identity, session_id: str) 
         )
     db.commit()
     db.refresh(row)
-    return repo.to_summary(row)
+    return repo.to_summary(row, db)
 
 
 def revoke_owed(
@@ -248,7 +272,7 @@ def end_session(
             "session ended but OpenBao could not revoke the lease now; the broker will retry",
         )
     db.refresh(row)
-    return repo.to_summary(row)
+    return repo.to_summary(row, db)
 
 
 def reap_once(broker: Broker, db: Session, *, now: datetime | None = None) -> int:

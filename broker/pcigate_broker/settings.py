@@ -204,6 +204,29 @@ class AuditorSettings(_Section):
     groups: list[str] = Field(default_factory=list)
 
 
+class WebhookSettings(_Section):
+    """An outgoing webhook for access requests (created, approved, denied, expired, cancelled, revoked)."""
+
+    url: str
+    format: Literal["slack", "generic"] = "generic"
+    secret_file: Path | None = None  # HMAC-SHA256 key for the X-Pcigate-Signature header
+    events: list[str] = Field(default_factory=lambda: ["request.created", "request.decided"])
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    max_attempts: int = Field(default=6, ge=1, le=20)
+    secret: SecretStr | None = Field(default=None, exclude=True)  # resolved from secret_file at load time
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise PydanticCustomError("url", "expected an http(s) URL")
+        return v
+
+
+class NotificationSettings(_Section):
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+
+
 def _unique_rule_names(rules: list[GuardrailRule], where: str) -> None:
     seen: set[str] = set()
     for rule in rules:
@@ -216,9 +239,53 @@ def _unique_rule_names(rules: list[GuardrailRule], where: str) -> None:
         seen.add(rule.name)
 
 
+class RequestPolicy(_Section):
+    """Makes a level request-only (just-in-time): using it needs a grant, approved by someone else.
+
+    Who may *request* the level is who the ``[[access]]`` rules give it to; this table says who approves and
+    how. ``approvals`` of the members of ``approver_groups`` (distinct people, never the requester) approve a
+    request; with ``one_per_group`` there must be one approval from each group instead. One denial by an
+    approver ends it.
+    """
+
+    approver_groups: list[str] = Field(min_length=1)
+    approvals: int = Field(default=1, ge=1, le=10)
+    one_per_group: bool = False
+    reason_required: bool = True
+    reason_pattern: str | None = None  # a regular expression the whole reason must match, e.g. "^INC-[0-9]+$"
+    max_duration: Duration = 3600
+    pending_ttl: Duration = 3600  # how long a request waits for its decision before it expires
+    require_mfa: bool = False  # the requester's token must assert MFA (amr "mfa"/"otp"/"hwk"/... or an acr)
+    mfa_amr: list[str] = Field(default_factory=lambda: ["mfa", "otp", "hwk", "swk", "sms", "fpt", "face"])
+    mfa_acr: list[str] = Field(default_factory=list)  # acr values that also count as MFA
+
+    @field_validator("reason_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise PydanticCustomError(
+                    "pattern", "not a regular expression: {err}", {"err": str(exc)}
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _durations(self) -> RequestPolicy:
+        if not 0 < self.max_duration <= MAX_SESSION_SECONDS:
+            raise PydanticCustomError(
+                "duration", "max_duration must be between 1s and {max}s", {"max": MAX_SESSION_SECONDS}
+            )
+        if self.pending_ttl <= 0:
+            raise PydanticCustomError("duration", "pending_ttl must be positive")
+        return self
+
+
 class LevelSettings(_Section):
     vault_role: str
     ttl_cap: Duration
+    request: RequestPolicy | None = None  # present: the level is request-only
     # Data-path policy of the level (docs/configuration.md): ``masking`` replaces the target's masking table,
     # ``guardrails`` are appended to the target's rules (a level can add rules, never drop a target-wide one).
     masking: MaskingPolicy | None = None
@@ -295,6 +362,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     auditors: AuditorSettings = Field(default_factory=AuditorSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     targets: dict[str, TargetSettings] = Field(default_factory=dict)
     access: list[AccessRule] = Field(default_factory=list)
 
@@ -385,6 +453,12 @@ def settings_from_dict(
             problems.append(
                 f"vault.secret_id_file: no AppRole secret id: set secret_id_file or {SECRET_ID_ENV}"
             )
+    hooks: list[WebhookSettings] = []
+    for i, hook in enumerate(settings.notifications.webhooks):
+        secret_file = _resolve(hook.secret_file, base)
+        secret = _read_secret(secret_file, f"notifications.webhooks.{i}.secret_file", problems) \
+            if secret_file is not None else None
+        hooks.append(hook.model_copy(update={"secret_file": secret_file, "secret": secret}))
     if problems:
         raise ConfigError(problems)
     recordings_dir = _resolve(settings.storage.recordings_dir, base)
@@ -400,6 +474,7 @@ def settings_from_dict(
                 }
             ),
             "storage": settings.storage.model_copy(update={"recordings_dir": recordings_dir}),
+            "notifications": settings.notifications.model_copy(update={"webhooks": hooks}),
         }
     )
 

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .auth import TokenValidator
+from .notify import Notifier
 from .recordings import RecordingStore
 from .settings import Settings
 from .vault import Vault
@@ -26,8 +27,11 @@ class Broker:
     validator: TokenValidator
     vault: Vault
     recordings: RecordingStore
+    notifier: Notifier | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()
         self.validator.close()
         self.engine.dispose()

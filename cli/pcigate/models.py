@@ -18,6 +18,7 @@ Endpoints (all under ``/v1``, all need ``Authorization: Bearer <OIDC JWT>`` exce
     GET  /v1/sessions?user=&target=&since=&until=&limit=&cursor=
                                                -> SessionPage
     GET  /v1/sessions/{id}                     -> SessionSummary
+    /v1/requests ...                           -> see pcigate.access_models (just-in-time access)
     GET  /v1/sessions/{id}/recording           -> the recording bytes, streamed (owner or auditor groups)
 
 Errors: HTTP status + body ``{"error": {"code": <ErrorCode>, "message": <one line, no secrets>}}``.
@@ -46,6 +47,8 @@ ErrorCode = Literal[
     "vault_unavailable",  # 503 OpenBao/Vault unreachable or sealed
     "database_unavailable",  # 503
     "idp_unavailable",  # 503 the broker cannot reach the IdP to check tokens (cached keys still work)
+    "grant_required",  # 403 the level is request-only and the caller holds no live grant for it
+    "mfa_required",  # 403 the level needs a token that asserts MFA (amr/acr)
     "internal",  # 500
 ]
 
@@ -77,11 +80,15 @@ class Identity(_Model):
     client_kind: ClientKind = "human"
     issuer: str
     expires_at: datetime
+    amr: list[str] = Field(default_factory=list)  # authentication methods the IdP asserted (e.g. "mfa")
+    acr: str | None = None
 
 
 class LevelInfo(_Model):
     name: str
     max_ttl_seconds: int
+    request_only: bool = False  # needs an approved access request (pcigate request) before connect
+    approvals: str | None = None  # request-only level: who approves, e.g. "1 approval from dba-leads"
     policy: DataPathPolicy | None = None  # only with ``GET /v1/targets?include_policy=true``
 
 
@@ -198,6 +205,15 @@ class SessionOpened(_Model):
     policy: DataPathPolicy
 
 
+class GrantRef(_Model):
+    """The grant a session ran under: which request, why, who approved it."""
+
+    request_id: str
+    reason: str
+    approved_by: list[str]
+    grant_ends_at: datetime | None = None
+
+
 class SessionSummary(_Model):
     session_id: str
     user: str
@@ -214,6 +230,7 @@ class SessionSummary(_Model):
     recording_sha256: str | None = None
     recording_size: int | None = None
     client_hostname: str | None = None
+    grant: GrantRef | None = None  # the access request a request-only level's session ran under
 
 
 class SessionPage(_Model):

@@ -50,7 +50,7 @@ def start_broker(workdir: Path, issuer: MiniIssuer, bao: OpenBao, pg: PgCluster,
     token_file = workdir / "bao-token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    db_url = f"sqlite:///{workdir}/broker.db"
+    db_url = kw.pop("db_url", f"sqlite:///{workdir}/broker.db")
     cfg = workdir / "broker.toml"
     cfg.write_text(broker_toml(issuer=issuer.url, vault_addr=bao.address, pg_port=pg.port, db_url=db_url,
                                recordings_dir=workdir / "recordings", port=port, token_file=token_file, **kw))

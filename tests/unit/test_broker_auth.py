@@ -239,8 +239,9 @@ def test_http_targets_visibility(issuer: MiniIssuer, client: TestClient) -> None
 
     dba = targets(["dba"])
     assert [t["name"] for t in dba] == ["prod-db"]
-    assert dba[0]["levels"] == [{"name": "read", "max_ttl_seconds": 3600},
-                                {"name": "admin", "max_ttl_seconds": 1800}]
+    standing = {"request_only": False, "approvals": None}
+    assert dba[0]["levels"] == [{"name": "read", "max_ttl_seconds": 3600, **standing},
+                                {"name": "admin", "max_ttl_seconds": 1800, **standing}]
     assert dba[0]["default_level"] == "read"
     dev = targets(["dev"])
     assert [t["name"] for t in dev] == ["prod-db", "staging-db"]

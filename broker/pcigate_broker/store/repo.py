@@ -17,16 +17,30 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from pcigate.models import SessionSummary
+from pcigate.models import GrantRef, SessionSummary
 
-from .tables import AuditEvent, SessionRow
+from .tables import AccessRequestRow, AuditEvent, ReviewRow, SessionRow
 
 
 class BadCursor(ValueError):
     pass
 
 
-def to_summary(row: SessionRow) -> SessionSummary:
+def grant_ref(db: Session, request_id: str | None) -> GrantRef | None:
+    """The grant a session ran under (request, reason, approvers), for its summary."""
+    if request_id is None:
+        return None
+    req = db.get(AccessRequestRow, request_id)
+    if req is None:
+        return None
+    q = select(ReviewRow.reviewer).where(ReviewRow.request_id == request_id, ReviewRow.decision == "approve")
+    approvers = list(db.scalars(q.order_by(ReviewRow.id)))
+    return GrantRef(request_id=req.id, reason=req.reason, approved_by=approvers,
+                    grant_ends_at=req.grant_ends_at)
+
+
+def to_summary(row: SessionRow, db: Session | None = None) -> SessionSummary:
+    """``db`` given: the grant of a session under an access request is filled in too."""
     return SessionSummary(
         session_id=row.id,
         user=row.user,
@@ -43,6 +57,7 @@ def to_summary(row: SessionRow) -> SessionSummary:
         recording_sha256=row.recording_sha256,
         recording_size=row.recording_size,
         client_hostname=row.client_hostname,
+        grant=grant_ref(db, row.grant_id) if db is not None else None,
     )
 
 

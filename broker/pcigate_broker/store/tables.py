@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -56,6 +68,7 @@ class SessionRow(Base):
     recording_sha256: Mapped[str | None] = mapped_column(String(64))
     recording_size: Mapped[int | None] = mapped_column(Integer)
     recording_events: Mapped[int | None] = mapped_column(Integer)
+    grant_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the access request it ran under
 
     __table_args__ = (
         Index("ix_sessions_started_id", "started_at", "id"),
@@ -76,3 +89,49 @@ class AuditEvent(Base):
     request_id: Mapped[str | None] = mapped_column(String(64))
     session_id: Mapped[str | None] = mapped_column(String(64), index=True)
     message: Mapped[str | None] = mapped_column(Text)
+
+
+class AccessRequestRow(Base):
+    """A just-in-time access request and, once approved, its grant (``grant_starts_at``..``grant_ends_at``).
+
+    ``status``: pending → approved | denied | expired | cancelled; approved → revoked. Every change is a
+    conditional UPDATE on (id, status, version), so two replicas never both decide one request."""
+
+    __tablename__ = "access_requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(255), index=True)
+    requester_name: Mapped[str | None] = mapped_column(String(255))
+    target: Mapped[str] = mapped_column(String(128), index=True)
+    level: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    duration_seconds: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)  # a pending request's deadline
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    grant_starts_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    grant_ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(255))
+    comment: Mapped[str | None] = mapped_column(Text)  # the denial's or revocation's reason
+
+    __table_args__ = (Index("ix_access_requests_grant", "requester", "target", "level", "status"),)
+
+
+class ReviewRow(Base):
+    """One reviewer's decision on a request (one per reviewer and request)."""
+
+    __tablename__ = "request_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), ForeignKey("access_requests.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(255))
+    reviewer_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    decision: Mapped[str] = mapped_column(String(16))  # approve | deny
+    comment: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("request_id", "reviewer", name="uq_request_reviews_reviewer"),)

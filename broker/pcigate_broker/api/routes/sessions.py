@@ -64,9 +64,9 @@ def list_sessions(
         )
     except repo.BadCursor:
         raise ApiError(422, "validation_error", "cursor: not a cursor from this API") from None
-    return SessionPage(items=[repo.to_summary(r) for r in rows], next_cursor=next_cursor)
+    return SessionPage(items=[repo.to_summary(r, db) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{session_id}", response_model=SessionSummary)
 def show(session_id: str, broker: BrokerDep, db: DbDep, identity: CurrentIdentity) -> SessionSummary:
-    return repo.to_summary(sessions.visible_session(broker, db, identity, session_id))
+    return repo.to_summary(sessions.visible_session(broker, db, identity, session_id), db)
