@@ -67,8 +67,10 @@ app.add_typer(sessions.app, name="sessions")
 def main() -> None:
     import os
 
+    from pcigate import startup
     from pcigate.errors import ExitCode, PcigateError
 
+    startup.begin()  # until the command says its start-up is over (connect: tunnel ready) or returns
     if os.environ.get("_PCIGATE_COMPLETE"):  # shell completion: register typer's bash/zsh/fish classes
         from typer._completion_classes import completion_init
 
@@ -89,3 +91,5 @@ def main() -> None:
         sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc}\n")
         sys.stderr.write("hint: set PCIGATE_DEBUG=1 to see the traceback\n")
         sys.exit(int(ExitCode.ERROR))
+    finally:
+        startup.end()

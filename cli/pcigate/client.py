@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +49,15 @@ UPLOAD_CHUNK = 256 * 1024
 _TARGETS = TypeAdapter(list[TargetInfo])
 
 
+def _tls_context(base_url: str) -> ssl.SSLContext | bool:
+    """httpx's default (the CA bundle) for an https:// broker. A plain http:// broker (loopback only, see
+    ``config.check_broker_url``) never sees TLS: no redirects are followed and every request is relative to
+    ``base_url``. It gets a context that trusts no certificate, not one loading the bundle (~25 ms)."""
+    if base_url.lower().startswith("http://"):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True
+
+
 class BrokerClient:
     def __init__(
         self,
@@ -72,6 +82,7 @@ class BrokerClient:
             headers={"User-Agent": f"pcigate/{__version__}"},
             transport=transport,
             follow_redirects=False,
+            verify=_tls_context(self.base_url),
         )
 
     def close(self) -> None:
@@ -83,6 +94,12 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def bearer(self) -> str:
+        """The bearer the next call sends (a stored sign-in is read from the keyring, refreshed when due)."""
+        if self._token is None:
+            raise AuthRequired("not signed in", hint=self._auth_hint)
+        return self._token()
+
     # the one place errors are mapped ----------------------------------------------------------------------
     def _request(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
         """``content`` may be a callable returning the body (a fresh stream for a retry)."""
@@ -91,9 +108,7 @@ class BrokerClient:
         retried = False
         while True:
             if auth:
-                if self._token is None:
-                    raise AuthRequired("not signed in", hint=self._auth_hint)
-                headers["Authorization"] = f"Bearer {self._token()}"
+                headers["Authorization"] = f"Bearer {self.bearer()}"
             body = content() if callable(content) else content
             try:
                 response = self._http.request(method, path, headers=headers, content=body, **kwargs)

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pcigate import __version__, spool
+from pcigate import __version__, spool, startup
 from pcigate.config import Settings, psql_binary, spool_dir
 from pcigate.errors import NotFound, PcigateError, RecordingError, UsageError
 from pcigate.models import SessionCreate, SessionOpened
-from pcigate.output import Output
 
 if TYPE_CHECKING:
     from pcigate.client import BrokerClient
+    from pcigate.output import Output
 
 # Variables that would make psql go elsewhere or carry a password: never passed to the child. Every
 # ``PCIGATE_*`` variable (the workload bearer ``PCIGATE_TOKEN`` among them) is stripped as well.
@@ -54,6 +54,9 @@ STRIPPED_ENV = (
 LOCAL_HOST = "127.0.0.1"
 MIN_HEARTBEAT_SECONDS = 1.0
 PSQL_STOP_GRACE = 5.0  # seconds psql gets to exit after SIGTERM when the broker ended the session
+# Imported in the background while the broker and OpenBao open the session (see startup.Prefetch): the
+# tunnel (with the recording, masking, guardrails/pglast and wire modules it imports).
+TUNNEL_MODULES = ("pcigate.tunnel.pg",)
 
 
 @dataclass
@@ -134,9 +137,13 @@ def resolve_psql() -> str:
     return found
 
 
+def _stdlib_loop() -> bool:
+    return os.environ.get("PCIGATE_EVENT_LOOP", "").lower() == "asyncio"
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when importable (faster relay); ``PCIGATE_EVENT_LOOP=asyncio`` selects the stdlib loop."""
-    if os.environ.get("PCIGATE_EVENT_LOOP", "").lower() == "asyncio":
+    if _stdlib_loop():
         return asyncio.new_event_loop()
     try:
         import uvloop
@@ -147,12 +154,29 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 class Connector:
-    def __init__(self, client: BrokerClient, settings: Settings, out: Output) -> None:
+    def __init__(
+        self,
+        client: BrokerClient,
+        settings: Settings,
+        out: Output | Callable[[], Output],
+        *,
+        sign_in: Callable[[], object] | None = None,
+    ) -> None:
+        """``out``: the output, or a function making it when it is first needed (it imports rich).
+        ``sign_in``: gets the bearer ready (keyring, refresh) before the session is opened, so that only the
+        network wait overlaps the imports in the background (see :meth:`run`)."""
         self.client = client
         self.settings = settings
-        self.out = out
+        self._out = out
+        self._sign_in = sign_in
         # Set while the session runs: ends it from the recording's writer thread (fail closed).
         self._end_unrecorded: Callable[[str], None] | None = None
+
+    @property
+    def out(self) -> Output:
+        if callable(self._out):
+            self._out = self._out()
+        return self._out
 
     def _recording_failed(self, message: str) -> None:
         """The recording's writer thread could not write (disk full...): nothing may run unrecorded."""
@@ -172,15 +196,18 @@ class Connector:
         error: BaseException | None = None
         spooled = False
         held = contextlib.ExitStack()
-        opened = self.client.open_session(
-            SessionCreate(
-                target=request.target,
-                level=request.level,
-                ttl_seconds=request.ttl_seconds,
-                client_hostname=socket.gethostname()[:255],
-                client_version=__version__,
-            )
+        create = SessionCreate(
+            target=request.target,
+            level=request.level,
+            ttl_seconds=request.ttl_seconds,
+            client_hostname=socket.gethostname()[:255],
+            client_version=__version__,
         )
+        if self._sign_in is not None:
+            self._sign_in()
+        # While the broker and OpenBao work (the GIL is free meanwhile), import what the tunnel needs.
+        with startup.Prefetch(TUNNEL_MODULES if _stdlib_loop() else (*TUNNEL_MODULES, "uvloop")):
+            opened = self.client.open_session(create)
         # From here on the lease is live: every way out (a failing spool, a signal, an error) ends it.
         try:
             try:
@@ -256,6 +283,7 @@ class Connector:
         try:
             await tunnel.check_upstream()
             port = await tunnel.start()
+            startup.end()  # the tunnel is ready
             tasks.append(asyncio.create_task(self._heartbeat(opened, state)))
             tasks.append(asyncio.create_task(self._expiry(opened, state)))
             with passfile(port, secret) as pgpass:

@@ -9,10 +9,13 @@ before the sign-in is dropped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from pcigate.auth.tokens import StoredTokens, TokenStore
 from pcigate.config import ENV_TOKEN, Settings
@@ -32,13 +35,31 @@ def _read_token_file(path: Path) -> str:
     return token
 
 
+def _b64_json(segment: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+def _unverified_claims(id_token: str) -> dict[str, Any] | None:
+    """The payload of a JWS-compact token, *not verified*: only to schedule a refresh (the broker verifies
+    every token). Plain stdlib, unlike ``oidc.id_token_claims``, whose JOSE library (and cryptography) would
+    cost ~50 ms on every start-up of a signed-in command."""
+    parts = id_token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        header = _b64_json(parts[0])
+        payload = _b64_json(parts[1])
+    except ValueError:  # bad base64 (binascii.Error), UTF-8 or JSON
+        return None
+    if not isinstance(header, dict) or "alg" not in header or not isinstance(payload, dict):
+        return None
+    return payload
+
+
 def refresh_margin(tokens: StoredTokens) -> float:
     """Refresh this long before expiry: a minute, or a third of the token's lifetime when it is short."""
-    from pcigate.auth.oidc import id_token_claims
-
-    try:
-        claims = id_token_claims(tokens.id_token)
-    except AuthRequired:
+    claims = _unverified_claims(tokens.id_token)
+    if claims is None:
         return REFRESH_MARGIN_SECONDS
     iat, exp = claims.get("iat"), claims.get("exp")
     if isinstance(iat, int | float) and isinstance(exp, int | float) and exp > iat:

@@ -52,7 +52,8 @@ def connect(
         no_exec=no_exec,
         psql_args=list(psql_args or []),
     )
-    out = output(ctx, json_flag)
     with broker(ctx) as client:
-        status = Connector(client, settings(ctx), out).run(request)
+        # The output (rich) is made when first used: its import is not on the way to the broker call.
+        connector = Connector(client, settings(ctx), lambda: output(ctx, json_flag), sign_in=client.bearer)
+        status = connector.run(request)
     raise typer.Exit(status)

@@ -1,0 +1,189 @@
+"""Start-up of the CLI process: GC deferral, skipped modules, background imports, what the connect path loads
+before its broker call, and the light claims reader used to schedule a refresh."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pcigate import startup
+from pcigate.auth import credentials
+from pcigate.auth.credentials import REFRESH_MARGIN_SECONDS, refresh_margin
+from pcigate.auth.tokens import StoredTokens
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    enabled = gc.isenabled()
+    yield
+    startup.end()
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_begin_defers_gc_until_end(gc_restored: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(startup, "UNUSED_MODULES", ())
+    gc.enable()
+    startup.begin()
+    assert not gc.isenabled()
+    startup.end()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 0  # what start-up allocated is not rescanned
+    startup.end()  # idempotent
+    assert gc.isenabled()
+
+
+def test_end_without_begin_leaves_gc_alone(gc_restored: None) -> None:
+    gc.disable()
+    startup.end()
+    assert not gc.isenabled()  # nobody asked for the deferral: not ours to turn on
+
+
+def test_begin_makes_unused_modules_unimportable(gc_restored: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "pcigate_test_never_imported_module"
+    monkeypatch.setattr(startup, "UNUSED_MODULES", (name,))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    startup.begin()
+    try:
+        with pytest.raises(ImportError):
+            __import__(name)
+    finally:
+        del sys.modules[name]
+
+
+def test_httpx_works_without_its_cli_and_skips_rich() -> None:
+    proc = run_python(
+        "import sys\n"
+        "from pcigate import startup\n"
+        "startup.begin()\n"
+        "import httpx\n"
+        "from pcigate.client import BrokerClient\n"
+        "BrokerClient('http://127.0.0.1:1').close()\n"
+        "print(sorted(m for m in ('rich', 'click', 'pygments') if m in sys.modules))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_prefetch_imports_in_the_background_and_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def fake_import(name: str) -> object:
+        seen.append((name, threading.current_thread() is threading.main_thread()))
+        if name == "broken":
+            raise ImportError(name)
+        return object()
+
+    monkeypatch.setattr(startup.importlib, "import_module", fake_import)
+    interval = sys.getswitchinterval()
+    with startup.Prefetch(["broken", "fine"]):
+        assert sys.getswitchinterval() == startup.Prefetch.SWITCH_INTERVAL
+    assert seen == [("broken", False), ("fine", False)]  # a failure does not stop the rest
+    assert sys.getswitchinterval() == interval
+
+
+def test_prefetch_waits_and_restores_on_an_error() -> None:
+    interval = sys.getswitchinterval()
+    prefetch = startup.Prefetch(["json"])
+    with pytest.raises(RuntimeError), prefetch:
+        raise RuntimeError("the broker call failed")
+    assert not prefetch._thread.is_alive()
+    assert sys.getswitchinterval() == interval
+
+
+def test_connect_loads_neither_the_tunnel_nor_rich_before_its_broker_call() -> None:
+    proc = run_python(
+        "import sys\n"
+        "from pcigate import startup\n"
+        "startup.begin()\n"
+        "import pcigate.app, pcigate.session, pcigate.client, pcigate.auth.credentials, pcigate.spool\n"
+        "heavy = ('rich', 'pglast', 'uvloop', 'pcigate.tunnel.pg', 'pcigate.recording', 'pcigate.output',\n"
+        "         'keyring', 'authlib', 'joserfc', 'cryptography')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# -- the claims reader that schedules refreshes -------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(payload: object, header: object | None = None) -> str:
+    head = {"alg": "RS256", "typ": "JWT"} if header is None else header
+    return f"{b64(json.dumps(head).encode())}.{b64(json.dumps(payload).encode())}.{b64(b'signature')}"
+
+
+def tokens(id_token: str) -> StoredTokens:
+    return StoredTokens(id_token=id_token, expires_at=0)
+
+
+def test_refresh_margin_from_the_token_lifetime() -> None:
+    assert refresh_margin(tokens(jwt({"iat": 1000, "exp": 1090}))) == 30  # a third of a short lifetime
+    assert refresh_margin(tokens(jwt({"iat": 1000, "exp": 5000}))) == REFRESH_MARGIN_SECONDS
+    assert refresh_margin(tokens(jwt({"iat": 1000.5, "exp": 1030.5}))) == 10
+
+
+@pytest.mark.parametrize(
+    "id_token",
+    [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.???.sig",
+        jwt({"iat": 1, "exp": 2}, header={"typ": "JWT"}),  # no alg
+        jwt({"iat": 1, "exp": 2}, header=["alg"]),
+        jwt([1, 2]),
+        jwt({"iat": "1", "exp": "90"}),
+        jwt({"iat": 90, "exp": 1}),
+        b64(b'{"alg": "RS256"}') + "." + b64(b"\xff\xfe") + ".sig",  # payload not UTF-8
+        "é.é.é",
+    ],
+)
+def test_refresh_margin_of_an_unreadable_token_is_the_default(id_token: str) -> None:
+    assert refresh_margin(tokens(id_token)) == REFRESH_MARGIN_SECONDS
+
+
+@given(iat=st.integers(0, 2**40), lifetime=st.integers(1, 10**6), extra=st.dictionaries(st.text(), st.text()))
+def test_claims_agree_with_the_jose_reader(iat: int, lifetime: int, extra: dict[str, str]) -> None:
+    from pcigate.auth.oidc import id_token_claims
+
+    token = jwt({**extra, "iat": iat, "exp": iat + lifetime})
+    assert credentials._unverified_claims(token) == id_token_claims(token)
+
+
+@given(st.text())
+def test_claims_reader_never_raises(text: str) -> None:
+    claims = credentials._unverified_claims(text)
+    assert claims is None or isinstance(claims, dict)
+
+
+def test_tls_context_only_skips_the_ca_bundle_for_plain_http() -> None:
+    import ssl
+
+    from pcigate.client import _tls_context
+
+    ctx = _tls_context("http://127.0.0.1:8600")
+    assert isinstance(ctx, ssl.SSLContext)
+    # never used; it would verify and trust nothing
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.check_hostname
+    assert ctx.cert_store_stats()["x509_ca"] == 0
+    assert _tls_context("https://pcigate.example.com") is True  # httpx's default: the CA bundle
