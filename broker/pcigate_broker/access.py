@@ -258,7 +258,7 @@ def create_request(
         raise refuse(409, "conflict",
                      f"you already have {what} for {body.target}/{body.level}: {existing.id}")
     row = AccessRequestRow(
-        id="req-" + secrets.token_urlsafe(9),
+        id="req-" + secrets.token_hex(6),
         requester=identity.subject,
         requester_name=identity.name or identity.email,
         target=body.target,

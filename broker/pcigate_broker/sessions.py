@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def new_session_id() -> str:
-    return secrets.token_urlsafe(18)
+    """24 URL-safe characters (144 random bits), never starting with "-" or "_": an id typed on a command
+    line (``pcigate sessions show ID``) must not read as an option."""
+    while True:
+        sid = secrets.token_urlsafe(18)
+        if sid[0].isalnum():
+            return sid
 
 
 def vault_error(exc: Exception) -> ApiError:

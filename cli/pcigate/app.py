@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from pcigate import __version__
-from pcigate.commands import connect, login, sessions, targets
+from pcigate.commands import connect, login, requests, sessions, targets
 from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings
 
 app = typer.Typer(
@@ -62,6 +62,12 @@ app.command("whoami")(login.whoami)
 app.command("targets")(targets.targets)
 app.command("connect")(connect.connect)
 app.add_typer(sessions.app, name="sessions")
+app.command("request")(requests.request)
+app.command("requests")(requests.list_requests)
+app.command("approve")(requests.approve)
+app.command("deny")(requests.deny)
+app.command("cancel")(requests.cancel)
+app.command("revoke")(requests.revoke)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -24,6 +24,7 @@ from pcigate.errors import (
     AccessDenied,
     AuthRequired,
     BrokerUnavailable,
+    Conflict,
     NotFound,
     PcigateError,
     RecordingError,
@@ -41,12 +42,22 @@ from pcigate.models import (
     TargetInfo,
 )
 
+if TYPE_CHECKING:
+    from pcigate.access_models import AccessRequestCreate, AccessRequestInfo, RequestPage
+
 M = TypeVar("M", bound=BaseModel)
 TokenProvider = Callable[[], str]
 LOGIN_HINT = "run: pcigate login"
 UPLOAD_CHUNK = 256 * 1024
 
 _TARGETS = TypeAdapter(list[TargetInfo])
+
+
+def _seg(value: str) -> str:
+    """One URL path segment (an id typed by the user may hold anything)."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
 
 
 def _tls_context(base_url: str) -> ssl.SSLContext | bool:
@@ -145,7 +156,8 @@ class BrokerClient:
         cls: type[PcigateError] | None = BROKER_ERROR_CLASSES.get(code) if code else None
         if cls is None:
             if code == "conflict":
-                cls = RecordingError
+                # a different recording already stored for the session; otherwise a state conflict
+                cls = RecordingError if response.request.url.path.endswith("/recording") else Conflict
             elif status >= 500:
                 cls = BrokerUnavailable
                 if not code:
@@ -159,6 +171,8 @@ class BrokerClient:
             else:
                 cls = PcigateError
         hint = "see: pcigate targets" if code in ("level_not_allowed", "unknown_target") else None
+        if code == "mfa_required":
+            hint = "sign in again with a second factor: pcigate login"
         error = cls(message, hint=hint)
         error.broker_code = code  # type: ignore[attr-defined]
         raise error
@@ -259,3 +273,33 @@ class BrokerClient:
 
     def get_session(self, session_id: str) -> SessionSummary:
         return self._model(SessionSummary, self._request("GET", f"/v1/sessions/{session_id}"))
+
+    # just-in-time access (pcigate.access_models) ---------------------------------------------------------
+    def create_request(self, request: AccessRequestCreate) -> AccessRequestInfo:
+        from pcigate.access_models import AccessRequestInfo
+
+        body = request.model_dump(mode="json", exclude_none=True)
+        return self._model(AccessRequestInfo, self._request("POST", "/v1/requests", json=body))
+
+    def list_requests(self, *, pending: bool = False, mine: bool = False) -> RequestPage:
+        from pcigate.access_models import RequestPage
+
+        params = {"pending": str(pending).lower(), "mine": str(mine).lower(), "limit": "200"}
+        return self._model(RequestPage, self._request("GET", "/v1/requests", params=params))
+
+    def get_request(self, request_id: str) -> AccessRequestInfo:
+        from pcigate.access_models import AccessRequestInfo
+
+        return self._model(AccessRequestInfo, self._request("GET", f"/v1/requests/{_seg(request_id)}"))
+
+    def review_request(self, request_id: str, decision: str, comment: str | None) -> AccessRequestInfo:
+        """``decision``: ``approve`` or ``deny``."""
+        return self.request_action(request_id, decision, comment)
+
+    def request_action(self, request_id: str, action: str, comment: str | None = None) -> AccessRequestInfo:
+        """``action``: approve, deny, cancel or revoke."""
+        from pcigate.access_models import AccessRequestInfo
+
+        body = {} if action == "cancel" else {"comment": comment}
+        path = f"/v1/requests/{_seg(request_id)}/{action}"
+        return self._model(AccessRequestInfo, self._request("POST", path, json=body if body else None))

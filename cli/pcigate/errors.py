@@ -41,6 +41,7 @@ class ExitCode(IntEnum):
     PROTOCOL_ERROR = 12
     RECORDING_ERROR = 13
     IDP_UNAVAILABLE = 14
+    CONFLICT = 15
     INTERRUPTED = 130
 
 
@@ -111,6 +112,13 @@ class ProtocolError(PcigateError):
     code = "protocol_error"
 
 
+class Conflict(PcigateError):
+    """The thing changed state meanwhile or already is what was asked (a decided request, a duplicate)."""
+
+    exit_code = ExitCode.CONFLICT
+    code = "conflict"
+
+
 class RecordingError(PcigateError):
     exit_code = ExitCode.RECORDING_ERROR
     code = "recording_error"
@@ -137,4 +145,6 @@ BROKER_ERROR_CLASSES: dict[str, type[PcigateError]] = {
     "validation_error": UsageError,
     "session_closed": PcigateError,
     "idp_unavailable": IdpUnavailable,
+    "grant_required": AccessDenied,
+    "mfa_required": AuthRequired,
 }

@@ -101,6 +101,16 @@ class Output:
         self.err.print(f"warning: {message}", markup=False, style="yellow")
 
     @contextmanager
+    def spinner(self, description: str) -> Iterator[None]:
+        """A spinner on stderr while waiting; only the description line when stderr is not a terminal."""
+        if not self.err.is_terminal:
+            self.info(description)
+            yield
+            return
+        with self.err.status(description, spinner="dots"):
+            yield
+
+    @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         """A byte progress bar on stderr; hidden when stderr is not a terminal. Yields ``advance(nbytes)``."""
         if not self.err.is_terminal:

@@ -19,6 +19,7 @@ from pcigate.errors import (
     AccessDenied,
     AuthRequired,
     BrokerUnavailable,
+    Conflict,
     DatabaseUnavailable,
     ExitCode,
     NotFound,
@@ -56,7 +57,9 @@ def error(status: int, code: str, message: str = "nope") -> httpx.Response:
         (503, "database_unavailable", DatabaseUnavailable, ExitCode.DATABASE_UNAVAILABLE),
         (422, "digest_mismatch", RecordingError, ExitCode.RECORDING_ERROR),
         (422, "validation_error", UsageError, ExitCode.USAGE),
-        (409, "conflict", RecordingError, ExitCode.RECORDING_ERROR),
+        (409, "conflict", Conflict, ExitCode.CONFLICT),  # a state conflict (recordings: below)
+        (403, "grant_required", AccessDenied, ExitCode.DENIED),
+        (403, "mfa_required", AuthRequired, ExitCode.AUTH_REQUIRED),
         (500, "internal", BrokerUnavailable, ExitCode.BROKER_UNAVAILABLE),
     ],
 )
@@ -65,6 +68,15 @@ def test_error_body_mapping(status: int, code: str, exc: type[PcigateError], exi
         c.targets()
     assert err.value.exit_code == exit_code
     assert err.value.message == "the message"
+
+
+def test_conflict_on_a_recording_upload_is_a_recording_error(tmp_path: Path) -> None:
+    rec = tmp_path / "r.rec"
+    rec.write_bytes(b"x")
+    with client_for(lambda r: error(409, "conflict", "another recording")) as c, \
+            pytest.raises(RecordingError) as err:
+        c.upload_recording("s1", rec, "0" * 64)
+    assert err.value.exit_code == ExitCode.RECORDING_ERROR
 
 
 @pytest.mark.parametrize(("status", "exc"), [(502, BrokerUnavailable), (404, NotFound), (403, AccessDenied)])

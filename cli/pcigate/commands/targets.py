@@ -87,6 +87,7 @@ def _policy_tree(items: list[TargetInfo]) -> Tree:
             lnode = tnode.add(
                 Text(
                     f"level {lv.name}{' (default)' if lv.name == t.default_level else ''}"
+                    f"{' (on request: ' + (lv.approvals or '') + ')' if lv.request_only else ''}"
                     f", max {_ttl(lv.max_ttl_seconds)}, policy {pol.digest[:12]}",
                     style="bold",
                 )
@@ -121,7 +122,8 @@ def targets(ctx: typer.Context, json_flag: JsonOpt = False, show_policy: ShowPol
             (
                 "levels (max ttl)",
                 lambda t: ", ".join(
-                    f"{lv.name}{'*' if lv.name == t.default_level else ''} ({_ttl(lv.max_ttl_seconds)})"
+                    f"{lv.name}{'*' if lv.name == t.default_level else ''}{'+' if lv.request_only else ''}"
+                    f" ({_ttl(lv.max_ttl_seconds)})"
                     for lv in t.levels
                 ),
             ),
@@ -131,3 +133,6 @@ def targets(ctx: typer.Context, json_flag: JsonOpt = False, show_policy: ShowPol
     )
     if not out.json_mode and items:
         out.info("* default level")
+        if any(lv.request_only for t in items for lv in t.levels):
+            out.info("+ on request only: pcigate request TARGET --level LEVEL --reason ... "
+                     "(another person approves)")
