@@ -8,6 +8,8 @@ reaper).
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import secrets
 from datetime import datetime, timedelta
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from pcigate.models import (
     DatabaseCredentials,
+    DataPathPolicy,
     Identity,
     SessionCreate,
     SessionOpened,
@@ -26,6 +29,7 @@ from . import access, policy
 from .errors import ApiError, DatabaseUnavailable, NotFoundError, VaultUnavailable
 from .policy import canonical as canonical  # re-exported; the session's policy is built in policy.py
 from .policy import data_path_policy as data_path_policy
+from .settings import Settings
 from .state import Broker, utcnow
 from .store import repo
 from .store.tables import SessionRow
@@ -180,7 +184,23 @@ def open_session(
             sslmode=tgt.sslmode,
         ),
         policy=session_policy,
+        masking_key=target_masking_key(settings, grant.target) if _has_hash_rules(session_policy) else None,
     )
+
+
+def _has_hash_rules(pol: DataPathPolicy) -> bool:
+    return pol.masking is not None and any(r.action == "hash" for r in pol.masking.columns)
+
+
+def target_masking_key(settings: Settings, target: str) -> str | None:
+    """The target's key for keyed-hash masking: HMAC-SHA256(deployment key, "pcigate-masking:" + target),
+    base64url. The same for every session on the target (hashed values join), another for every target."""
+    key = settings.masking.key
+    if key is None:
+        return None
+    info = b"pcigate-masking:" + target.encode()
+    derived = hmac.new(key.get_secret_value().encode(), info, "sha256").digest()
+    return base64.urlsafe_b64encode(derived).decode()
 
 
 def visible_session(broker: Broker, db: Session, identity: Identity, session_id: str) -> SessionRow:

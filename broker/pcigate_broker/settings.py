@@ -31,6 +31,8 @@ from pcigate.models import MAX_SESSION_SECONDS, GuardrailRule, MaskingPolicy
 from pcigate.net import is_loopback
 
 TOKEN_ENV = "PCIGATE_BROKER_VAULT_TOKEN"
+MASKING_KEY_ENV = "PCIGATE_BROKER_MASKING_KEY"
+MIN_MASKING_KEY_BYTES = 32
 SECRET_ID_ENV = "PCIGATE_BROKER_VAULT_SECRET_ID"
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -223,6 +225,14 @@ class WebhookSettings(_Section):
         return v
 
 
+class MaskingKeySettings(_Section):
+    """The deployment's secret for keyed-hash column rules (``action = "hash"``): at least 32 bytes, from
+    ``key_file`` or ``PCIGATE_BROKER_MASKING_KEY``. Each target gets its own key derived from it."""
+
+    key_file: Path | None = None
+    key: SecretStr | None = Field(default=None, exclude=True)  # resolved at load time
+
+
 class NotificationSettings(_Section):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
@@ -363,6 +373,7 @@ class Settings(_Section):
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     auditors: AuditorSettings = Field(default_factory=AuditorSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    masking: MaskingKeySettings = Field(default_factory=MaskingKeySettings)
     targets: dict[str, TargetSettings] = Field(default_factory=dict)
     access: list[AccessRule] = Field(default_factory=list)
 
@@ -453,6 +464,21 @@ def settings_from_dict(
             problems.append(
                 f"vault.secret_id_file: no AppRole secret id: set secret_id_file or {SECRET_ID_ENV}"
             )
+    masking_key_file = _resolve(settings.masking.key_file, base)
+    masking_key: SecretStr | None = None
+    if masking_key_file is not None:
+        masking_key = _read_secret(masking_key_file, "masking.key_file", problems)
+    elif env.get(MASKING_KEY_ENV):
+        masking_key = SecretStr(env[MASKING_KEY_ENV].strip())
+    if masking_key is not None and len(masking_key.get_secret_value().encode()) < MIN_MASKING_KEY_BYTES:
+        problems.append(f"masking.key_file: the masking key must be at least {MIN_MASKING_KEY_BYTES} bytes")
+    if masking_key is None:
+        for tname, tgt in settings.targets.items():
+            for lname, lvl in tgt.levels.items():
+                mask = lvl.masking if lvl.masking is not None else tgt.masking
+                if mask is not None and any(r.action == "hash" for r in mask.columns):
+                    problems.append(f"targets.{tname}.levels.{lname}: a hash column rule needs a masking "
+                                    f"key: set masking.key_file or {MASKING_KEY_ENV}")
     hooks: list[WebhookSettings] = []
     for i, hook in enumerate(settings.notifications.webhooks):
         secret_file = _resolve(hook.secret_file, base)
@@ -475,6 +501,7 @@ def settings_from_dict(
             ),
             "storage": settings.storage.model_copy(update={"recordings_dir": recordings_dir}),
             "notifications": settings.notifications.model_copy(update={"webhooks": hooks}),
+            "masking": settings.masking.model_copy(update={"key_file": masking_key_file, "key": masking_key}),
         }
     )
 

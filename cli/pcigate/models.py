@@ -203,6 +203,9 @@ class SessionOpened(_Model):
     heartbeat_seconds: int
     credentials: DatabaseCredentials
     policy: DataPathPolicy
+    # base64url HMAC key for the policy's ``hash`` column rules (the same for every session on the target, so
+    # hashed values join); only sent when the policy has such rules. A secret: never printed or stored.
+    masking_key: str | None = Field(default=None, repr=False)
 
 
 class GrantRef(_Model):

@@ -3,6 +3,7 @@ SCRAM PostgreSQL cluster + a real (tiny) OIDC issuer. Nothing is mocked."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import signal
 import subprocess
@@ -51,6 +52,9 @@ def start_broker(workdir: Path, issuer: MiniIssuer, bao: OpenBao, pg: PgCluster,
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     db_url = kw.pop("db_url", f"sqlite:///{workdir}/broker.db")
+    masking_key = workdir / "masking-key"
+    masking_key.write_text("k" * 40)
+    kw.setdefault("masking_key_file", masking_key)
     cfg = workdir / "broker.toml"
     cfg.write_text(broker_toml(issuer=issuer.url, vault_addr=bao.address, pg_port=pg.port, db_url=db_url,
                                recordings_dir=workdir / "recordings", port=port, token_file=token_file, **kw))
@@ -507,11 +511,18 @@ def test_targets_with_and_without_policy_and_session_policy(stack: Stack) -> Non
         assert [g["name"] for g in admin["guardrails"]] == ["no-drop"]
         assert len({read["digest"], admin["digest"]}) == 2
         assert c.get("/v1/targets", params={"include_policy": "maybe"}).status_code == 422
-        # the session gets exactly the policy shown for its level
-        for level, shown in levels.items():
+        # the session gets exactly the policy shown for its level, and the target's masking key only when the
+        # policy hashes columns (the same key every time, so hashed values join across sessions)
+        keys: list[str | None] = []
+        for level, shown in [*levels.items(), ("read", levels["read"])]:
             opened = open_session(c, level=level)
             assert opened["policy"] == shown
+            keys.append(opened.get("masking_key"))
             assert c.post(f"/v1/sessions/{opened['session_id']}/end").status_code == 200
+        assert keys[1] is None  # admin: no hash rule
+        assert keys[0] is not None
+        assert keys[0] == keys[2]
+        assert len(base64.urlsafe_b64decode(keys[0])) == 32
         # the same config gives the same digests on a second call
         again = c.get("/v1/targets", params={"include_policy": "true"}).json()
         assert {lv["name"]: lv["policy"]["digest"] for lv in again[0]["levels"]} == {

@@ -91,7 +91,7 @@ def broker_toml(*, issuer: str, vault_addr: str = "http://127.0.0.1:1", pg_port:
                 db_url: str, recordings_dir: Path, port: int = 8600, read_cap: str = "1h",
                 admin_cap: str = "30m", heartbeat: int = 30, grace: int = 120, reaper: int = 10,
                 token_file: Path | None = None, max_recording_bytes: int = 1 << 20,
-                jwks_min_refetch: int = 10, extra: str = "") -> str:
+                jwks_min_refetch: int = 10, masking_key_file: Path | None = None, extra: str = "") -> str:
     """``extra``: TOML appended at the end (e.g. data-path policy tables of the targets)."""
     token_line = f'token_file = "{token_file}"' if token_file else ""
     return f"""
@@ -125,6 +125,7 @@ reaper_interval_seconds = {reaper}
 
 [auditors]
 groups = ["auditors"]
+{f'[masking]{chr(10)}key_file = "{masking_key_file}"' if masking_key_file else ""}
 
 [targets.prod-db]
 kind = "postgres"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def broker_config(
     leeway_seconds: int = 30,
     extra_audiences: list[str] | None = None,
     sslmode: str = "disable",
+    masking_key_file: Path | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The stack's broker configuration as a dict (see docs/configuration.md)."""
@@ -131,6 +133,7 @@ def broker_config(
             "reaper_interval_seconds": reaper_interval_seconds,
         },
         "auditors": {"groups": ["auditors"]},
+        **({"masking": {"key_file": str(masking_key_file)}} if masking_key_file is not None else {}),
         "targets": {
             TARGET: {
                 "kind": "postgres",
@@ -165,8 +168,15 @@ def edit_broker_config(path: Path, edit: Callable[[dict[str, Any]], None]) -> No
 
 
 def write_broker_config(path: Path, **kwargs: Any) -> Path:
-    """Write broker.toml (keyword arguments as :func:`broker_config`). Returns ``path``."""
+    """Write broker.toml (keyword arguments as :func:`broker_config`), with a fresh 0600 masking key file
+    next to it unless one is given. Returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if "masking_key_file" not in kwargs:
+        key = path.parent / "masking-key"
+        if not key.exists():
+            key.touch(mode=0o600)
+            key.write_text(secrets.token_urlsafe(32))
+        kwargs["masking_key_file"] = key
     path.write_text(to_toml(broker_config(**kwargs)))
     return path
 
