@@ -103,7 +103,7 @@ def cluster() -> Iterator[tuple[PgCluster, str]]:
 
 class Session:
     def __init__(self, loop: LoopThread, tmp: Path, cluster: tuple[PgCluster, str],
-                 policy: DataPathPolicy | None, name: str = "s") -> None:
+                 policy: DataPathPolicy | None, name: str = "s", masking_key: bytes | None = None) -> None:
         c, pw = cluster
         self.loop = loop
         self.secret = secrets.token_urlsafe(32)
@@ -112,7 +112,8 @@ class Session:
         self.recorder = RecordingWriter(self.rec_path, header)
         creds = DatabaseCredentials(host="127.0.0.1", port=c.port, database="prod", username=APP_USER,
                                     password=pw, sslmode="prefer")
-        self.tunnel = PgTunnel(creds, self.secret, self.recorder, policy=policy)
+        self.tunnel = PgTunnel(creds, self.secret, self.recorder, policy=policy, masking_key=masking_key)
+        loop.run(self.tunnel.check_upstream())  # as the CLI does: also reads the masked columns' origins
         self.port = loop.run(self.tunnel.start())
         self.passfile = tmp / name / "pgpass"
         fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -158,8 +159,8 @@ class Session:
 def make_session(cluster: tuple[PgCluster, str], loop: LoopThread, tmp_path: Path) -> Iterator[Any]:
     made: list[Session] = []
 
-    def make(policy: DataPathPolicy | None, name: str = "s") -> Session:
-        s = Session(loop, tmp_path, cluster, policy, name)
+    def make(policy: DataPathPolicy | None, name: str = "s", masking_key: bytes | None = None) -> Session:
+        s = Session(loop, tmp_path, cluster, policy, name, masking_key)
         made.append(s)
         return s
 
@@ -329,7 +330,7 @@ def test_masking_with_guardrails_and_column_rules(make_session: Any) -> None:
     assert s.psql("-At", "-c", f"SELECT count(*) FROM {TABLE}").stdout.strip() == str(len(PANS) + 1)
 
 
-def test_hash_rules_refused(cluster: tuple[PgCluster, str], loop: LoopThread) -> None:
+def test_hash_rules_need_the_masking_key(cluster: tuple[PgCluster, str], loop: LoopThread) -> None:
     c, pw = cluster
     creds = DatabaseCredentials(host="127.0.0.1", port=c.port, database="prod", username=APP_USER,
                                 password=pw)
@@ -337,6 +338,9 @@ def test_hash_rules_refused(cluster: tuple[PgCluster, str], loop: LoopThread) ->
     t = PgTunnel(creds, "x", None, policy=pol)
     with pytest.raises(AccessDenied, match="masking key"):
         loop.run(t.start())
+    keyed = PgTunnel(creds, "x", None, policy=pol, masking_key=b"k" * 32)
+    assert loop.run(keyed.start()) > 0
+    loop.run(keyed.close())
     t2 = PgTunnel(creds, "x", None, policy=MASKING)
     assert loop.run(t2.start()) > 0
     loop.run(t2.close())
@@ -386,3 +390,40 @@ def test_undescribed_rows_masked_by_pattern_without_column_rules(make_session: A
     assert truncated(PANS[0][1]).encode() in rows[0]
     assert PANS[0][1].encode() not in rows[0]
     assert s.tunnel.errors == []
+
+
+def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
+    cluster: tuple[PgCluster, str], make_session: Any
+) -> None:
+    """A table-scoped rule hits its table's column under any alias, not another table's column of the same
+    name; a hash rule gives the same keyed hash in two sessions (joins work) and another with another key."""
+    c, _pw = cluster
+    c.psql("DROP TABLE IF EXISTS mk_people; DROP TABLE IF EXISTS mk_other; "
+           "CREATE TABLE mk_people (id int, holder text, email text); "
+           "INSERT INTO mk_people VALUES (1, 'Ada Lovelace', 'ada@example.com'); "
+           "CREATE TABLE mk_other (id int, holder text); INSERT INTO mk_other VALUES (1, 'Not Secret'); "
+           f"ALTER TABLE mk_people OWNER TO {APP_USER}; ALTER TABLE mk_other OWNER TO {APP_USER}",
+           database="prod")
+    pol = DataPathPolicy(masking=MaskingPolicy(columns=[
+        ColumnMaskRule(table="public.mk_people", column="holder", action="redact"),
+        ColumnMaskRule(table="mk_people", column="email", action="hash"),
+    ]))
+    key = b"k" * 32
+    s = make_session(pol, "origins", key)
+    assert s.tunnel.origins, s.tunnel.errors  # read from the catalog by check_upstream
+    out = s.psql("-At", "-c", "SELECT holder AS h, email AS e, upper(holder) AS u FROM mk_people").stdout
+    hashed = out.strip().split("|")
+    assert hashed[0] == "*" * len("Ada Lovelace")  # aliased, still the rule's column
+    assert hashed[1].startswith("h:")
+    assert len(hashed[1]) == 2 + 16
+    assert "ada@" not in out
+    # a computed column has no origin: judged by its own name ("u"), which no rule names
+    assert hashed[2] == "ADA LOVELACE"
+    # the same column name in another table is not the rule's
+    assert s.psql("-At", "-c", "SELECT holder FROM mk_other").stdout.strip() == "Not Secret"
+    # a join on the hashed value works across sessions: same key, same hash
+    again = make_session(pol, "origins2", key).psql("-At", "-c", "SELECT email FROM mk_people").stdout.strip()
+    assert again == hashed[1]
+    other = make_session(pol, "origins3", b"z" * 32).psql("-At", "-c", "SELECT email FROM mk_people")
+    assert other.stdout.strip().startswith("h:")
+    assert other.stdout.strip() != hashed[1]

@@ -31,9 +31,12 @@ before any byte of it is forwarded; a denied one never reaches the server, the c
 Masking (``policy.masking``; one :class:`~pcigate.masking.Masker` per tunnel): without it the relay above is
 unchanged. With it, server bytes are framed into complete messages before anything is passed on (a partial
 message is held until the rest arrives) and each chunk is rewritten, then written once:
-* RowDescription (``T``) gives the plan for the DataRows (``D``) that follow (column name, type OID, format;
-  table OIDs are not resolved, so a table-scoped column rule applies to that column name in any table, the
-  core's fail-closed reading); a DataRow is masked with :meth:`~pcigate.masking.Masker.mask_datarow` and
+* RowDescription (``T``) gives the plan for the DataRows (``D``) that follow (column name, type OID, format).
+  A column the server traces to a table column found by :meth:`PgTunnel.check_upstream` in the catalog (every
+  column named by a masking rule, at session start) is judged as that table's column under its own name, so
+  aliases do not hide it and table-scoped rules tell tables apart; any other column (computed, or from a
+  table created later) is judged by the name it is sent under with its table unknown, where a table-scoped
+  rule applies (fail closed); a DataRow is masked with :meth:`~pcigate.masking.Masker.mask_datarow` and
   re-framed when its length changes. The plan ends with CommandComplete / EmptyQuery / ErrorResponse /
   ReadyForQuery. A DataRow without a plan (an extended-protocol Execute whose rows were not described in the
   same exchange) is masked by pattern when the policy has no column rules; with column rules (the default
@@ -43,8 +46,8 @@ message is held until the rest arrives) and each chunk is rewritten, then writte
 * ErrorResponse / NoticeResponse: :meth:`~pcigate.masking.Masker.mask_error_fields` (so the recording's
   ``error`` is masked too). SQL texts (and the client's application name) are masked before they are recorded.
 A chunk with no digit run that could be a PAN (:meth:`~pcigate.masking.Masker.has_candidate`) and no
-redacted column in play has only its headers walked. Column rules with ``action="hash"`` need a key that the
-session contract does not carry yet: ``start()`` refuses such a policy.
+redacted column in play has only its headers walked. Column rules with ``action="hash"`` use the target's key
+that the broker sends with the session (``masking_key``); ``start()`` refuses such a policy without it.
 """
 
 from __future__ import annotations
@@ -711,9 +714,37 @@ class _Conn(asyncio.Protocol):
         """``from_server`` of a connection with masking (bound per instance, see ``__init__``)."""
         mk = self.masker
         assert mk is not None
-        masked = self._mask_server(data, mk)
-        if masked:
+        runs: list[tuple[int, int]] = []
+        masked = self._mask_server(data, mk, runs)
+        if not masked:
+            return
+        if not runs or self._swallow or not self.sscan.at_boundary:
             self._relay_server(masked)
+            return
+        # The C walk already framed and checked the DataRow runs: the scanner reads only what lies between
+        # (as _relay_server: everything is scanned before anything is written).
+        view = memoryview(masked)
+        msgs: list[pg.Message] = []
+        pos = 0
+        try:
+            for start, length in runs:
+                if start > pos:
+                    msgs += self.sscan.feed(view[pos:start])
+                self.sscan.walked(length)
+                pos = start + length
+            if pos < len(masked):
+                msgs += self.sscan.feed(view[pos:])
+        except (ProtocolError, ValueError) as e:
+            self._server_malformed(ProtocolError(str(e)))
+            return
+        assert self.transport is not None
+        self.transport.write(masked)
+        self.tunnel.stats.bytes_down += len(masked)
+        if msgs:
+            try:
+                self._server_msgs(msgs)
+            except ProtocolError as e:
+                self._server_malformed(e)
 
     def _relay_server(self, data: bytes) -> None:
         if self._swallow:
@@ -737,9 +768,11 @@ class _Conn(asyncio.Protocol):
 
     # ---- masking (server -> client) ----------------------------------------------------------------------
 
-    def _mask_server(self, data: bytes, mk: Masker) -> bytes | None:
+    def _mask_server(self, data: bytes, mk: Masker,
+                     runs: list[tuple[int, int]] | None = None) -> bytes | None:
         """Frame ``data`` (after any held partial message), mask the complete messages, hold the partial
-        rest. Returns the bytes to pass on (empty: nothing complete yet; None: the connection failed)."""
+        rest. Returns the bytes to pass on (empty: nothing complete yet; None: the connection failed).
+        ``runs`` receives (offset, length) in the returned bytes of the DataRow runs the C code walked."""
         if self._mbuf:
             buf = self._mbuf + data
             self._mbuf = b""
@@ -753,6 +786,7 @@ class _Conn(asyncio.Protocol):
         parts: list[bytes | bytearray] = []
         seg = pos = 0
         python_row = -1  # the offset of a DataRow the C code left to Python
+        shift = 0  # how much later in the returned bytes than in buf (re-framed rows changed lengths)
         try:
             while pos + 5 <= end:
                 t, n = unpack(buf, pos)
@@ -780,6 +814,8 @@ class _Conn(asyncio.Protocol):
                                     parts.append(masked)
                                     seg = stop
                                 if stop > pos:
+                                    if runs is not None:
+                                        runs.append((pos + shift, stop - pos))
                                     pos = stop
                                     continue
                                 python_row = pos  # grouped digits, track data or malformed: Python's
@@ -788,6 +824,7 @@ class _Conn(asyncio.Protocol):
                             parts.append(buf[seg:pos])
                             parts.append(_HDR.pack(_D, len(new) + 4) + new)
                             seg = nxt
+                            shift += len(new) + 5 - (nxt - pos)
                     elif plan is None:  # nothing to find by pattern; column rules still need a plan
                         plan = self._plan = self._rowless_plan(buf[pos + 5 : nxt])
                         if plan is None:
@@ -815,8 +852,10 @@ class _Conn(asyncio.Protocol):
                             parts.append(buf[seg:pos])
                             parts.append(_HDR.pack(t, len(new) + 4) + new)
                             seg = nxt
+                            shift += len(new) + 5 - (nxt - pos)
                 elif t == _T:
-                    plan = self._plan = mk.row_plan(_row_description(buf[pos + 5 : nxt]))
+                    cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins)
+                    plan = self._plan = mk.row_plan(cols)
                     work = cand or plan.forced
                 elif t in (_ERR, _N):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
@@ -824,6 +863,7 @@ class _Conn(asyncio.Protocol):
                         parts.append(buf[seg:pos])
                         parts.append(_HDR.pack(t, len(new) + 4) + new)
                         seg = nxt
+                        shift += len(new) + 5 - (nxt - pos)
                     if t == _ERR:
                         plan = self._plan = None
                         work = cand
@@ -1410,20 +1450,69 @@ class _Conn(asyncio.Protocol):
                 self.rec.event("disconn", c=self.n, reason=reason)
 
 
-def _row_description(body: bytes) -> list[ColumnInfo]:
-    """The columns of a RowDescription body (table OIDs are not resolved: ``table`` is None)."""
+Origins = dict[tuple[int, int], tuple[str, str]]  # (table oid, attnum) -> ("schema.table", column name)
+
+
+def _row_description(body: bytes, origins: Origins | None = None) -> list[ColumnInfo]:
+    """The columns of a RowDescription body. A column that the server traces to a table column (its table
+    OID and attribute number) found in ``origins`` takes that table and *that* column's name, so an alias
+    (``SELECT cvv AS c``) does not hide it from a column rule; any other column keeps the name it is sent
+    under and an unknown table (``table`` None: table-scoped rules apply to it, fail closed)."""
     (count,) = _I16.unpack_from(body, 0)
     pos = 2
     cols: list[ColumnInfo] = []
     for _ in range(count):
         z = body.index(b"\x00", pos)
         name = body[pos:z].decode("utf-8", "replace")
-        _toid, _att, typ, _tlen, _tmod, fmt = _FIELD_TAIL.unpack_from(body, z + 1)
-        cols.append(ColumnInfo(name, None, typ & 0xFFFFFFFF, fmt))
+        toid, att, typ, _tlen, _tmod, fmt = _FIELD_TAIL.unpack_from(body, z + 1)
+        origin = origins.get((toid & 0xFFFFFFFF, att)) if origins and toid else None
+        if origin is not None:
+            cols.append(ColumnInfo(origin[1], origin[0], typ & 0xFFFFFFFF, fmt))
+        else:
+            cols.append(ColumnInfo(name, None, typ & 0xFFFFFFFF, fmt))
         pos = z + 1 + _FIELD_TAIL.size
     if pos != len(body):
         raise ValueError("trailing bytes in RowDescription")
     return cols
+
+
+def catalog_query(columns: set[str]) -> str:
+    """Every table column (of any relation kind) whose name is one of ``columns`` (case-insensitive).
+
+    The names come from the broker's policy, not the user; still, a name holding a quote, a backslash or a
+    NUL is left out (it cannot break out of the literal whatever ``standard_conforming_strings`` says), and
+    such a column is then judged by name in any table (fail closed)."""
+    safe = sorted(c.lower() for c in columns if not any(ch in c for ch in "'\\\x00"))
+    names = ", ".join(f"'{c}'" for c in safe) or "NULL"
+    return ("SELECT a.attrelid::oid::text, a.attnum::text, n.nspname, c.relname, a.attname "  # noqa: S608
+            "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE a.attnum > 0 AND NOT a.attisdropped AND lower(a.attname) IN ({names})")
+
+
+async def _read_catalog(proto: _Upstream, sql: str, cap: int = 100_000) -> Origins:
+    proto.write(pg.query(sql))
+    out: Origins = {}
+    error: str | None = None
+    while True:
+        t, body = await proto.read_message()
+        if t == _D:
+            fields: list[str] = []
+            pos = 2
+            for _ in range(_I16.unpack_from(body, 0)[0]):
+                (n,) = _I32.unpack_from(body, pos)
+                pos += 4
+                fields.append(body[pos : pos + n].decode("utf-8", "replace") if n >= 0 else "")
+                pos += max(n, 0)
+            if len(out) < cap and len(fields) == 5:
+                out[(int(fields[0]), int(fields[1]))] = (f"{fields[2]}.{fields[3]}", fields[4])
+        elif t == _ERR:
+            error = pg.parse_error_fields(body).get("M", "error")
+        elif t == _Z:
+            break
+    if error is not None:
+        raise _UpstreamError("42000", f"cannot read the table catalog: {error}")
+    return out
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -1441,7 +1530,7 @@ class PgTunnel:
 
     def __init__(self, upstream: DatabaseCredentials, local_secret: str, recorder: RecordingWriter | None,
                  *, listen_host: str = "127.0.0.1", listen_port: int = 0,
-                 policy: DataPathPolicy | None = None) -> None:
+                 policy: DataPathPolicy | None = None, masking_key: bytes | None = None) -> None:
         if not local_secret:
             raise UsageError("the tunnel needs a non-empty local secret")
         self.upstream = upstream
@@ -1449,6 +1538,10 @@ class PgTunnel:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.policy = policy
+        self._masking_key = masking_key
+        # (table oid, attnum) -> (schema.table, column) of the columns named by masking rules, read from the
+        # catalog by check_upstream(): lets rules follow a column through aliases and tell tables apart
+        self.origins: Origins = {}
         self.stats = TunnelStats()
         self.errors: list[str] = []
         self._keys = ScramKeys.from_password(local_secret)
@@ -1483,10 +1576,10 @@ class PgTunnel:
         pol = self.policy
         self.masker = None
         if pol is not None and pol.masking is not None:
-            if any(r.action == "hash" for r in pol.masking.columns):
-                raise AccessDenied("hash column rules need a masking key, which this pcigate cannot receive "
-                                   "yet; refusing to open the tunnel")
-            self.masker = Masker(pol.masking)
+            if any(r.action == "hash" for r in pol.masking.columns) and not self._masking_key:
+                raise AccessDenied("the session's policy hashes columns but the broker sent no masking key; "
+                                   "refusing to open the tunnel")
+            self.masker = Masker(pol.masking, hash_key=self._masking_key)
         self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()
@@ -1511,8 +1604,23 @@ class PgTunnel:
                                       f"{timeout:g}s") from None
         except _UpstreamError as e:
             raise DatabaseUnavailable(e.message) from None
-        login.upstream.write(pg.terminate())
-        login.upstream.close()
+        try:
+            names = self._rule_columns()
+            if names:
+                async with asyncio.timeout(timeout):
+                    self.origins = await _read_catalog(login.upstream, catalog_query(names))
+        except (TimeoutError, _UpstreamError, ConnectionError) as e:
+            # Not fatal: without origins, table-scoped rules apply by column name to every table (fail closed)
+            self._error(f"column origins not resolved ({e}); column rules apply by name to any table")
+        finally:
+            login.upstream.write(pg.terminate())
+            login.upstream.close()
+
+    def _rule_columns(self) -> set[str]:
+        pol = self.policy.masking if self.policy is not None else None
+        if pol is None:
+            return set()
+        return {c.lower() for c in pol.sensitive_columns} | {r.column.lower() for r in pol.columns}
 
     def _forward_cancel(self, req: pg.CancelRequest) -> None:
         key = self._cancel_keys.get((req.pid, req.secret))

@@ -230,6 +230,14 @@ class MessageScanner:
         """True when the bytes fed so far end exactly at a message boundary."""
         return not self._hdr and not self._skip and self._btype < 0
 
+    def walked(self, nbytes: int) -> None:
+        """Count ``nbytes`` of complete messages that the caller has already walked and checked (e.g. the C
+        masking walk over a run of DataRows) as fed, without reading them again. They must be of types this
+        scanner walks over (never hands out), and the scanner must be at a message boundary."""
+        if not self.at_boundary:
+            raise ValueError("walked() between message boundaries")
+        self.offset += nbytes
+
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[Message]:
         out: list[Message] = []
         end = len(chunk)
