@@ -12,6 +12,7 @@ temporary 0600 ``PGPASSFILE`` whose path is in its environment; the file is dele
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -265,6 +266,7 @@ class Connector:
             recorder=recorder,
             listen_port=request.port,
             policy=opened.policy,
+            masking_key=base64.urlsafe_b64decode(opened.masking_key) if opened.masking_key else None,
         )
         state = _State(stop=asyncio.Event())
         loop = asyncio.get_running_loop()
