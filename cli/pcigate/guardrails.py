@@ -739,6 +739,12 @@ class _Template:
         parts.append(re.escape(sql[pos:]))
         return cls(re.compile("".join(parts)), slots, spans, stmts, verdict)
 
+    def match(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None] | None:
+        """:meth:`apply` without re-cutting the statement texts (they stay the template's)."""
+        if self.regex.fullmatch(sql) is None:
+            return None
+        return self.stmts, self.verdict
+
     def apply(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None] | None:
         """The classification of ``sql`` if it is this template with other integer constants, else None."""
         m = self.regex.fullmatch(sql)
@@ -804,17 +810,22 @@ class Guardrails:
             return CacheInfo(self._hits, self._misses, self._size, len(self._exact), self._template_hits,
                              sum(1 for t in self._templates.values() if t is not None))
 
-    def check(self, sql: str, prepared: PreparedMap | None = None) -> Verdict:
-        """Verdict for one query string (simple Query, or the text of an extended-protocol Parse)."""
+    def check(self, sql: str, prepared: PreparedMap | None = None, *, texts: bool = True) -> Verdict:
+        """Verdict for one query string (simple Query, or the text of an extended-protocol Parse).
+
+        ``texts=False``: the caller reads only the statements' classes, relations and names (the tunnel), so a
+        text answered by a template may come back with the template's own statement objects, whose ``text``
+        is that of the earlier text of the same shape (its integer constants differ). Saves re-cutting them.
+        """
         if not self._rules:
             return _ALLOW_ALL
-        stmts, verdict = self._lookup(sql)
+        stmts, verdict = self._lookup(sql, texts)
         if verdict is not None:
             return verdict
         resolved, _ = _resolve(stmts, prepared)
         return self._judge(resolved)
 
-    def _lookup(self, sql: str) -> tuple[tuple[StatementInfo, ...], Verdict | None]:
+    def _lookup(self, sql: str, texts: bool = True) -> tuple[tuple[StatementInfo, ...], Verdict | None]:
         if self._size == 0 or len(sql) > self.max_cached_len:
             self._misses += 1
             return self._classify_and_judge(sql)[:2]
@@ -832,7 +843,7 @@ class Guardrails:
             key = sql.encode().translate(None, _DIGITS)
             tpl = self._templates.get(key)
             if tpl is not None:
-                found = tpl.apply(sql)
+                found = tpl.apply(sql) if texts else tpl.match(sql)
                 if found is not None:
                     self._template_hits += 1
                     with contextlib.suppress(KeyError):

@@ -646,6 +646,13 @@ def test_template_cache_agrees_on_valid_statement_shapes(seq: list[tuple[str, li
     fresh = Guardrails(rules, cache_size=0)
     # the same shapes with other integers: the second sighting builds a template, the third may use it
     again = [(shape, nums[k:] + nums[:k]) for k in (1, 2) for shape, nums in seq]
+    lite = Guardrails(rules)
     for shape, nums in seq + seq + again:
         text = shape.format(*nums[: shape.count("{}")])
-        assert cached.check(text) == fresh.check(text), text
+        want = fresh.check(text)
+        assert cached.check(text) == want, text
+        # texts=False (the tunnel): the same verdict and classes; only statement texts may be the template's
+        got = lite.check(text, texts=False)
+        assert (got.allowed, got.rule, got.message) == (want.allowed, want.rule, want.message), text
+        assert [(st.classes, st.relations, st.prepared_name) for st in got.statements] == [
+            (st.classes, st.relations, st.prepared_name) for st in want.statements], text

@@ -1194,7 +1194,7 @@ class _Conn(asyncio.Protocol):
             # Not readable as the server reads it: give the core a text it classifies as unparseable, so the
             # fail-closed verdict (or a rule naming "unparseable") applies.
             text = "\x00"
-        return guard.check(text, self.prepared)
+        return guard.check(text, self.prepared, texts=False)  # the tunnel reads classes and names only
 
     def _forward(self, data: bytes, infos: list[tuple[StatementInfo | None, ...] | None]) -> bool:
         """Send judged client bytes upstream through the ordinary recording path. False if the connection
