@@ -82,8 +82,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple, cast, get_args
 
-from pglast.parser import parse_sql_json, scan
-
 from pcigate.models import GuardrailRule, StatementClass
 
 __all__ = [
@@ -511,6 +509,8 @@ def _classify_full(sql: str) -> tuple[tuple[StatementInfo, ...], bool, list[_Spa
         return _unparseable(sql), True, []
     consts = False
     spans: list[_Span] = []
+    from pglast.parser import parse_sql_json  # here: a session without rules never loads libpg_query
+
     try:
         raw = sql.encode("utf-8")
         tree = json.loads(parse_sql_json(sql))
@@ -722,6 +722,8 @@ class _Template:
     def build(cls, sql: str, stmts: tuple[StatementInfo, ...], spans: list[_Span],
               verdict: Verdict | None) -> _Template | None:
         """A template for ``sql`` (ASCII, classified), or None when it has no integer constant to vary."""
+        from pglast.parser import scan
+
         try:
             tokens = scan(sql)
         except Exception:  # the parser accepted it, so the scanner will; fail safe regardless
@@ -794,6 +796,9 @@ class Guardrails:
             )
             for r in rules
         )
+        if self._rules:
+            import pglast.parser  # noqa: F401  # loaded now, not at the session's first statement
+
         self._size = max(cache_size, 0)
         self._exact: OrderedDict[str, tuple[tuple[StatementInfo, ...], Verdict | None]] = OrderedDict()
         # the text without its digits -> a template (None: seen once, no template built yet)

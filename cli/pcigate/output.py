@@ -9,11 +9,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from rich.console import Console, RenderableType
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 Column = tuple[str, Callable[[Any], object]]
 
@@ -38,8 +39,25 @@ def _getter(name: str) -> Callable[[Any], object]:
 class Output:
     def __init__(self, *, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        self.out = Console(highlight=False, soft_wrap=False)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self._out: Console | None = None
+        self._err: Console | None = None
+
+    # rich is imported on first use: `connect` prints one line before its tunnel is ready
+    @property
+    def out(self) -> Console:
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(highlight=False, soft_wrap=False)
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err
 
     # results -----------------------------------------------------------------------------------------------
     def json(self, data: BaseModel | Sequence[BaseModel] | dict[str, Any] | list[Any]) -> None:
@@ -62,6 +80,8 @@ class Output:
         if not rows:
             self.info(f"no {title or 'results'}")
             return
+        from rich.table import Table
+
         table = Table(show_edge=False, header_style="bold", pad_edge=False)
         for header, _ in columns:
             table.add_column(header, overflow="fold")
@@ -76,6 +96,8 @@ class Output:
             return
         if fields is None:
             fields = [(name, _getter(name)) for name in type(model).model_fields]
+        from rich.table import Table
+
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")
         table.add_column(overflow="fold")
@@ -95,6 +117,10 @@ class Output:
 
     # messages ----------------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
+        if self._err is None:  # plain text needs no rich (what rich would print for it, without the import)
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            return
         self.err.print(message, markup=False)
 
     def warn(self, message: str) -> None:

@@ -6,7 +6,8 @@ In-process, no database. Per statement kind, medians over rounds of:
 * ``cold``: ``Guardrails.check`` with the cache off (parse with libpg_query + walk + judge), µs per call;
 * ``cached``: ``Guardrails.check`` of the same text again (LRU hit on the exact text), µs per call;
 * ``distinct literals``: pgbench's default simple-query mode puts the values into the text
-  (``... WHERE aid = 48213;``), so every text is new: this is the cost the tunnel pays per statement there;
+  (``... WHERE aid = 48213;``), so every text is new to the exact-text cache; the template cache answers it
+  (same text but for integer constants): this is the cost the tunnel pays per statement there;
 * ``no rules``: the fast path (guardrails off), µs per call.
 
 Writes a "Guardrails core" section into docs/performance.md between its markers (appended if absent).
@@ -121,8 +122,9 @@ def render(results: dict[str, dict[str, float]], rounds: int) -> str:
         "cached with the classification unless the text contains EXECUTE/DEALLOCATE (those depend on the "
         "connection's prepared statements and are re-judged from the cached classification).",
         "* distinct literals = pgbench's default `-M simple` mode, which puts each value into the text, so "
-        "the exact-text cache never hits and every statement pays the cold cost. `-M extended`/`-M prepared` "
-        "(and drivers using bind parameters) repeat the text and hit the cache.",
+        "the exact-text cache never hits; the template cache does (the text seen twice with other integer "
+        "constants: one regex match and a re-cut of the statement texts, no parser). `-M extended`/"
+        "`-M prepared` (and drivers using bind parameters) repeat the text and hit the exact cache.",
     ]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from pcigate.models import DataPathPolicy, Identity
 from pcigate_broker.policy import data_path_policy, policy_digest, visible_targets
 from pcigate_broker.settings import ConfigError, Settings, settings_from_dict
 
-ENV = {"PCIGATE_BROKER_VAULT_TOKEN": "tok"}
+ENV = {"PCIGATE_BROKER_VAULT_TOKEN": "tok", "PCIGATE_BROKER_MASKING_KEY": "m" * 32}
 
 
 def base(**target_extra: Any) -> dict[str, Any]:
@@ -34,13 +34,13 @@ def base(**target_extra: Any) -> dict[str, Any]:
     }
 
 
-def load(data: dict[str, Any]) -> Settings:
-    return settings_from_dict(data, base_dir=Path("/tmp"), environ=ENV)
+def load(data: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
+    return settings_from_dict(data, base_dir=Path("/tmp"), environ=ENV if environ is None else environ)
 
 
-def problems(data: dict[str, Any]) -> list[str]:
+def problems(data: dict[str, Any], environ: dict[str, str] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as ei:
-        load(data)
+        load(data, environ)
     return ei.value.problems
 
 
@@ -76,6 +76,21 @@ def test_good_config_full() -> None:
     assert [g.name for g in read.guardrails] == ["no-drop", "read-only"]
     assert read.guardrails[0].message == "not here"
     assert read.guardrails[1].relations == ["payments.cards"]
+
+
+def test_hash_rules_need_a_masking_key_of_32_bytes() -> None:
+    data = base(masking={"columns": [{"column": "holder", "action": "hash"}]})
+    out = problems(data, environ={"PCIGATE_BROKER_VAULT_TOKEN": "tok"})
+    assert out == [
+        "targets.prod-db.levels.read: a hash column rule needs a masking key: set masking.key_file or "
+        "PCIGATE_BROKER_MASKING_KEY",
+        "targets.prod-db.levels.admin: a hash column rule needs a masking key: set masking.key_file or "
+        "PCIGATE_BROKER_MASKING_KEY",
+    ]
+    short = problems(data, environ={"PCIGATE_BROKER_VAULT_TOKEN": "tok",
+                                    "PCIGATE_BROKER_MASKING_KEY": "short"})
+    assert short == ["masking.key_file: the masking key must be at least 32 bytes"]
+    assert load(data).masking.key is not None
 
 
 def test_unknown_statement_class_names_the_key() -> None:
