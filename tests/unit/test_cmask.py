@@ -46,7 +46,9 @@ def native_walk(mk: Masker, buf: bytes, plan: RowPlan) -> bytes:
         if stop > pos:
             pos = stop
             continue
-        (n,) = struct.unpack_from("!i", buf, pos + 1)
+        (n,) = struct.unpack_from("!I", buf, pos + 1)
+        if n < 4 or pos + 1 + n > len(buf):  # malformed or partial: left to the scanner
+            break
         new = mk.mask_datarow(buf[pos + 5 : pos + 1 + n], plan)
         out.append(buf[pos : pos + 1 + n] if new is None else frame(b"D", new))
         pos += 1 + n
@@ -58,7 +60,9 @@ def python_walk(mk: Masker, buf: bytes, plan: RowPlan) -> bytes:
     out: list[bytes] = []
     pos = 0
     while pos + 5 <= len(buf) and buf[pos] == ord("D"):
-        (n,) = struct.unpack_from("!i", buf, pos + 1)
+        (n,) = struct.unpack_from("!I", buf, pos + 1)
+        if n < 4 or pos + 1 + n > len(buf):
+            break
         new = mk.mask_datarow(buf[pos + 5 : pos + 1 + n], plan)
         out.append(buf[pos : pos + 1 + n] if new is None else frame(b"D", new))
         pos += 1 + n
@@ -192,8 +196,8 @@ def copy_walk(mk: Masker, buf: bytes, native: bool) -> bytes:
             if stop > pos:
                 pos = stop
                 continue
-        (n,) = struct.unpack_from("!i", buf, pos + 1)
-        if pos + 1 + n > end:
+        (n,) = struct.unpack_from("!I", buf, pos + 1)
+        if n < 4 or pos + 1 + n > end:  # malformed or partial: the tunnel passes it to the scanner as is
             break
         new = mk.mask_copy_data(buf[pos + 5 : pos + 1 + n])
         out.append(buf[pos : pos + 1 + n] if new is None else frame(b"d", new))
