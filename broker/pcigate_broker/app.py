@@ -26,13 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pcigate.models import ErrorBody, ErrorCode, ErrorDetail
 
 from . import __version__
-from .api.routes import identity, meta, recordings, requests, sessions
+from .api.routes import audit, identity, meta, recordings, requests, sessions
+from .audit import SigningKey
 from .auth import TokenValidator
 from .errors import ApiError
 from .notify import Notifier
 from .reaper import run_reaper
 from .recordings import RecordingStore
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .state import Broker
 from .store.db import make_engine, make_sessionmaker
 from .vault import Vault
@@ -169,7 +170,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def _audit_key(settings: Settings) -> SigningKey | None:
+    path = settings.audit.signing_key_file
+    if path is None:
+        return None
+    try:
+        return SigningKey.load(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError([f"audit.signing_key_file: cannot load an ed25519 private key from {path}: "
+                           f"{getattr(exc, 'strerror', None) or exc}"]) from None
+
+
 def build_broker(settings: Settings) -> Broker:
+    audit_key = _audit_key(settings)
     engine = make_engine(settings.storage.database_url)
     return Broker(
         settings=settings,
@@ -179,6 +192,7 @@ def build_broker(settings: Settings) -> Broker:
         vault=Vault(settings.vault),
         recordings=RecordingStore(settings.storage.recordings_dir),
         notifier=Notifier(settings.notifications.webhooks) if settings.notifications.webhooks else None,
+        audit_key=audit_key,
     )
 
 
@@ -209,5 +223,6 @@ def create_app(settings: Settings, *, broker: Broker | None = None, run_reaper_t
     app.include_router(sessions.router)
     app.include_router(recordings.router)
     app.include_router(requests.router)
+    app.include_router(audit.router)
     app.add_middleware(EdgeMiddleware)
     return app

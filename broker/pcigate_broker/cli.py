@@ -75,7 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     s = settings.server
     settings.storage.recordings_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _err(f"config error: {problem}")
+        return EXIT_CONFIG
     uvicorn.run(
         app,
         host=s.host,

@@ -11,6 +11,7 @@ import logging
 
 import anyio.to_thread
 
+from . import audit
 from .access import expire_due
 from .sessions import reap_once
 from .state import Broker
@@ -23,7 +24,9 @@ def reap_pass(broker: Broker) -> int:
     broker.vault.maintain_token(max(caps, default=0))
     with broker.sessions() as db:
         expire_due(broker, db)
-        return reap_once(broker, db)
+        ended = reap_once(broker, db)
+        audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds)
+        return ended
 
 
 async def run_reaper(broker: Broker) -> None:

@@ -225,6 +225,13 @@ class WebhookSettings(_Section):
         return v
 
 
+class AuditSettings(_Section):
+    """The tamper-evident audit log (docs/configuration.md, "Audit log")."""
+
+    signing_key_file: Path | None = None  # ed25519 private key (PEM, PKCS#8) that signs the checkpoints
+    checkpoint_seconds: Duration = 300  # a signed checkpoint at most this often (when there are new events)
+
+
 class MaskingKeySettings(_Section):
     """The deployment's secret for keyed-hash column rules (``action = "hash"``): at least 32 bytes, from
     ``key_file`` or ``PCIGATE_BROKER_MASKING_KEY``. Each target gets its own key derived from it."""
@@ -374,6 +381,7 @@ class Settings(_Section):
     auditors: AuditorSettings = Field(default_factory=AuditorSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     masking: MaskingKeySettings = Field(default_factory=MaskingKeySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     targets: dict[str, TargetSettings] = Field(default_factory=dict)
     access: list[AccessRule] = Field(default_factory=list)
 
@@ -502,6 +510,8 @@ def settings_from_dict(
             "storage": settings.storage.model_copy(update={"recordings_dir": recordings_dir}),
             "notifications": settings.notifications.model_copy(update={"webhooks": hooks}),
             "masking": settings.masking.model_copy(update={"key_file": masking_key_file, "key": masking_key}),
+            "audit": settings.audit.model_copy(
+                update={"signing_key_file": _resolve(settings.audit.signing_key_file, base)}),
         }
     )
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from .audit import SigningKey
 from .auth import TokenValidator
 from .notify import Notifier
 from .recordings import RecordingStore
@@ -28,6 +29,7 @@ class Broker:
     vault: Vault
     recordings: RecordingStore
     notifier: Notifier | None = None
+    audit_key: SigningKey | None = None  # signs the audit log's checkpoints (audit.signing_key_file)
     extra: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:

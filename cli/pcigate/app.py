@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from pcigate import __version__
-from pcigate.commands import connect, login, requests, sessions, targets
+from pcigate.commands import audit, connect, login, requests, sessions, targets
 from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ app.command("approve")(requests.approve)
 app.command("deny")(requests.deny)
 app.command("cancel")(requests.cancel)
 app.command("revoke")(requests.revoke)
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:

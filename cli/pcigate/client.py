@@ -44,6 +44,7 @@ from pcigate.models import (
 
 if TYPE_CHECKING:
     from pcigate.access_models import AccessRequestCreate, AccessRequestInfo, RequestPage
+    from pcigate.audit_models import AuditPage, AuditVerification
 
 M = TypeVar("M", bound=BaseModel)
 TokenProvider = Callable[[], str]
@@ -273,6 +274,26 @@ class BrokerClient:
 
     def get_session(self, session_id: str) -> SessionSummary:
         return self._model(SessionSummary, self._request("GET", f"/v1/sessions/{session_id}"))
+
+    # audit log (pcigate.audit_models) -------------------------------------------------------------------
+    def audit_events(self, *, since: datetime | None = None, until: datetime | None = None,
+                     actor: str | None = None, target: str | None = None, action: str | None = None,
+                     after: int = 0, limit: int = 500) -> AuditPage:
+        from pcigate.audit_models import AuditPage
+
+        params: dict[str, str] = {"after": str(after), "limit": str(limit)}
+        for key, value in (("since", since), ("until", until)):
+            if value is not None:
+                params[key] = value.isoformat()
+        for key, text in (("actor", actor), ("target", target), ("action", action)):
+            if text:
+                params[key] = text
+        return self._model(AuditPage, self._request("GET", "/v1/audit", params=params))
+
+    def audit_verify(self) -> AuditVerification:
+        from pcigate.audit_models import AuditVerification
+
+        return self._model(AuditVerification, self._request("POST", "/v1/audit/verify", timeout=600))
 
     # just-in-time access (pcigate.access_models) ---------------------------------------------------------
     def create_request(self, request: AccessRequestCreate) -> AccessRequestInfo:

@@ -42,6 +42,7 @@ class ExitCode(IntEnum):
     RECORDING_ERROR = 13
     IDP_UNAVAILABLE = 14
     CONFLICT = 15
+    AUDIT_INVALID = 16
     INTERRUPTED = 130
 
 
@@ -117,6 +118,13 @@ class Conflict(PcigateError):
 
     exit_code = ExitCode.CONFLICT
     code = "conflict"
+
+
+class AuditInvalid(PcigateError):
+    """``audit verify`` found the log or a stored recording altered, missing or out of order."""
+
+    exit_code = ExitCode.AUDIT_INVALID
+    code = "audit_invalid"
 
 
 class RecordingError(PcigateError):

@@ -52,12 +52,13 @@ def start_broker(workdir: Path, issuer: MiniIssuer, bao: OpenBao, pg: PgCluster,
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     db_url = kw.pop("db_url", f"sqlite:///{workdir}/broker.db")
+    recordings = kw.pop("recordings_dir", workdir / "recordings")  # replicas share one store
     masking_key = workdir / "masking-key"
     masking_key.write_text("k" * 40)
     kw.setdefault("masking_key_file", masking_key)
     cfg = workdir / "broker.toml"
     cfg.write_text(broker_toml(issuer=issuer.url, vault_addr=bao.address, pg_port=pg.port, db_url=db_url,
-                               recordings_dir=workdir / "recordings", port=port, token_file=token_file, **kw))
+                               recordings_dir=recordings, port=port, token_file=token_file, **kw))
     log = workdir / "broker.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([str(BROKER_BIN), "serve", "--config", str(cfg), "--log-level", "debug"],
@@ -77,7 +78,7 @@ def start_broker(workdir: Path, issuer: MiniIssuer, bao: OpenBao, pg: PgCluster,
             proc.kill()
             raise RuntimeError("broker not healthy: " + log.read_text()[-3000:])
         time.sleep(0.05)
-    return Broker(url=url, proc=proc, log=log, db_url=db_url, recordings=workdir / "recordings")
+    return Broker(url=url, proc=proc, log=log, db_url=db_url, recordings=recordings)
 
 
 # Data-path policy of prod-db: a target-wide guardrail, masking on the read level only.

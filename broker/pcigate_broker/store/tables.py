@@ -89,6 +89,23 @@ class AuditEvent(Base):
     request_id: Mapped[str | None] = mapped_column(String(64))
     session_id: Mapped[str | None] = mapped_column(String(64), index=True)
     message: Mapped[str | None] = mapped_column(Text)
+    # the hash chain (pcigate_broker.audit): set by the sealer, in the order it seals (unique, no gaps)
+    seq: Mapped[int | None] = mapped_column(Integer, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement "the chain had this hash at this seq": history before it cannot be rewritten by
+    someone who can write the database but does not hold the broker's signing key."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    key_id: Mapped[str] = mapped_column(String(64))  # sha256 of the raw public key, hex, first 16
+    signature: Mapped[str] = mapped_column(String(128))  # ed25519, hex
 
 
 class AccessRequestRow(Base):

@@ -1,0 +1,247 @@
+"""The tamper-evident audit log: a hash chain over ``audit_events``, signed checkpoints, verification.
+
+Events are written by :func:`repo.audit` inside each request's own transaction, without a chain position.
+The *sealer* (:func:`seal`, run by the reaper every pass and before every read of the log) then gives the
+unsealed events, oldest id first, the next positions ``seq`` = 1, 2, 3 … and
+
+    hash_n = sha256(hash_{n-1} || canonical(event_n))      (hex; hash_0 = "")
+
+where ``canonical`` is the sorted-key compact JSON of the event's content with its ``seq``. Only one sealer
+runs at a time (a PostgreSQL advisory lock; a process lock on SQLite), so several broker replicas writing to
+one PostgreSQL keep one chain: no forks, no gaps. An event is protected from the moment it is sealed; until
+then (at most one reaper interval) it is only in the database.
+
+Checkpoints: when the chain has grown and the last checkpoint is older than ``audit.checkpoint_seconds``,
+the sealer signs ``pcigate-audit-checkpoint:v1:<seq>:<hash>:<at>`` with the broker's ed25519 key
+(``audit.signing_key_file``). Someone who can write the database but does not hold the key can edit events
+and recompute every hash after them, but not the signatures: verification then fails at the checkpoint.
+
+:func:`verify` walks the chain in order (streaming), recomputes every hash, checks that positions have no gaps
+and that each event's ``prev_hash`` is its predecessor's hash, checks every checkpoint's signature and that
+the chain has that hash at that position (a chain shorter than a checkpoint lost events), and re-hashes
+every stored recording whose digest the chain holds (``recording.upload`` events). The first failure is
+reported with its position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from pcigate.audit_models import AuditEventInfo, AuditVerification
+
+from .store.tables import AuditCheckpoint, AuditEvent
+
+_SQLITE_LOCK = threading.Lock()
+_ADVISORY_KEY = 0x70636761  # "pcga": the sealer's PostgreSQL advisory lock
+SEAL_BATCH = 5000
+HASH_CHUNK = 1 << 20
+
+
+def canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def content(row: AuditEvent) -> dict[str, Any]:
+    """What an event's hash covers: everything it says, and its position."""
+    return {
+        "seq": row.seq,
+        "id": row.id,
+        "at": row.at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "actor": row.actor,
+        "action": row.action,
+        "target": row.target,
+        "outcome": row.outcome,
+        "detail": row.detail or {},
+        "request_id": row.request_id,
+        "session_id": row.session_id,
+        "message": row.message,
+    }
+
+
+def link(prev: str, row: AuditEvent) -> str:
+    return hashlib.sha256(prev.encode() + canonical(content(row))).hexdigest()
+
+
+def checkpoint_message(seq: int, chain_hash: str, at: datetime) -> bytes:
+    return f"pcigate-audit-checkpoint:v1:{seq}:{chain_hash}:{at.astimezone(UTC).isoformat()}".encode()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey | None
+    public: Ed25519PublicKey
+
+    @property
+    def key_id(self) -> str:
+        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: Path) -> SigningKey:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path}: not an ed25519 private key")
+        return cls(key, key.public_key())
+
+
+def _lock(db: Session) -> bool:
+    """Take the sealer's lock for this transaction; False when another sealer holds it (PostgreSQL)."""
+    if db.get_bind().dialect.name == "postgresql":
+        got = db.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY}).scalar()
+        return bool(got)
+    return True
+
+
+def _head(db: Session) -> tuple[int, str]:
+    row = db.execute(
+        select(AuditEvent.seq, AuditEvent.hash).where(AuditEvent.seq.is_not(None))
+        .order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    if row is None or row[0] is None:
+        return 0, ""
+    return int(row[0]), str(row[1])
+
+
+def seal(db: Session, *, key: SigningKey | None = None, checkpoint_seconds: int = 300,
+         now: datetime | None = None, force_checkpoint: bool = False) -> int:
+    """Chain every unsealed event (oldest id first) and, when due, sign a checkpoint. Returns how many events
+    were sealed. Commits."""
+    sqlite = db.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        _SQLITE_LOCK.acquire()
+    try:
+        if not _lock(db):
+            db.rollback()
+            return 0  # another replica is sealing right now; it will take ours too
+        seq, prev = _head(db)
+        sealed = 0
+        while True:
+            batch = list(db.scalars(select(AuditEvent).where(AuditEvent.seq.is_(None))
+                                    .order_by(AuditEvent.id).limit(SEAL_BATCH)))
+            if not batch:
+                break
+            for row in batch:
+                seq += 1
+                row.seq = seq
+                row.prev_hash = prev
+                prev = row.hash = link(prev, row)
+            sealed += len(batch)
+            db.flush()
+        if key is not None and key.private is not None and seq > 0:
+            last = db.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.seq.desc()).limit(1)).first()
+            now = now or datetime.now(UTC)
+            due = last is None or (last.seq < seq and (
+                force_checkpoint or (now - last.at).total_seconds() >= checkpoint_seconds))
+            if due:
+                sig = key.private.sign(checkpoint_message(seq, prev, now))
+                db.add(AuditCheckpoint(seq=seq, hash=prev, at=now, key_id=key.key_id, signature=sig.hex()))
+        db.commit()
+        return sealed
+    except Exception:
+        db.rollback()
+        raise
+    finally:
+        if sqlite:
+            _SQLITE_LOCK.release()
+
+
+def _sealed(db: Session) -> Iterator[AuditEvent]:
+    last = 0
+    while True:
+        rows = list(db.scalars(select(AuditEvent).where(AuditEvent.seq > last)
+                               .order_by(AuditEvent.seq).limit(SEAL_BATCH)))
+        if not rows:
+            return
+        yield from rows
+        last = int(rows[-1].seq or 0)
+        db.expunge_all()
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = None) -> AuditVerification:
+    """Check the whole sealed chain, the checkpoints and the stored recordings (``recording_path(sha256) ->
+    Path``). Read only."""
+    checkpoints = {c.seq: c for c in db.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.seq))}
+    expected = 1
+    prev = ""
+    n = recordings = 0
+    signed_through = 0
+    key_id = key.key_id if key is not None else None
+
+    def result(bad: int | None = None, error: str | None = None) -> AuditVerification:
+        return AuditVerification(ok=bad is None and error is None, events=n, last_seq=expected - 1,
+                                 last_hash=prev, checkpoints=len(checkpoints), signed_through=signed_through,
+                                 recordings=recordings, key_id=key_id, first_bad_seq=bad, error=error)
+
+    for row in _sealed(db):
+        if row.seq != expected:
+            return result(expected, f"event {expected} is missing (the next one is {row.seq})")
+        if row.prev_hash != prev:
+            return result(expected, f"event {expected} does not follow event {expected - 1} (prev_hash)")
+        h = link(prev, row)
+        if row.hash != h:
+            return result(expected, f"event {expected} was altered (its hash does not match its content)")
+        cp = checkpoints.get(expected)
+        if cp is not None:
+            if key is None:
+                return result(expected, "signed checkpoints exist but no signing key is configured")
+            if cp.key_id != key.key_id:
+                return result(expected, f"checkpoint {expected} was signed by another key ({cp.key_id})")
+            try:
+                key.public.verify(bytes.fromhex(cp.signature), checkpoint_message(cp.seq, cp.hash, cp.at))
+            except (InvalidSignature, ValueError):
+                return result(expected, f"checkpoint {expected} has an invalid signature")
+            if cp.hash != h:
+                return result(expected, f"the chain at event {expected} differs from its signed checkpoint")
+            signed_through = expected
+        if (recording_path is not None and row.action == "recording.upload" and row.outcome == "success"
+                and isinstance((row.detail or {}).get("sha256"), str)):
+            digest = row.detail["sha256"]
+            got = _file_sha256(recording_path(digest))
+            if got != digest:
+                what = "is missing" if got is None else "does not match its digest"
+                return result(expected,
+                              f"the recording of session {row.session_id} (event {expected}) {what}")
+            recordings += 1
+        prev = h
+        n += 1
+        expected += 1
+    beyond = [s for s in checkpoints if s >= expected]
+    if beyond:
+        return result(expected,
+                      f"events from {expected} on are missing: a checkpoint signed event {min(beyond)}")
+    return result()
+
+
+def to_info(row: AuditEvent) -> AuditEventInfo:
+    return AuditEventInfo(seq=row.seq, at=row.at, actor=row.actor, action=row.action, target=row.target,
+                          outcome=row.outcome, detail=row.detail or {}, request_id=row.request_id,
+                          session_id=row.session_id, message=row.message, hash=row.hash)
+
+
+def count_unsealed(db: Session) -> int:
+    return int(db.execute(select(func.count()).select_from(AuditEvent).where(AuditEvent.seq.is_(None)))
+               .scalar() or 0)

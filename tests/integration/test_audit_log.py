@@ -1,0 +1,309 @@
+"""The tamper-evident audit log on the real stack: ``pcigate-broker serve`` with real OpenBao, PostgreSQL and
+a (tiny) real OIDC issuer; the CLI reads and verifies it as an auditor would.
+
+Tampering is done the way an attacker with database access would: straight SQL on the broker's database
+(and bytes of a stored recording), then ``POST /v1/audit/verify`` / ``pcigate audit verify`` must name the
+first bad event. Every tamper is undone before the next test."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tests.integration.test_broker_api import Broker, put_recording, recording, start_broker
+from tests.integration.test_broker_support import MiniIssuer
+from tests.stack.cli import pcigate_bin
+from tests.stack.openbao import OpenBao, start_openbao
+from tests.stack.postgres import PgCluster, seed_prod, start_cluster
+
+from pcigate_broker import audit as audit_core
+
+
+@dataclass
+class Stack:
+    pg: PgCluster
+    bao: OpenBao
+    issuer: MiniIssuer
+    broker: Broker
+    workdir: Path
+    key_file: Path
+
+
+def audit_toml(key_file: Path, checkpoint: str = "0s") -> str:
+    return f'\n[audit]\nsigning_key_file = "{key_file}"\ncheckpoint_seconds = "{checkpoint}"\n'
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("audit")
+    key_file = base / "audit-ed25519.pem"
+    key_file.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    pg = start_cluster()
+    bao: OpenBao | None = None
+    issuer = MiniIssuer()
+    broker: Broker | None = None
+    try:
+        pw = seed_prod(pg)
+        bao = start_openbao(log_path=base / "bao.log")
+        bao.setup_database("127.0.0.1", pg.port, "bao_admin", pw)
+        broker = start_broker(base / "main", issuer, bao, pg, bao.create_broker_token(), reaper=1,
+                              extra=audit_toml(key_file))
+        yield Stack(pg=pg, bao=bao, issuer=issuer, broker=broker, workdir=base, key_file=key_file)
+    finally:
+        if broker is not None:
+            broker.stop()
+            assert "Traceback" not in broker.log.read_text(), broker.log.read_text()[-4000:]
+        if bao is not None:
+            bao.stop()
+        issuer.stop()
+        pg.stop()
+
+
+def client(stack: Stack, sub: str, groups: list[str], url: str | None = None) -> httpx.Client:
+    tok = stack.issuer.token(sub, groups)
+    return httpx.Client(base_url=url or stack.broker.url, headers={"Authorization": f"Bearer {tok}"},
+                        timeout=60)
+
+
+def activity(stack: Stack, tmp: Path, url: str | None = None) -> str:
+    """A session opened, recorded, ended and uploaded: events of every kind. Returns the session id."""
+    with client(stack, "alice", ["dba"], url) as alice:
+        r = alice.post("/v1/sessions", json={"target": "prod-db"})
+        assert r.status_code == 201, r.text
+        opened = r.json()
+        assert alice.post(f"/v1/sessions/{opened['session_id']}/end").status_code == 200
+        data = recording(tmp, opened)
+        assert put_recording(alice, opened["session_id"], data).status_code == 201
+        assert alice.post("/v1/sessions", json={"target": "nope"}).status_code == 404  # a denied event
+    return str(opened["session_id"])
+
+
+def verify(stack: Stack) -> dict[str, Any]:
+    with client(stack, "audrey", ["auditors"]) as a:
+        r = a.post("/v1/audit/verify")
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+def db(stack: Stack) -> sqlite3.Connection:
+    path = stack.broker.db_url.removeprefix("sqlite:///")
+    return sqlite3.connect(path, timeout=30, isolation_level=None)
+
+
+def test_the_chain_verifies_and_is_signed(stack: Stack, tmp_path: Path) -> None:
+    activity(stack, tmp_path)
+    result = verify(stack)
+    assert result["ok"], result
+    assert result["events"] >= 5
+    assert result["recordings"] >= 1
+    assert result["checkpoints"] >= 1
+    assert result["signed_through"] > 0
+    with client(stack, "alice", ["dba"]) as alice:
+        assert alice.post("/v1/audit/verify").status_code == 403  # auditors only
+        assert alice.get("/v1/audit").status_code == 403
+    with client(stack, "audrey", ["auditors"]) as a:
+        page = a.get("/v1/audit", params={"action": "session.open", "limit": 1000}).json()["items"]
+    assert page
+    assert {e["action"] for e in page} == {"session.open"}
+    assert {e["outcome"] for e in page} >= {"success", "denied"}
+    seqs = [e["seq"] for e in page]
+    assert seqs == sorted(seqs)
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "reorder", "rewrite", "truncate"])
+def test_tampering_with_events_is_found_and_located(stack: Stack, tmp_path: Path, tamper: str) -> None:
+    activity(stack, tmp_path)
+    assert verify(stack)["ok"]
+    conn = db(stack)
+    try:
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(audit_events)")]
+        rows = conn.execute("SELECT * FROM audit_events WHERE seq IS NOT NULL ORDER BY seq").fetchall()
+        last_cp = conn.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()[0]
+        assert last_cp is not None
+        assert last_cp >= 4
+        checkpoints = [r[0] for r in conn.execute("SELECT seq FROM audit_checkpoints ORDER BY seq")]
+        victim = dict(zip(cols, rows[2], strict=True))  # event seq 3, under a signed checkpoint
+        k = victim["seq"]
+        max_id = max(r[cols.index("id")] for r in rows)
+        undo: list[tuple[str, tuple[Any, ...]]] = []  # run after the test's own later events are dropped
+        if tamper == "edit":
+            flipped = "success" if victim["outcome"] != "success" else "denied"
+            conn.execute("UPDATE audit_events SET outcome = ? WHERE seq = ?", (flipped, k))
+            undo.append(("UPDATE audit_events SET outcome = ? WHERE seq = ?", (victim["outcome"], k)))
+            want, words = k, "altered"
+        elif tamper == "delete":
+            conn.execute("DELETE FROM audit_events WHERE seq = ?", (k,))
+            marks = ", ".join("?" for _ in cols)
+            undo.append((f"INSERT INTO audit_events ({', '.join(cols)}) VALUES ({marks})",
+                         tuple(victim[c] for c in cols)))
+            want, words = k, "missing"
+        elif tamper == "reorder":
+            other = dict(zip(cols, rows[3], strict=True))
+            conn.execute("UPDATE audit_events SET seq = -1 WHERE seq = ?", (k,))
+            conn.execute("UPDATE audit_events SET seq = ? WHERE seq = ?", (k, k + 1))
+            conn.execute("UPDATE audit_events SET seq = ? WHERE seq = -1", (k + 1,))
+            undo += [("UPDATE audit_events SET seq = -1 WHERE id = ?", (victim["id"],)),
+                     ("UPDATE audit_events SET seq = ? WHERE id = ?", (k + 1, other["id"])),
+                     ("UPDATE audit_events SET seq = ? WHERE id = ?", (k, victim["id"]))]
+            want, words = k, "does not follow"
+        elif tamper == "rewrite":
+            # an attacker who understands the chain: edit event k and recompute every hash after it. Only
+            # the signed checkpoint gives it away.
+            from sqlalchemy import create_engine, select
+            from sqlalchemy.orm import Session
+
+            from pcigate_broker.store.tables import AuditEvent
+
+            old = {r[cols.index("seq")]: (r[cols.index("detail")], r[cols.index("prev_hash")],
+                                          r[cols.index("hash")]) for r in rows}
+            engine = create_engine(stack.broker.db_url)
+            with Session(engine) as s:
+                evs = list(s.scalars(select(AuditEvent).where(AuditEvent.seq >= k).order_by(AuditEvent.seq)))
+                prev = evs[0].prev_hash or ""
+                evs[0].detail = {**(evs[0].detail or {}), "forged": True}
+                for ev in evs:
+                    ev.prev_hash = prev
+                    prev = ev.hash = audit_core.link(prev, ev)
+                s.commit()
+            engine.dispose()
+            for seq, (detail, prev_hash, h) in old.items():
+                undo.append(("UPDATE audit_events SET detail = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                             (detail, prev_hash, h, seq)))
+            want, words = min(c for c in checkpoints if c >= k), "checkpoint"
+        else:  # truncate: drop the newest events, including the last signed one
+            gone = [dict(zip(cols, r, strict=True)) for r in rows if r[cols.index("seq")] >= last_cp]
+            conn.execute("DELETE FROM audit_events WHERE seq >= ?", (last_cp,))
+            marks = ", ".join("?" for _ in cols)
+            for g in gone:
+                undo.append((f"INSERT INTO audit_events ({', '.join(cols)}) VALUES ({marks})",
+                             tuple(g[c] for c in cols)))
+            # (the verify call seals its own pending events onto the cut chain, so the signed checkpoint at
+            # the cut is what no longer matches)
+            want, words = last_cp, "checkpoint"
+        result = verify(stack)
+        assert not result["ok"], result
+        assert result["first_bad_seq"] == want, result
+        assert words in result["error"], result
+    finally:
+        # events the broker wrote meanwhile (the verify calls' own) chained onto the tampered log: drop them
+        conn.execute("DELETE FROM audit_events WHERE id > ?", (max_id,))
+        conn.execute("DELETE FROM audit_checkpoints WHERE seq > ?", (rows[-1][cols.index("seq")],))
+        for sql, args in undo:
+            conn.execute(sql, args)
+        conn.close()
+    assert verify(stack)["ok"]
+
+
+def test_an_altered_recording_is_found(stack: Stack, tmp_path: Path) -> None:
+    sid = activity(stack, tmp_path)
+    with client(stack, "audrey", ["auditors"]) as a:
+        items = a.get("/v1/audit", params={"action": "recording.upload", "limit": 1000}).json()["items"]
+    ev = next(e for e in items if e["session_id"] == sid and e["outcome"] == "success")
+    sha = ev["detail"]["sha256"]
+    path = stack.broker.recordings / sha[:2] / sha
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-2] + b"X\n")
+        result = verify(stack)
+        assert not result["ok"]
+        assert result["first_bad_seq"] == ev["seq"]
+        assert sid in result["error"]
+    finally:
+        path.write_bytes(original)
+    assert verify(stack)["ok"]
+
+
+def test_cli_audit_list_cef_and_verify(stack: Stack, tmp_path: Path) -> None:
+    activity(stack, tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PCIGATE_BROKER": stack.broker.url,
+           "PCIGATE_TOKEN": stack.issuer.token("audrey", ["auditors"]), "NO_COLOR": "1", "COLUMNS": "200",
+           "PCIGATE_STATE_DIR": str(tmp_path / "state")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(pcigate_bin()), *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    ok = run("audit", "verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "audit log ok" in ok.stderr
+    cef = run("audit", "--action", "session.open", "--format", "cef")
+    assert cef.returncode == 0, cef.stderr
+    lines = cef.stdout.splitlines()
+    assert lines
+    assert all(line.startswith("CEF:0|pcigate|pcigate-broker|") for line in lines)
+    assert any("suser=alice" in line and "|session.open|session.open|" in line for line in lines)
+    js = run("audit", "--actor", "alice", "--json")
+    assert js.returncode == 0, js.stderr
+    assert {e["actor"] for e in json.loads(js.stdout)} == {"alice"}
+    conn = db(stack)
+    try:
+        (actor,) = conn.execute("SELECT actor FROM audit_events WHERE seq = 2").fetchone()
+        conn.execute("UPDATE audit_events SET actor = 'mallory' WHERE seq = 2")
+        bad = run("audit", "verify")
+        assert bad.returncode == 16, bad.stderr
+        assert "failed at event 2" in bad.stderr
+    finally:
+        conn.execute("UPDATE audit_events SET actor = ? WHERE seq = 2", (actor,))
+        conn.close()
+    assert run("audit", "verify").returncode == 0
+
+
+def test_two_replicas_on_postgresql_keep_one_chain(stack: Stack, tmp_path: Path) -> None:
+    stack.pg.psql("CREATE DATABASE audit_store")
+    pg = stack.pg
+    url = f"postgresql+psycopg://{pg.superuser}:{pg.superuser_password}@127.0.0.1:{pg.port}/audit_store"
+    token = stack.bao.create_broker_token()
+    replicas = [start_broker(stack.workdir / f"replica{i}", stack.issuer, stack.bao, stack.pg, token,
+                             db_url=url, reaper=1, recordings_dir=stack.workdir / "shared-recordings",
+                             extra=audit_toml(stack.key_file)) for i in range(2)]
+    try:
+        errors: list[str] = []
+
+        def work(i: int) -> None:
+            try:
+                for j in range(6):
+                    activity(stack, tmp_path / f"w{i}-{j}", url=replicas[(i + j) % 2].url)
+            except Exception as e:  # reported below
+                errors.append(repr(e))
+
+        (tmp_path / "x").mkdir()
+        for i in range(4):
+            for j in range(6):
+                (tmp_path / f"w{i}-{j}").mkdir()
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        for rep in replicas:  # both replicas verify the same single chain
+            with httpx.Client(base_url=rep.url, timeout=120, headers={
+                    "Authorization": "Bearer " + stack.issuer.token("audrey", ["auditors"])}) as a:
+                result = a.post("/v1/audit/verify").json()
+            assert result["ok"], (result["first_bad_seq"], result["error"])
+            assert result["events"] >= 4 * 6 * 5
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=pg.port, dbname="audit_store", user=pg.superuser,
+                             password=pg.superuser_password) as conn:
+            row = conn.execute("SELECT count(*), min(seq), max(seq), count(DISTINCT seq) FROM audit_events "
+                               "WHERE seq IS NOT NULL").fetchone()
+        assert row is not None
+        n, lo, hi, distinct = row
+        assert (lo, hi, distinct) == (1, n, n)  # no gaps, no forks
+    finally:
+        for rep in replicas:
+            rep.stop()
+            assert "Traceback" not in rep.log.read_text(), rep.log.read_text()[-4000:]
