@@ -30,18 +30,19 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from pcigate.audit_models import AuditEventInfo, AuditVerification
 
+from .store.repo import _rowcount
 from .store.tables import AuditCheckpoint, AuditEvent
 
 _SQLITE_LOCK = threading.Lock()
@@ -106,13 +107,17 @@ def _lock(db: Session) -> bool:
 
 
 def _head(db: Session) -> tuple[int, str]:
+    """The chain's last position and hash: its newest event, or the checkpoint a retention cut left when no
+    event after it exists yet (the chain goes on from there, never from 1 again)."""
     row = db.execute(
         select(AuditEvent.seq, AuditEvent.hash).where(AuditEvent.seq.is_not(None))
         .order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
-    if row is None or row[0] is None:
-        return 0, ""
-    return int(row[0]), str(row[1])
+    seq, h = (int(row[0]), str(row[1])) if row is not None and row[0] is not None else (0, "")
+    cp = db.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.seq.desc()).limit(1)).first()
+    if cp is not None and cp.seq > seq:
+        return cp.seq, cp.hash
+    return seq, h
 
 
 def seal(db: Session, *, key: SigningKey | None = None, checkpoint_seconds: int = 300,
@@ -170,6 +175,14 @@ def _sealed(db: Session) -> Iterator[AuditEvent]:
         db.expunge_all()
 
 
+def _signed(key: SigningKey, cp: AuditCheckpoint) -> bool:
+    try:
+        key.public.verify(bytes.fromhex(cp.signature), checkpoint_message(cp.seq, cp.hash, cp.at))
+    except (InvalidSignature, ValueError):
+        return False
+    return cp.key_id == key.key_id
+
+
 def _file_sha256(path: Path) -> str | None:
     try:
         h = hashlib.sha256()
@@ -190,6 +203,28 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
     n = recordings = 0
     signed_through = 0
     key_id = key.key_id if key is not None else None
+    first = db.execute(select(func.min(AuditEvent.seq))).scalar()
+    if first is None and checkpoints:
+        # every event was cut by retention: the newest checkpoint is the chain's head
+        head = checkpoints[max(checkpoints)]
+        if not (key is not None and _signed(key, head)):
+            return AuditVerification(ok=False, events=0, last_seq=head.seq, last_hash=head.hash,
+                                     checkpoints=len(checkpoints), signed_through=0, recordings=0,
+                                     key_id=key_id, first_bad_seq=head.seq,
+                                     error=f"checkpoint {head.seq} has an invalid signature")
+        return AuditVerification(ok=True, events=0, last_seq=head.seq, last_hash=head.hash,
+                                 checkpoints=len(checkpoints), signed_through=head.seq, recordings=0,
+                                 key_id=key_id)
+    if first is not None and first > 1:
+        # retention cut the chain's head: it goes on from the signed checkpoint left at the cut
+        anchor = checkpoints.get(first - 1)
+        if anchor is None or key is None or not _signed(key, anchor):
+            return AuditVerification(
+                ok=False, events=0, last_seq=first - 1, last_hash="", checkpoints=len(checkpoints),
+                signed_through=0, recordings=0, key_id=key_id, first_bad_seq=1,
+                error=f"events 1 to {first - 1} are missing and no valid signed checkpoint marks a "
+                      "retention cut there")
+        expected, prev, signed_through = first, anchor.hash, anchor.seq
 
     def result(bad: int | None = None, error: str | None = None) -> AuditVerification:
         return AuditVerification(ok=bad is None and error is None, events=n, last_seq=expected - 1,
@@ -210,9 +245,7 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
                 return result(expected, "signed checkpoints exist but no signing key is configured")
             if cp.key_id != key.key_id:
                 return result(expected, f"checkpoint {expected} was signed by another key ({cp.key_id})")
-            try:
-                key.public.verify(bytes.fromhex(cp.signature), checkpoint_message(cp.seq, cp.hash, cp.at))
-            except (InvalidSignature, ValueError):
+            if not _signed(key, cp):
                 return result(expected, f"checkpoint {expected} has an invalid signature")
             if cp.hash != h:
                 return result(expected, f"the chain at event {expected} differs from its signed checkpoint")
@@ -229,7 +262,7 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
         prev = h
         n += 1
         expected += 1
-    beyond = [s for s in checkpoints if s >= expected]
+    beyond = [c for c in checkpoints if c >= expected]
     if beyond:
         return result(expected,
                       f"events from {expected} on are missing: a checkpoint signed event {min(beyond)}")
@@ -245,3 +278,74 @@ def to_info(row: AuditEvent) -> AuditEventInfo:
 def count_unsealed(db: Session) -> int:
     return int(db.execute(select(func.count()).select_from(AuditEvent).where(AuditEvent.seq.is_(None)))
                .scalar() or 0)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    cut_seq: int  # events up to here were deleted (0: nothing was due)
+    events: int
+    recordings: int
+    sessions: int
+
+
+def apply_retention(db: Session, *, key: SigningKey | None, retention_seconds: int, recording_path: Any,
+                    now: datetime | None = None) -> RetentionResult:
+    """Delete what is past retention and keep the chain verifiable: seal, sign a checkpoint at the cut (the
+    last event older than the cut, with every event before it older too), delete the events up to it (and
+    checkpoints before it), the sessions that ended before the cut with their recordings, and record what was
+    deleted as an audit event. Without a signing key nothing is deleted (the cut could not be proven)."""
+    from .store.tables import SessionRow
+
+    now = now or datetime.now(UTC)
+    cut_time = now - timedelta(seconds=retention_seconds)
+    if key is None or key.private is None:
+        return RetentionResult(0, 0, 0, 0)
+    seal(db, key=key)
+    sqlite = db.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        _SQLITE_LOCK.acquire()
+    try:
+        if not _lock(db):
+            db.rollback()
+            return RetentionResult(0, 0, 0, 0)
+        newer = db.execute(select(func.min(AuditEvent.seq)).where(AuditEvent.seq.is_not(None),
+                                                               AuditEvent.at >= cut_time)).scalar()
+        head_seq, _head_hash = _head(db)
+        cut = (newer - 1) if newer is not None else head_seq
+        low = db.execute(select(func.min(AuditEvent.seq))).scalar()
+        if cut <= 0 or low is None or cut < low:
+            db.rollback()
+            return RetentionResult(0, 0, 0, 0)
+        row = db.scalars(select(AuditEvent).where(AuditEvent.seq == cut)).first()
+        assert row is not None
+        assert row.hash is not None
+        if db.get(AuditCheckpoint, cut) is None:
+            sig = key.private.sign(checkpoint_message(cut, row.hash, now))
+            db.add(AuditCheckpoint(seq=cut, hash=row.hash, at=now, key_id=key.key_id, signature=sig.hex()))
+        events = _rowcount(db.execute(delete(AuditEvent).where(AuditEvent.seq <= cut)))
+        db.execute(delete(AuditCheckpoint).where(AuditCheckpoint.seq < cut))
+        old = list(db.execute(select(SessionRow.id, SessionRow.recording_sha256).where(
+            SessionRow.status != "active", SessionRow.ended_at < cut_time)))
+        files = 0
+        for _sid, sha in old:
+            if sha:
+                path = recording_path(sha)
+                try:
+                    path.unlink()
+                    files += 1
+                except FileNotFoundError:
+                    pass
+        sessions = _rowcount(db.execute(delete(SessionRow).where(SessionRow.status != "active",
+                                                                 SessionRow.ended_at < cut_time)))
+        db.add(AuditEvent(at=now, actor="broker", action="retention.run", outcome="success",
+                          detail={"cut_seq": cut, "cut_hash": row.hash, "cut_time": cut_time.isoformat(),
+                                  "events_deleted": events, "recordings_deleted": files,
+                                  "sessions_deleted": sessions, "retention_seconds": retention_seconds}))
+        db.commit()
+        return RetentionResult(cut, events, files, sessions)
+    except Exception:
+        db.rollback()
+        raise
+    finally:
+        if sqlite:
+            _SQLITE_LOCK.release()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import anyio.to_thread
 
@@ -25,7 +26,17 @@ def reap_pass(broker: Broker) -> int:
     with broker.sessions() as db:
         expire_due(broker, db)
         ended = reap_once(broker, db)
-        audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds)
+        cfg = broker.settings.audit
+        audit.seal(db, key=broker.audit_key, checkpoint_seconds=cfg.checkpoint_seconds)
+        last = broker.extra.get("retention_checked_at")
+        now = time.monotonic()
+        if not isinstance(last, float) or now - last >= cfg.retention_check_seconds:
+            broker.extra["retention_checked_at"] = now
+            done = audit.apply_retention(db, key=broker.audit_key, retention_seconds=cfg.retention,
+                                         recording_path=broker.recordings.path_for)
+            if done.cut_seq:
+                log.info("retention: %d events up to %d, %d recordings, %d sessions deleted",
+                         done.events, done.cut_seq, done.recordings, done.sessions)
         return ended
 
 

@@ -230,6 +230,20 @@ class AuditSettings(_Section):
 
     signing_key_file: Path | None = None  # ed25519 private key (PEM, PKCS#8) that signs the checkpoints
     checkpoint_seconds: Duration = 300  # a signed checkpoint at most this often (when there are new events)
+    # PCI DSS 10.5.1: keep audit history at least 12 months. Events and recordings older than this are
+    # deleted by the retention job, which leaves a signed checkpoint at the cut (needs signing_key_file).
+    retention: Duration = 365 * 86400
+    allow_short_retention: bool = False  # the only way to set a retention under 365 days
+    retention_check_seconds: Duration = 3600  # how often the reaper looks for something past retention
+
+    @model_validator(mode="after")
+    def _retention(self) -> AuditSettings:
+        if self.retention < 365 * 86400 and not self.allow_short_retention:
+            raise PydanticCustomError(
+                "retention", "retention under 365 days needs allow_short_retention = true (PCI DSS 10.5.1)")
+        if self.retention <= 0 or self.retention_check_seconds <= 0:
+            raise PydanticCustomError("retention", "retention and retention_check_seconds must be positive")
+        return self
 
 
 class MaskingKeySettings(_Section):

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,9 +190,8 @@ def test_tampering_with_events_is_found_and_located(stack: Stack, tmp_path: Path
             for g in gone:
                 undo.append((f"INSERT INTO audit_events ({', '.join(cols)}) VALUES ({marks})",
                              tuple(g[c] for c in cols)))
-            # (the verify call seals its own pending events onto the cut chain, so the signed checkpoint at
-            # the cut is what no longer matches)
-            want, words = last_cp, "checkpoint"
+            # the chain goes on from the signed checkpoint, so the events up to it are found missing
+            want, words = last_cp, "missing"
         result = verify(stack)
         assert not result["ok"], result
         assert result["first_bad_seq"] == want, result
@@ -307,3 +307,41 @@ def test_two_replicas_on_postgresql_keep_one_chain(stack: Stack, tmp_path: Path)
         for rep in replicas:
             rep.stop()
             assert "Traceback" not in rep.log.read_text(), rep.log.read_text()[-4000:]
+
+
+def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, tmp_path: Path) -> None:
+    """A broker of its own with a 3 s retention (allowed only with allow_short_retention): what is older goes,
+    a signed checkpoint stays at the cut, the deletion is itself an audit event, and verification goes on
+    from the cut."""
+    extra = audit_toml(stack.key_file) + ('retention = "3s"\nallow_short_retention = true\n'
+                                          'retention_check_seconds = "1s"\n')
+    own = start_broker(stack.workdir / "retention", stack.issuer, stack.bao, stack.pg,
+                       stack.bao.create_broker_token(), reaper=1, extra=extra)
+    try:
+        old_sid = activity(stack, tmp_path, url=own.url)
+        with client(stack, "alice", ["dba"], own.url) as alice:
+            sha = alice.get(f"/v1/sessions/{old_sid}").json()["recording_sha256"]
+        assert (own.recordings / sha[:2] / sha).exists()
+        deadline = time.monotonic() + 30
+        with client(stack, "audrey", ["auditors"], own.url) as a:
+            runs: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and not any(r["detail"]["events_deleted"] for r in runs):
+                time.sleep(0.5)
+                runs = a.get("/v1/audit", params={"action": "retention.run"}).json()["items"]
+            assert runs, "no retention run"
+            run = next(r for r in runs if r["detail"]["events_deleted"])
+            assert run["detail"]["recordings_deleted"] >= 1
+            assert run["detail"]["sessions_deleted"] >= 1
+            cut = run["detail"]["cut_seq"]
+            assert not (own.recordings / sha[:2] / sha).exists()
+            with client(stack, "alice", ["dba"], own.url) as alice:
+                assert alice.get(f"/v1/sessions/{old_sid}").status_code == 404
+            activity(stack, tmp_path / "after", url=own.url)
+            result = a.post("/v1/audit/verify").json()
+            assert result["ok"], (result["first_bad_seq"], result["error"])
+            assert result["signed_through"] >= cut
+            events = a.get("/v1/audit", params={"limit": 1000}).json()["items"]
+            assert min(e["seq"] for e in events) == cut + 1  # nothing before the cut survives
+    finally:
+        own.stop()
+        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]

@@ -93,6 +93,16 @@ def test_hash_rules_need_a_masking_key_of_32_bytes() -> None:
     assert load(data).masking.key is not None
 
 
+def test_audit_retention_under_a_year_needs_the_override() -> None:
+    data = base()
+    data["audit"] = {"retention": "30d"}
+    assert problems(data) == [
+        "audit: retention under 365 days needs allow_short_retention = true (PCI DSS 10.5.1)"]
+    data["audit"]["allow_short_retention"] = True
+    assert load(data).audit.retention == 30 * 86400
+    assert load(base()).audit.retention == 365 * 86400
+
+
 def test_unknown_statement_class_names_the_key() -> None:
     data = base(guardrails=[{"name": "x", "deny": ["drop_table", "drop_everything"]}])
     out = problems(data)
