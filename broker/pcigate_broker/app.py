@@ -31,7 +31,7 @@ from .audit import SigningKey
 from .auth import TokenValidator
 from .errors import ApiError
 from .notify import Notifier
-from .reaper import run_reaper
+from .reaper import run_forwarder, run_reaper
 from .recordings import RecordingStore
 from .settings import ConfigError, Settings
 from .state import Broker
@@ -202,13 +202,15 @@ def create_app(settings: Settings, *, broker: Broker | None = None, run_reaper_t
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task: asyncio.Task[Any] | None = None
+        tasks: list[asyncio.Task[Any]] = []
         if run_reaper_task:
-            task = asyncio.create_task(run_reaper(state), name="pcigate-reaper")
+            tasks.append(asyncio.create_task(run_reaper(state), name="pcigate-reaper"))
+            if state.settings.audit.forward:
+                tasks.append(asyncio.create_task(run_forwarder(state), name="pcigate-siem"))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

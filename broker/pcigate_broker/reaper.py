@@ -52,3 +52,19 @@ async def run_reaper(broker: Broker) -> None:
         except Exception:
             log.exception("reaper pass failed; retrying next interval")
         await asyncio.sleep(interval)
+
+
+async def run_forwarder(broker: Broker) -> None:
+    """Forward the sealed audit chain to every ``[[audit.forward]]`` SIEM (pcigate_broker.siem)."""
+    from .siem import forward_all
+
+    cfg = broker.settings.audit
+    state: dict[str, float] = {}
+    while True:
+        try:
+            await anyio.to_thread.run_sync(forward_all, broker.sessions, cfg.forward, state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("audit forwarding pass failed; retrying next interval")
+        await asyncio.sleep(cfg.forward_interval_seconds)

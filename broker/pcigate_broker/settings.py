@@ -225,8 +225,40 @@ class WebhookSettings(_Section):
         return v
 
 
+class SiemSettings(_Section):
+    """Continuous forwarding of the sealed audit log to a SIEM, at least once, from a persistent cursor."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # the cursor's key: keep it when editing the rest
+    kind: Literal["https", "syslog"]
+    url: str | None = None  # https: the endpoint that takes NDJSON POSTs
+    secret_file: Path | None = None  # https: HMAC-SHA256 key for X-Pcigate-Signature (as the webhooks)
+    host: str | None = None  # syslog: RFC 5424 over TCP, octet-counted (RFC 6587)
+    port: int = Field(default=6514, gt=0, lt=65536)
+    tls: bool = True  # syslog over TLS (RFC 5425); false only for a loopback collector
+    ca_file: Path | None = None  # syslog TLS: trust this CA instead of the system's
+    batch: int = Field(default=500, ge=1, le=10000)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    secret: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _target(self) -> SiemSettings:
+        if self.kind == "https":
+            if not self.url or not self.url.startswith(("https://", "http://")):
+                raise PydanticCustomError("siem", "kind = \"https\" needs url = \"https://...\"")
+            if self.url.startswith("http://") and not is_loopback(self.url.split("/")[2].rsplit(":", 1)[0]):
+                raise PydanticCustomError("siem", "plain http:// only to a loopback collector")
+        elif not self.host:
+            raise PydanticCustomError("siem", "kind = \"syslog\" needs host")
+        elif not self.tls and not is_loopback(self.host):
+            raise PydanticCustomError("siem", "syslog without TLS only to a loopback collector")
+        return self
+
+
 class AuditSettings(_Section):
     """The tamper-evident audit log (docs/configuration.md, "Audit log")."""
+
+    forward: list[SiemSettings] = Field(default_factory=list)
+    forward_interval_seconds: Duration = 5
 
     signing_key_file: Path | None = None  # ed25519 private key (PEM, PKCS#8) that signs the checkpoints
     checkpoint_seconds: Duration = 300  # a signed checkpoint at most this often (when there are new events)
@@ -486,6 +518,13 @@ def settings_from_dict(
             problems.append(
                 f"vault.secret_id_file: no AppRole secret id: set secret_id_file or {SECRET_ID_ENV}"
             )
+    siems: list[SiemSettings] = []
+    for i, siem in enumerate(settings.audit.forward):
+        sfile = _resolve(siem.secret_file, base)
+        ssecret = (_read_secret(sfile, f"audit.forward.{i}.secret_file", problems)
+                   if sfile is not None else None)
+        siems.append(siem.model_copy(update={"secret_file": sfile, "secret": ssecret,
+                                             "ca_file": _resolve(siem.ca_file, base)}))
     masking_key_file = _resolve(settings.masking.key_file, base)
     masking_key: SecretStr | None = None
     if masking_key_file is not None:
@@ -525,7 +564,8 @@ def settings_from_dict(
             "notifications": settings.notifications.model_copy(update={"webhooks": hooks}),
             "masking": settings.masking.model_copy(update={"key_file": masking_key_file, "key": masking_key}),
             "audit": settings.audit.model_copy(
-                update={"signing_key_file": _resolve(settings.audit.signing_key_file, base)}),
+                update={"signing_key_file": _resolve(settings.audit.signing_key_file, base),
+                        "forward": siems}),
         }
     )
 

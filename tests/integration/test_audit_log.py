@@ -345,3 +345,144 @@ def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, t
     finally:
         own.stop()
         assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
+
+
+class HttpSiem:
+    """An NDJSON collector that answers 503 until ``up`` is set."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.up = threading.Event()
+        self.batches: list[tuple[dict[str, str], bytes]] = []
+        self.refused = 0
+        siem = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if not siem.up.is_set():
+                    siem.refused += 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                siem.batches.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def seqs(self) -> list[int]:
+        return [json.loads(line)["seq"] for _, b in self.batches for line in b.splitlines() if line]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SyslogSiem:
+    """An RFC 5424 / RFC 6587 (octet-counted) TCP collector, started on a port reserved in advance."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.messages: list[str] = []
+        self.server: Any = None
+
+    def start(self) -> None:
+        import socketserver
+
+        siem = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                data = self.rfile.read()
+                while data:
+                    n, _, rest = data.partition(b" ")
+                    size = int(n)
+                    siem.messages.append(rest[:size].decode())
+                    data = rest[size:]
+
+        socketserver.TCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def seqs(self) -> list[int]:
+        import re
+
+        return [int(m.group(1)) for msg in self.messages if (m := re.search(r' seq="(\d+)"', msg))]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def test_siem_outage_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+    """Both SIEMs are down while events happen; once they are up they receive every sealed event, in order,
+    once per seq (a batch may be repeated after a crash: receivers deduplicate by seq)."""
+    from tests.stack.ports import free_port
+
+    from pcigate_broker.notify import verify_signature
+
+    http_siem = HttpSiem()
+    syslog_port = free_port()
+    syslog_siem = SyslogSiem(syslog_port)
+    secret = stack.workdir / "siem-secret"
+    secret.write_text("siem-secret-0123456789")
+    extra = audit_toml(stack.key_file) + f'''forward_interval_seconds = "1s"
+
+[[audit.forward]]
+name = "http-collector"
+kind = "https"
+url = "{http_siem.url}"
+secret_file = "{secret}"
+batch = 7
+
+[[audit.forward]]
+name = "syslog-collector"
+kind = "syslog"
+host = "127.0.0.1"
+port = {syslog_port}
+tls = false
+'''
+    own = start_broker(stack.workdir / "siem", stack.issuer, stack.bao, stack.pg,
+                       stack.bao.create_broker_token(), reaper=1, extra=extra)
+    try:
+        for i in range(3):
+            activity(stack, tmp_path / f"a{i}", url=own.url)
+        time.sleep(3)  # several forwarding attempts fail meanwhile
+        assert http_siem.refused >= 1
+        assert not http_siem.batches
+        http_siem.up.set()
+        syslog_siem.start()
+        with client(stack, "audrey", ["auditors"], own.url) as a:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                head = max(e["seq"] for e in a.get("/v1/audit", params={"limit": 1000}).json()["items"])
+                if set(range(1, head + 1)) <= set(http_siem.seqs()) and \
+                        set(range(1, head + 1)) <= set(syslog_siem.seqs()):
+                    break
+                time.sleep(0.5)
+        for got in (http_siem.seqs(), syslog_siem.seqs()):
+            assert set(range(1, head + 1)) <= set(got)
+            assert got == sorted(got)  # in chain order
+            assert len(set(got)) == len(got)  # and here, with no crash, exactly once
+        for headers, body in http_siem.batches:
+            assert headers["content-type"] == "application/x-ndjson"
+            assert verify_signature(b"siem-secret-0123456789", headers["x-pcigate-signature"], body,
+                                    now=time.time())
+        first = syslog_siem.messages[0]
+        assert first.startswith("<")
+        assert "1 " in first[:8]
+        assert " pcigate-broker - " in first
+        assert "[pcigate@32473 seq=" in first
+    finally:
+        own.stop()
+        http_siem.stop()
+        syslog_siem.stop()
+        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]

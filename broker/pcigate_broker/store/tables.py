@@ -152,3 +152,13 @@ class ReviewRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (UniqueConstraint("request_id", "reviewer", name="uq_request_reviews_reviewer"),)
+
+
+class ForwardCursor(Base):
+    """How far each SIEM destination has received the audit chain (its last acknowledged ``seq``)."""
+
+    __tablename__ = "audit_forward_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
