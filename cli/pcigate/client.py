@@ -290,6 +290,26 @@ class BrokerClient:
                 params[key] = text
         return self._model(AuditPage, self._request("GET", "/v1/audit", params=params))
 
+    def download_recording(self, session_id: str, sink: Callable[[bytes], object]) -> tuple[int, str]:
+        """Stream a session's recording into ``sink`` (never whole in memory). Returns (bytes, sha256 hex)."""
+        import hashlib
+
+        headers = {"Authorization": f"Bearer {self.bearer()}"}
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self._http.stream("GET", f"/v1/sessions/{_seg(session_id)}/recording", headers=headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._raise_for(r)
+                for chunk in r.iter_bytes(UPLOAD_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    sink(chunk)
+        except httpx.TransportError as exc:
+            raise BrokerUnavailable(f"cannot reach the broker at {self.base_url}") from exc
+        return size, digest.hexdigest()
+
     def audit_verify(self) -> AuditVerification:
         from pcigate.audit_models import AuditVerification
 

@@ -486,3 +486,38 @@ tls = false
         http_siem.stop()
         syslog_siem.stop()
         assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
+
+
+def test_evidence_pack_for_an_assessor(stack: Stack, tmp_path: Path) -> None:
+    import hashlib
+    import zipfile
+
+    sid = activity(stack, tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PCIGATE_BROKER": stack.broker.url,
+           "PCIGATE_TOKEN": stack.issuer.token("audrey", ["auditors"]), "NO_COLOR": "1",
+           "PCIGATE_STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "evidence.zip"
+    r = subprocess.run([str(pcigate_bin()), "audit", "evidence", str(out), "--since", "1h", "--json"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["verification_ok"]
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        assert {"verification.json", "events.ndjson", "sessions.json", "pci-dss.md", "manifest.json",
+                f"recordings/{sid}.rec"} <= names
+        manifest = json.loads(zf.read("manifest.json"))
+        assert manifest["verification_ok"]
+        for name, meta in manifest["files"].items():  # every file is what the manifest says
+            assert hashlib.sha256(zf.read(name)).hexdigest() == meta["sha256"], name
+        sessions = {s["session_id"]: s for s in json.loads(zf.read("sessions.json"))}
+        rec = zf.read(f"recordings/{sid}.rec")
+        assert hashlib.sha256(rec).hexdigest() == sessions[sid]["recording_sha256"]
+        events = [json.loads(x) for x in zf.read("events.ndjson").splitlines()]
+        assert any(e["action"] == "recording.upload" and e["session_id"] == sid for e in events)
+        assert json.loads(zf.read("verification.json"))["ok"]
+        assert b"10.5.1" in zf.read("pci-dss.md")
+    bad = subprocess.run([str(pcigate_bin()), "audit", "evidence", str(tmp_path / "x.tar")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
