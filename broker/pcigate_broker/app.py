@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcigate.models import ErrorBody, ErrorCode, ErrorDetail
 
-from . import __version__
+from . import __version__, audit_context
 from .api.routes import audit, identity, meta, recordings, requests, sessions
 from .audit import SigningKey
 from .auth import TokenValidator
@@ -77,6 +77,9 @@ class EdgeMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = rid
+        client = scope.get("client")
+        audit_context.current.set(audit_context.Caller(
+            source=f"{client[0]}:{client[1]}" if client else None))
         started = False
 
         async def send_with_id(message: Message) -> None:

@@ -69,6 +69,9 @@ def content(row: AuditEvent) -> dict[str, Any]:
         "request_id": row.request_id,
         "session_id": row.session_id,
         "message": row.message,
+        "actor_groups": row.actor_groups,
+        "client_kind": row.client_kind,
+        "source": row.source,
     }
 
 
@@ -272,7 +275,8 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
 def to_info(row: AuditEvent) -> AuditEventInfo:
     return AuditEventInfo(seq=row.seq, at=row.at, actor=row.actor, action=row.action, target=row.target,
                           outcome=row.outcome, detail=row.detail or {}, request_id=row.request_id,
-                          session_id=row.session_id, message=row.message, hash=row.hash)
+                          session_id=row.session_id, message=row.message, hash=row.hash,
+                          actor_groups=row.actor_groups, client_kind=row.client_kind, source=row.source)
 
 
 def count_unsealed(db: Session) -> int:

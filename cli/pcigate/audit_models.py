@@ -24,6 +24,9 @@ class AuditEventInfo(_Model):
     session_id: str | None = None
     message: str | None = None
     hash: str | None = None
+    actor_groups: list[str] | None = None  # the caller's groups when the actor is the caller
+    client_kind: str | None = None  # "human" | "workload"
+    source: str | None = None  # the HTTP client's address
 
 
 class AuditPage(_Model):

@@ -521,3 +521,24 @@ def test_evidence_pack_for_an_assessor(stack: Stack, tmp_path: Path) -> None:
     bad = subprocess.run([str(pcigate_bin()), "audit", "evidence", str(tmp_path / "x.tar")], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
+
+
+def test_events_name_the_callers_groups_kind_and_address(stack: Stack, tmp_path: Path) -> None:
+    activity(stack, tmp_path)
+    with client(stack, "audrey", ["auditors"]) as a:
+        items = a.get("/v1/audit", params={"actor": "alice", "action": "session.open", "limit": 1000}).json()
+    ev = items["items"][-1]
+    assert ev["actor_groups"] == ["dba"]
+    assert ev["client_kind"] == "human"
+    assert ev["source"].startswith("127.0.0.1:")
+    # and the chain covers them: changing the recorded address is found
+    conn = db(stack)
+    try:
+        conn.execute("UPDATE audit_events SET source = '10.0.0.66:4444' WHERE seq = ?", (ev["seq"],))
+        result = verify(stack)
+        assert not result["ok"]
+        assert result["first_bad_seq"] == ev["seq"]
+    finally:
+        conn.execute("UPDATE audit_events SET source = ? WHERE seq = ?", (ev["source"], ev["seq"]))
+        conn.close()
+    assert verify(stack)["ok"]

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from pcigate.models import Identity
 
+from .. import audit_context
 from ..auth import IdpUnavailable, TokenInvalid
 from ..errors import ApiError
 from ..state import Broker, utcnow
@@ -60,7 +61,7 @@ def current_identity(
     if not token:
         raise ApiError(401, "unauthenticated", "missing bearer token", headers=_CHALLENGE)
     try:
-        return broker.validator.validate(token)
+        identity = broker.validator.validate(token)
     except TokenInvalid as exc:
         reason = str(exc)
         log.info("token refused: %s (request %s)", reason, request_id)
@@ -83,6 +84,12 @@ def current_identity(
         raise ApiError(
             503, "idp_unavailable", "identity provider unreachable: cannot check tokens now"
         ) from None
+    caller = audit_context.current.get()
+    if caller is not None:  # shared with the endpoint's thread: every audit event it writes names the caller
+        caller.subject = identity.subject
+        caller.groups = list(identity.groups)
+        caller.client_kind = identity.client_kind
+    return identity
 
 
 CurrentIdentity = Annotated[Identity, Depends(current_identity)]

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from pcigate.models import GrantRef, SessionSummary
 
+from .. import audit_context
 from .tables import AccessRequestRow, AuditEvent, ReviewRow, SessionRow
 
 
@@ -214,10 +215,15 @@ def audit(
     detail: dict[str, Any] | None = None,
     message: str | None = None,
 ) -> None:
+    caller = audit_context.current.get()
+    same = caller is not None and (actor is None or actor == caller.subject)
     db.add(
         AuditEvent(
             at=at,
             actor=actor,
+            actor_groups=list(caller.groups) if same and caller is not None and caller.subject else None,
+            client_kind=caller.client_kind if same and caller is not None else None,
+            source=caller.source if caller is not None else None,
             action=action,
             target=target,
             outcome=outcome,
