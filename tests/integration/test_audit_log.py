@@ -525,6 +525,12 @@ def test_evidence_pack_for_an_assessor(stack: Stack, tmp_path: Path) -> None:
 
 def test_events_name_the_callers_groups_kind_and_address(stack: Stack, tmp_path: Path) -> None:
     activity(stack, tmp_path)
+    with client(stack, "alice", ["dba"]) as alice:
+        assert alice.get("/v1/targets").status_code == 200
+    with client(stack, "audrey", ["auditors"]) as a:
+        listed = a.get("/v1/audit", params={"action": "targets.list", "actor": "alice"}).json()["items"]
+    assert listed
+    assert listed[-1]["detail"]["targets"] == ["prod-db", "staging-db"]
     with client(stack, "audrey", ["auditors"]) as a:
         items = a.get("/v1/audit", params={"actor": "alice", "action": "session.open", "limit": 1000}).json()
     ev = items["items"][-1]
