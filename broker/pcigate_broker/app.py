@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -34,7 +35,7 @@ from .notify import Notifier
 from .reaper import run_forwarder, run_reaper
 from .recordings import RecordingStore
 from .settings import ConfigError, Settings
-from .state import Broker
+from .state import Broker, utcnow
 from .store.db import make_engine, make_sessionmaker
 from .vault import Vault
 
@@ -184,6 +185,24 @@ def _audit_key(settings: Settings) -> SigningKey | None:
                            f"{getattr(exc, 'strerror', None) or exc}"]) from None
 
 
+def _audit_start(broker: Broker) -> None:
+    """A ``broker.start`` event: which configuration (policy) this replica runs with, by digest."""
+    from .policy import canonical
+    from .store import repo
+
+    cfg = broker.settings.model_dump(mode="json", exclude={"vault": {"token", "secret_id"}})
+    digest = hashlib.sha256(canonical(cfg)).hexdigest()
+    try:
+        with broker.sessions() as db:
+            repo.audit(db, at=utcnow(), action="broker.start", outcome="success", actor="broker",
+                       detail={"version": __version__, "config_sha256": digest,
+                               "targets": sorted(broker.settings.targets),
+                               "audit_key": broker.audit_key.key_id if broker.audit_key else None})
+            db.commit()
+    except Exception:
+        log.exception("could not write the broker.start audit event")
+
+
 def build_broker(settings: Settings) -> Broker:
     audit_key = _audit_key(settings)
     engine = make_engine(settings.storage.database_url)
@@ -205,6 +224,7 @@ def create_app(settings: Settings, *, broker: Broker | None = None, run_reaper_t
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _audit_start(state)
         tasks: list[asyncio.Task[Any]] = []
         if run_reaper_task:
             tasks.append(asyncio.create_task(run_reaper(state), name="pcigate-reaper"))

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class VerifiedUpload:
     header: dict[str, Any] | None
     error: str | None
     line: int | None
+    blocked: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rule, sql) the tunnel blocked
 
 
 class Upload:
@@ -73,6 +74,7 @@ class Upload:
             header=check.header if isinstance(check.header, dict) else None,
             error=check.error,
             line=check.line,
+            blocked=list(check.blocked),
         )
 
     def discard(self) -> None:

@@ -32,6 +32,7 @@ from pcigate.errors import RecordingError
 
 FORMAT_VERSION = 1
 SQL_CAP = 64 * 1024  # characters of SQL kept per statement event
+MAX_BLOCKED = 1000  # blocked statements a verifier reports (the recording itself holds them all)
 HEADER_FIELDS = ("session_id", "user", "target", "level", "lease_id", "policy_digest", "started_at", "kind")
 
 _encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -347,6 +348,8 @@ class RecordingCheck:
     sha256: str  # sha256 hex of all bytes fed
     size: int
     truncated: bool = field(default=False)  # the chain is intact but the file stops early (crash, cut)
+    # the statements the tunnel blocked: (t, rule, SQL text as recorded, already masked), at most MAX_BLOCKED
+    blocked: list[tuple[float, str, str]] = field(default_factory=list)
 
 
 class RecordingVerifier:
@@ -366,6 +369,7 @@ class RecordingVerifier:
         self._ended = False
         self._error: str | None = None
         self._error_line: int | None = None
+        self._blocked: list[tuple[float, str, str]] = []
 
     def feed(self, chunk: bytes) -> None:
         self._sha.update(chunk)
@@ -472,6 +476,8 @@ class RecordingVerifier:
             self._events += 1
             if e == "end":
                 self._ended = True
+            elif e == "stmt" and obj.get("blocked") and len(self._blocked) < MAX_BLOCKED:
+                self._blocked.append((float(t), str(obj["blocked"])[:128], str(obj.get("sql", ""))[:1000]))
         self._h = h
 
     def finish(self) -> RecordingCheck:
@@ -495,6 +501,7 @@ class RecordingVerifier:
             sha256=sha,
             size=self._size,
             truncated=truncated,
+            blocked=list(self._blocked) if self._error is None else [],
         )
 
 

@@ -548,3 +548,34 @@ def test_events_name_the_callers_groups_kind_and_address(stack: Stack, tmp_path:
         conn.execute("UPDATE audit_events SET source = ? WHERE seq = ?", (ev["source"], ev["seq"]))
         conn.close()
     assert verify(stack)["ok"]
+
+
+def test_blocked_statements_and_broker_start_are_events(stack: Stack, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from pcigate.recording import RecordingHeader, RecordingWriter
+
+    with client(stack, "alice", ["dba"]) as alice:
+        opened = alice.post("/v1/sessions", json={"target": "prod-db"}).json()
+        sid = opened["session_id"]
+        assert alice.post(f"/v1/sessions/{sid}/end").status_code == 200
+        hdr = RecordingHeader(session_id=sid, user="alice", target="prod-db", level=opened["level"],
+                              lease_id=opened["lease_id"], policy_digest=opened["policy"]["digest"],
+                              started_at=datetime.fromisoformat(opened["started_at"]))
+        w = RecordingWriter(tmp_path / "b.rec", hdr)
+        w.event("stmt", c=1, sql="DROP TABLE customers", proto="simple", params=0, ms=0.0, rows=None,
+                tag=None, sqlstate="42501", error="blocked", blocked="no-drop")
+        w.stmt(1, "select 1", False, "simple", 0, 0.1, 1, "SELECT 1", None, None)
+        w.close()
+        assert put_recording(alice, sid, (tmp_path / "b.rec").read_bytes()).status_code == 201
+    with client(stack, "audrey", ["auditors"]) as a:
+        blocked = a.get("/v1/audit", params={"action": "statement.blocked"}).json()["items"]
+        starts = a.get("/v1/audit", params={"action": "broker.start"}).json()["items"]
+    mine = [e for e in blocked if e["session_id"] == sid]
+    assert len(mine) == 1
+    assert mine[0]["detail"]["rule"] == "no-drop"
+    assert mine[0]["detail"]["sql"] == "DROP TABLE customers"
+    assert mine[0]["outcome"] == "denied"
+    assert starts
+    assert len(starts[0]["detail"]["config_sha256"]) == 64
+    assert starts[0]["detail"]["audit_key"]

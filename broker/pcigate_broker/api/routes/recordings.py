@@ -65,8 +65,13 @@ def _store(
             actor=identity.subject,
             session_id=session_id,
             request_id=request_id,
-            detail={"sha256": up.sha256, "size": up.size, "events": up.events},
+            detail={"sha256": up.sha256, "size": up.size, "events": up.events, "blocked": len(up.blocked)},
         )
+        row = repo.get_session(db, session_id)
+        for t, rule, sql in up.blocked:  # what the tunnel kept from the database, as audit events too
+            repo.audit(db, at=utcnow(), action="statement.blocked", outcome="denied", actor=identity.subject,
+                       target=row.target if row else None, session_id=session_id, request_id=request_id,
+                       detail={"rule": rule, "t": t, "sql": sql})
         db.commit()
     return RecordingReceipt(session_id=session_id, sha256=up.sha256, size=up.size, events=up.events), True
 
