@@ -101,6 +101,7 @@ def _send_syslog(dest: SiemSettings, events: list[AuditEventInfo]) -> None:
                 ctx = ssl.create_default_context(cafile=str(dest.ca_file) if dest.ca_file else None)
                 with ctx.wrap_socket(raw, server_hostname=dest.host) as tls:
                     tls.sendall(data)
+                    # close_notify, and the collector's in answer: it has read everything we sent
                     tls.unwrap()
             else:
                 raw.sendall(data)

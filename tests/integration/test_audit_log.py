@@ -579,3 +579,61 @@ def test_blocked_statements_and_broker_start_are_events(stack: Stack, tmp_path: 
     assert starts
     assert len(starts[0]["detail"]["config_sha256"]) == 64
     assert starts[0]["detail"]["audit_key"]
+
+
+
+def test_syslog_over_tls_with_the_collectors_ca(stack: Stack, tmp_path: Path) -> None:
+    """RFC 5425: the forwarder checks the collector's certificate (here against its own CA file) and sends
+    the octet-counted messages inside TLS."""
+    import socketserver
+    import ssl
+
+    from tests.stack.ports import free_port
+
+    key, cert = tmp_path / "collector.key", tmp_path / "collector.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=collector",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    received: list[bytes] = []
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn = ctx.wrap_socket(self.request, server_side=True)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            received.append(data)
+            conn.unwrap()
+
+    port = free_port()
+    socketserver.TCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    extra = audit_toml(stack.key_file) + f'''forward_interval_seconds = "1s"
+
+[[audit.forward]]
+name = "tls-syslog"
+kind = "syslog"
+host = "127.0.0.1"
+port = {port}
+tls = true
+ca_file = "{cert}"
+'''
+    own = start_broker(stack.workdir / "siem-tls", stack.issuer, stack.bao, stack.pg,
+                       stack.bao.create_broker_token(), reaper=1, extra=extra)
+    try:
+        activity(stack, tmp_path, url=own.url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and b"session.open" not in b"".join(received):
+            time.sleep(0.3)
+        data = b"".join(received)
+        assert b"session.open" in data
+        n, _, rest = data.partition(b" ")
+        assert rest[: int(n)].startswith(b"<")  # octet-counted RFC 5424 inside the TLS stream
+    finally:
+        own.stop()
+        server.shutdown()
+        server.server_close()
+        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
