@@ -197,9 +197,11 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
-def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = None) -> AuditVerification:
+def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = None,
+           recordings_since: datetime | None = None) -> AuditVerification:
     """Check the whole sealed chain, the checkpoints and the stored recordings (``recording_path(sha256) ->
-    Path``). Read only."""
+    Path``; with ``recordings_since`` only those uploaded since then are re-hashed, the chain is always
+    checked whole). Read only."""
     checkpoints = {c.seq: c for c in db.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.seq))}
     expected = 1
     prev = ""
@@ -254,7 +256,8 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
                 return result(expected, f"the chain at event {expected} differs from its signed checkpoint")
             signed_through = expected
         if (recording_path is not None and row.action == "recording.upload" and row.outcome == "success"
-                and isinstance((row.detail or {}).get("sha256"), str)):
+                and isinstance((row.detail or {}).get("sha256"), str)
+                and (recordings_since is None or row.at >= recordings_since)):
             digest = row.detail["sha256"]
             got = _file_sha256(recording_path(digest))
             if got != digest:

@@ -310,10 +310,12 @@ class BrokerClient:
             raise BrokerUnavailable(f"cannot reach the broker at {self.base_url}") from exc
         return size, digest.hexdigest()
 
-    def audit_verify(self) -> AuditVerification:
+    def audit_verify(self, since: datetime | None = None) -> AuditVerification:
         from pcigate.audit_models import AuditVerification
 
-        return self._model(AuditVerification, self._request("POST", "/v1/audit/verify", timeout=600))
+        params = {"since": since.isoformat()} if since is not None else None
+        return self._model(AuditVerification,
+                           self._request("POST", "/v1/audit/verify", params=params, timeout=600))
 
     # just-in-time access (pcigate.access_models) ---------------------------------------------------------
     def create_request(self, request: AccessRequestCreate) -> AccessRequestInfo:

@@ -238,6 +238,12 @@ def test_cli_audit_list_cef_and_verify(stack: Stack, tmp_path: Path) -> None:
     ok = run("audit", "verify")
     assert ok.returncode == 0, ok.stderr
     assert "audit log ok" in ok.stderr
+    from datetime import UTC, datetime, timedelta
+
+    later = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    recent = run("audit", "verify", "--since", later, "--json")
+    assert recent.returncode == 0, recent.stderr
+    assert json.loads(recent.stdout)["recordings"] == 0  # the chain is checked whole, no recording re-hashed
     cef = run("audit", "--action", "session.open", "--format", "cef")
     assert cef.returncode == 0, cef.stderr
     lines = cef.stdout.splitlines()
@@ -531,6 +537,10 @@ def test_events_name_the_callers_groups_kind_and_address(stack: Stack, tmp_path:
         listed = a.get("/v1/audit", params={"action": "targets.list", "actor": "alice"}).json()["items"]
     assert listed
     assert listed[-1]["detail"]["targets"] == ["prod-db"]  # what alice (dba) reaches
+    with client(stack, "audrey", ["auditors"]) as a:
+        logins = a.get("/v1/audit", params={"action": "auth.login", "actor": "alice"}).json()["items"]
+    assert logins  # the first call with each new token
+    assert logins[0]["actor_groups"] == ["dba"]
     with client(stack, "audrey", ["auditors"]) as a:
         items = a.get("/v1/audit", params={"actor": "alice", "action": "session.open", "limit": 1000}).json()
     ev = items["items"][-1]

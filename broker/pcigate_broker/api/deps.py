@@ -89,7 +89,33 @@ def current_identity(
         caller.subject = identity.subject
         caller.groups = list(identity.groups)
         caller.client_kind = identity.client_kind
+    _login_seen(broker, identity, request_id)
     return identity
 
 
 CurrentIdentity = Annotated[Identity, Depends(current_identity)]
+
+_SEEN_MAX = 10_000
+
+
+def _login_seen(broker: Broker, identity: Identity, request_id: str | None) -> None:
+    """The first call with a new token (a sign-in or a refresh) is an ``auth.login`` event: when a person or
+    workload started using the broker, with what groups. Remembered per replica (bounded)."""
+    seen = broker.extra.setdefault("tokens_seen", {})
+    assert isinstance(seen, dict)
+    key = (identity.subject, identity.expires_at.isoformat())
+    if key in seen:
+        return
+    if len(seen) >= _SEEN_MAX:
+        seen.clear()
+    seen[key] = True
+    try:
+        with broker.sessions() as db:
+            repo.audit(db, at=utcnow(), action="auth.login", outcome="success", actor=identity.subject,
+                       request_id=request_id,
+                       detail={"groups": list(identity.groups), "client_kind": identity.client_kind,
+                               "token_expires_at": identity.expires_at.isoformat(),
+                               "amr": list(identity.amr)})
+            db.commit()
+    except Exception:
+        log.exception("could not write the auth.login audit event")

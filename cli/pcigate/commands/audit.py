@@ -114,14 +114,22 @@ def list_events(
 
 
 @app.command("verify")
-def verify(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
-    """Check the whole hash chain, its signed checkpoints and every stored recording; name the first bad
+def verify(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Re-hash only recordings uploaded since (the chain is checked whole)."),
+    ] = None,
+    json_flag: JsonOpt = False,
+) -> None:
+    """Check the whole hash chain, its signed checkpoints and the stored recordings; name the first bad
     event. Exit 16 when anything fails."""
+    from pcigate.config import parse_time
     from pcigate.errors import AuditInvalid
 
     out = output(ctx, json_flag)
     with broker(ctx) as client:
-        result = client.audit_verify()
+        result = client.audit_verify(parse_time(since) if since else None)
     if out.json_mode:
         out.json(result)
     else:

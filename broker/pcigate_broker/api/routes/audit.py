@@ -65,13 +65,17 @@ def list_events(
 
 @router.post("/verify", response_model=AuditVerification)
 def verify(
-    broker: BrokerDep, db: DbDep, identity: CurrentIdentity, request_id: RequestId
+    broker: BrokerDep, db: DbDep, identity: CurrentIdentity, request_id: RequestId,
+    since: Annotated[datetime | None, Query(description="re-hash only recordings uploaded since")] = None,
 ) -> AuditVerification:
     """Seal what is pending, then check the whole chain, its signed checkpoints and the stored recordings.
     The check itself is an audit event (sealed by the next pass)."""
     _auditor(broker, identity)
     audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds)
-    result = audit.verify(db, key=broker.audit_key, recording_path=broker.recordings.path_for)
+    if since is not None and since.tzinfo is None:
+        raise ApiError(422, "validation_error", "since: a timezone is required (e.g. Z)")
+    result = audit.verify(db, key=broker.audit_key, recording_path=broker.recordings.path_for,
+                          recordings_since=since)
     db.rollback()
     repo.audit(db, at=utcnow(), action="audit.verify", outcome="success" if result.ok else "failure",
                actor=identity.subject, request_id=request_id,
