@@ -331,14 +331,15 @@ def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, t
         deadline = time.monotonic() + 30
         with client(stack, "audrey", ["auditors"], own.url) as a:
             runs: list[dict[str, Any]] = []
-            while time.monotonic() < deadline and not any(r["detail"]["events_deleted"] for r in runs):
+            # (earlier runs may cut only the first events, e.g. broker.start, before the session is old)
+            while time.monotonic() < deadline and not any(r["detail"]["recordings_deleted"] for r in runs):
                 time.sleep(0.5)
                 runs = a.get("/v1/audit", params={"action": "retention.run"}).json()["items"]
             assert runs, "no retention run"
-            run = next(r for r in runs if r["detail"]["events_deleted"])
-            assert run["detail"]["recordings_deleted"] >= 1
+            run = next(r for r in runs if r["detail"]["recordings_deleted"])
+            assert run["detail"]["events_deleted"] >= 1
             assert run["detail"]["sessions_deleted"] >= 1
-            cut = run["detail"]["cut_seq"]
+            cut = max(r["detail"]["cut_seq"] for r in runs)
             assert not (own.recordings / sha[:2] / sha).exists()
             with client(stack, "alice", ["dba"], own.url) as alice:
                 assert alice.get(f"/v1/sessions/{old_sid}").status_code == 404
@@ -347,7 +348,7 @@ def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, t
             assert result["ok"], (result["first_bad_seq"], result["error"])
             assert result["signed_through"] >= cut
             events = a.get("/v1/audit", params={"limit": 1000}).json()["items"]
-            assert min(e["seq"] for e in events) == cut + 1  # nothing before the cut survives
+            assert min(e["seq"] for e in events) > cut  # nothing up to the cut survives (later runs cut more)
     finally:
         own.stop()
         assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
