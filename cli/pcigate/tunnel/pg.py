@@ -737,14 +737,7 @@ class _Conn(asyncio.Protocol):
         except (ProtocolError, ValueError) as e:
             self._server_malformed(ProtocolError(str(e)))
             return
-        assert self.transport is not None
-        self.transport.write(masked)
-        self.tunnel.stats.bytes_down += len(masked)
-        if msgs:
-            try:
-                self._server_msgs(msgs)
-            except ProtocolError as e:
-                self._server_malformed(e)
+        self._pass_on(masked, msgs)
 
     def _relay_server(self, data: bytes) -> None:
         if self._swallow:
@@ -755,6 +748,10 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as e:
             self._server_malformed(e)
             return
+        self._pass_on(data, msgs)
+
+    def _pass_on(self, data: bytes, msgs: list[pg.Message]) -> None:
+        """Write scanned server bytes to the client, then record what their wanted messages say."""
         assert self.transport is not None
         self.transport.write(data)
         self.tunnel.stats.bytes_down += len(data)
