@@ -139,6 +139,23 @@ static int redact_changes(const uint8_t *v, Py_ssize_t n, int op) {
     return 0;
 }
 
+/* The copy of src[start:end] written into at the first change; returns dst indexed like src, or NULL. */
+static uint8_t *copy_out(const uint8_t *src, Py_ssize_t start, Py_ssize_t end, PyObject **out) {
+    *out = PyByteArray_FromStringAndSize((const char *)src + start, end - start);
+    if (*out == NULL) return NULL;
+    return (uint8_t *)PyByteArray_AS_STRING(*out) - start;
+}
+
+/* (the copy cut to src[start:stop] or None when nothing changed, stop) */
+static PyObject *walk_result(PyObject *out, Py_ssize_t start, Py_ssize_t stop) {
+    if (out == NULL) return Py_BuildValue("(On)", Py_None, stop);
+    if (PyByteArray_Resize(out, stop - start) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(Nn)", out, stop);
+}
+
 static PyObject *mask_datarows(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer buf, ops;
@@ -189,11 +206,7 @@ static PyObject *mask_datarows(PyObject *self, PyObject *args) {
         }
         if (slow || p != next) break;
         if (work) {
-            if (dst == NULL) {
-                out = PyByteArray_FromStringAndSize((const char *)src + start, end - start);
-                if (out == NULL) goto fail;
-                dst = (uint8_t *)PyByteArray_AS_STRING(out) - start; /* indexed like src */
-            }
+            if (dst == NULL && (dst = copy_out(src, start, end, &out)) == NULL) goto fail;
             p = body + 2;
             for (Py_ssize_t f = 0; f < nops; f++) {
                 int32_t flen = (int32_t)be32(src + p);
@@ -212,14 +225,7 @@ static PyObject *mask_datarows(PyObject *self, PyObject *args) {
     }
     PyBuffer_Release(&buf);
     PyBuffer_Release(&ops);
-    if (out != NULL) {
-        if (PyByteArray_Resize(out, pos - start) < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        return Py_BuildValue("(Nn)", out, pos);
-    }
-    return Py_BuildValue("(On)", Py_None, pos);
+    return walk_result(out, start, pos);
 fail:
     PyBuffer_Release(&buf);
     PyBuffer_Release(&ops);
@@ -249,13 +255,9 @@ static PyObject *mask_copydata(PyObject *self, PyObject *args) {
             int c = classify_value(src + body, n, track);
             if (c == V_SLOW) break;
             if (c == V_MASK) {
-                if (dst == NULL) {
-                    out = PyByteArray_FromStringAndSize((const char *)src + start, end - start);
-                    if (out == NULL) {
-                        PyBuffer_Release(&buf);
-                        return NULL;
-                    }
-                    dst = (uint8_t *)PyByteArray_AS_STRING(out) - start;
+                if (dst == NULL && (dst = copy_out(src, start, end, &out)) == NULL) {
+                    PyBuffer_Release(&buf);
+                    return NULL;
                 }
                 mask_runs(src + body, dst + body, n, head, tail);
             }
@@ -263,14 +265,7 @@ static PyObject *mask_copydata(PyObject *self, PyObject *args) {
         pos = body + n;
     }
     PyBuffer_Release(&buf);
-    if (out != NULL) {
-        if (PyByteArray_Resize(out, pos - start) < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        return Py_BuildValue("(Nn)", out, pos);
-    }
-    return Py_BuildValue("(On)", Py_None, pos);
+    return walk_result(out, start, pos);
 }
 
 static PyMethodDef methods[] = {

@@ -28,46 +28,40 @@ def datarow(fields: list[bytes | None]) -> bytes:
     return frame(b"D", body)
 
 
-def native_walk(mk: Masker, buf: bytes, plan: RowPlan) -> bytes:
-    """What the tunnel does: C over runs of rows, Python for the rows C leaves, until a non-DataRow."""
+def row_walk(mk: Masker, buf: bytes, plan: RowPlan, native: bool) -> bytes:
+    """What the tunnel does (``native``): C over runs of rows, Python for the rows C leaves, until a
+    non-DataRow; or the Python reference alone over every row."""
     out: list[bytes] = []
     pos = 0
     end = len(buf)
     while pos + 5 <= end and buf[pos] == ord("D"):
-        got = mk.mask_datarows(buf, pos, plan)
-        assert got is not None
-        masked, stop = got
-        assert pos <= stop <= end
-        if masked is not None:
-            assert len(masked) == stop - pos
-            out.append(bytes(masked))
-        else:
-            out.append(buf[pos:stop])
-        if stop > pos:
-            pos = stop
-            continue
+        if native:
+            got = mk.mask_datarows(buf, pos, plan)
+            assert got is not None
+            masked, stop = got
+            assert pos <= stop <= end
+            if masked is not None:
+                assert len(masked) == stop - pos
+            out.append(buf[pos:stop] if masked is None else bytes(masked))
+            if stop > pos:
+                pos = stop
+                continue
         (n,) = struct.unpack_from("!I", buf, pos + 1)
-        if n < 4 or pos + 1 + n > len(buf):  # malformed or partial: left to the scanner
+        if n < 4 or pos + 1 + n > end:  # malformed or partial: left to the scanner
             break
         new = mk.mask_datarow(buf[pos + 5 : pos + 1 + n], plan)
         out.append(buf[pos : pos + 1 + n] if new is None else frame(b"D", new))
         pos += 1 + n
     out.append(buf[pos:])
     return b"".join(out)
+
+
+def native_walk(mk: Masker, buf: bytes, plan: RowPlan) -> bytes:
+    return row_walk(mk, buf, plan, True)
 
 
 def python_walk(mk: Masker, buf: bytes, plan: RowPlan) -> bytes:
-    out: list[bytes] = []
-    pos = 0
-    while pos + 5 <= len(buf) and buf[pos] == ord("D"):
-        (n,) = struct.unpack_from("!I", buf, pos + 1)
-        if n < 4 or pos + 1 + n > len(buf):
-            break
-        new = mk.mask_datarow(buf[pos + 5 : pos + 1 + n], plan)
-        out.append(buf[pos : pos + 1 + n] if new is None else frame(b"D", new))
-        pos += 1 + n
-    out.append(buf[pos:])
-    return b"".join(out)
+    return row_walk(mk, buf, plan, False)
 
 
 Walk = Callable[[Masker, bytes, RowPlan], bytes]
