@@ -25,6 +25,7 @@ reported with its position.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -101,12 +102,31 @@ class SigningKey:
         return cls(key, key.public_key())
 
 
-def _lock(db: Session) -> bool:
-    """Take the sealer's lock for this transaction; False when another sealer holds it (PostgreSQL)."""
-    if db.get_bind().dialect.name == "postgresql":
-        got = db.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY}).scalar()
-        return bool(got)
-    return True
+@contextlib.contextmanager
+def _sealer(db: Session) -> Iterator[bool]:
+    """The sealer's lock for this transaction (a process lock on SQLite, an advisory lock on PostgreSQL):
+    yields False when another replica holds it. Rolls back on an exception."""
+    sqlite = db.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        _SQLITE_LOCK.acquire()
+    try:
+        got = sqlite or bool(
+            db.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY}).scalar())
+        if not got:
+            db.rollback()
+        yield got
+    except Exception:
+        db.rollback()
+        raise
+    finally:
+        if sqlite:
+            _SQLITE_LOCK.release()
+
+
+def _sign(db: Session, key: SigningKey, seq: int, chain_hash: str, now: datetime) -> None:
+    assert key.private is not None
+    sig = key.private.sign(checkpoint_message(seq, chain_hash, now))
+    db.add(AuditCheckpoint(seq=seq, hash=chain_hash, at=now, key_id=key.key_id, signature=sig.hex()))
 
 
 def _head(db: Session) -> tuple[int, str]:
@@ -127,12 +147,8 @@ def seal(db: Session, *, key: SigningKey | None = None, checkpoint_seconds: int 
          now: datetime | None = None, force_checkpoint: bool = False) -> int:
     """Chain every unsealed event (oldest id first) and, when due, sign a checkpoint. Returns how many events
     were sealed. Commits."""
-    sqlite = db.get_bind().dialect.name == "sqlite"
-    if sqlite:
-        _SQLITE_LOCK.acquire()
-    try:
-        if not _lock(db):
-            db.rollback()
+    with _sealer(db) as mine:
+        if not mine:
             return 0  # another replica is sealing right now; it will take ours too
         seq, prev = _head(db)
         sealed = 0
@@ -154,16 +170,9 @@ def seal(db: Session, *, key: SigningKey | None = None, checkpoint_seconds: int 
             due = last is None or (last.seq < seq and (
                 force_checkpoint or (now - last.at).total_seconds() >= checkpoint_seconds))
             if due:
-                sig = key.private.sign(checkpoint_message(seq, prev, now))
-                db.add(AuditCheckpoint(seq=seq, hash=prev, at=now, key_id=key.key_id, signature=sig.hex()))
+                _sign(db, key, seq, prev, now)
         db.commit()
         return sealed
-    except Exception:
-        db.rollback()
-        raise
-    finally:
-        if sqlite:
-            _SQLITE_LOCK.release()
 
 
 def _sealed(db: Session) -> Iterator[AuditEvent]:
@@ -208,33 +217,29 @@ def verify(db: Session, *, key: SigningKey | None, recording_path: Any | None = 
     n = recordings = 0
     signed_through = 0
     key_id = key.key_id if key is not None else None
-    first = db.execute(select(func.min(AuditEvent.seq))).scalar()
-    if first is None and checkpoints:
-        # every event was cut by retention: the newest checkpoint is the chain's head
-        head = checkpoints[max(checkpoints)]
-        if not (key is not None and _signed(key, head)):
-            return AuditVerification(ok=False, events=0, last_seq=head.seq, last_hash=head.hash,
-                                     checkpoints=len(checkpoints), signed_through=0, recordings=0,
-                                     key_id=key_id, first_bad_seq=head.seq,
-                                     error=f"checkpoint {head.seq} has an invalid signature")
-        return AuditVerification(ok=True, events=0, last_seq=head.seq, last_hash=head.hash,
-                                 checkpoints=len(checkpoints), signed_through=head.seq, recordings=0,
-                                 key_id=key_id)
-    if first is not None and first > 1:
-        # retention cut the chain's head: it goes on from the signed checkpoint left at the cut
-        anchor = checkpoints.get(first - 1)
-        if anchor is None or key is None or not _signed(key, anchor):
-            return AuditVerification(
-                ok=False, events=0, last_seq=first - 1, last_hash="", checkpoints=len(checkpoints),
-                signed_through=0, recordings=0, key_id=key_id, first_bad_seq=1,
-                error=f"events 1 to {first - 1} are missing and no valid signed checkpoint marks a "
-                      "retention cut there")
-        expected, prev, signed_through = first, anchor.hash, anchor.seq
 
     def result(bad: int | None = None, error: str | None = None) -> AuditVerification:
         return AuditVerification(ok=bad is None and error is None, events=n, last_seq=expected - 1,
                                  last_hash=prev, checkpoints=len(checkpoints), signed_through=signed_through,
                                  recordings=recordings, key_id=key_id, first_bad_seq=bad, error=error)
+
+    first = db.execute(select(func.min(AuditEvent.seq))).scalar()
+    if first is None and checkpoints:
+        # every event was cut by retention: the newest checkpoint is the chain's head
+        head = checkpoints[max(checkpoints)]
+        expected, prev = head.seq + 1, head.hash
+        if key is None or not _signed(key, head):
+            return result(head.seq, f"checkpoint {head.seq} has an invalid signature")
+        signed_through = head.seq
+        return result()
+    if first is not None and first > 1:
+        # retention cut the chain's head: it goes on from the signed checkpoint left at the cut
+        anchor = checkpoints.get(first - 1)
+        expected = first
+        if anchor is None or key is None or not _signed(key, anchor):
+            return result(1, f"events 1 to {first - 1} are missing and no valid signed checkpoint marks a "
+                             "retention cut there")
+        prev, signed_through = anchor.hash, anchor.seq
 
     for row in _sealed(db):
         if row.seq != expected:
@@ -308,12 +313,8 @@ def apply_retention(db: Session, *, key: SigningKey | None, retention_seconds: i
     if key is None or key.private is None:
         return RetentionResult(0, 0, 0, 0)
     seal(db, key=key)
-    sqlite = db.get_bind().dialect.name == "sqlite"
-    if sqlite:
-        _SQLITE_LOCK.acquire()
-    try:
-        if not _lock(db):
-            db.rollback()
+    with _sealer(db) as mine:
+        if not mine:
             return RetentionResult(0, 0, 0, 0)
         newer = db.execute(select(func.min(AuditEvent.seq)).where(AuditEvent.seq.is_not(None),
                                                                AuditEvent.at >= cut_time)).scalar()
@@ -327,8 +328,7 @@ def apply_retention(db: Session, *, key: SigningKey | None, retention_seconds: i
         assert row is not None
         assert row.hash is not None
         if db.get(AuditCheckpoint, cut) is None:
-            sig = key.private.sign(checkpoint_message(cut, row.hash, now))
-            db.add(AuditCheckpoint(seq=cut, hash=row.hash, at=now, key_id=key.key_id, signature=sig.hex()))
+            _sign(db, key, cut, row.hash, now)
         events = _rowcount(db.execute(delete(AuditEvent).where(AuditEvent.seq <= cut)))
         db.execute(delete(AuditCheckpoint).where(AuditCheckpoint.seq < cut))
         old = list(db.execute(select(SessionRow.id, SessionRow.recording_sha256).where(
@@ -350,9 +350,3 @@ def apply_retention(db: Session, *, key: SigningKey | None, retention_seconds: i
                                   "sessions_deleted": sessions, "retention_seconds": retention_seconds}))
         db.commit()
         return RetentionResult(cut, events, files, sessions)
-    except Exception:
-        db.rollback()
-        raise
-    finally:
-        if sqlite:
-            _SQLITE_LOCK.release()
