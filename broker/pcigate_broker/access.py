@@ -66,10 +66,6 @@ def is_approver(identity: Identity, pol: RequestPolicy) -> bool:
     return any(g in pol.approver_groups for g in identity.groups)
 
 
-def describe_approvals(pol: RequestPolicy) -> str:
-    return policy._approvals(pol) or ""
-
-
 def approvals_satisfied(pol: RequestPolicy, approvals: list[tuple[str, list[str]]]) -> bool:
     """``approvals``: (reviewer, their groups at review time), distinct reviewers."""
     counted = [(who, [g for g in groups if g in pol.approver_groups]) for who, groups in approvals]
@@ -125,7 +121,7 @@ def to_info(
         revoked_at=row.revoked_at,
         revoked_by=row.revoked_by,
         comment=row.comment,
-        approvals_needed=describe_approvals(pol) if pol is not None else "",
+        approvals_needed=policy.describe_approvals(pol) or "",
         reviews=[
             ReviewInfo(reviewer=r.reviewer, decision=r.decision, comment=r.comment, at=r.at)
             for r in reviews

@@ -89,7 +89,8 @@ def default_level_for(tgt: TargetSettings, levels: list[str]) -> str:
     return standing[0] if standing else (tgt.default if tgt.default in levels else levels[0])
 
 
-def _approvals(pol: RequestPolicy | None) -> str | None:
+def describe_approvals(pol: RequestPolicy | None) -> str | None:
+    """Who must approve a request-only level, in words; None for a standing level."""
     if pol is None:
         return None
     if pol.one_per_group:
@@ -121,7 +122,7 @@ def visible_targets(
                         max_ttl_seconds=tgt.levels[lvl].ttl_cap,
                         policy=data_path_policy(settings, name, lvl) if include_policy else None,
                         request_only=tgt.levels[lvl].request is not None,
-                        approvals=_approvals(tgt.levels[lvl].request),
+                        approvals=describe_approvals(tgt.levels[lvl].request),
                     )
                     for lvl in levels
                 ],

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 import httpx
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from pcigate.audit_models import AuditEventInfo
 
@@ -153,13 +153,10 @@ def forward_once(db: Session, dest: SiemSettings, *, client: httpx.Client | None
             http.close()
 
 
-def forward_all(broker_sessions: object, destinations: list[SiemSettings],
+def forward_all(broker_sessions: sessionmaker[Session], destinations: list[SiemSettings],
                 state: dict[str, float]) -> None:
     """One forwarding pass over every destination; a failing one is retried with back-off (``state`` keeps
     when each may be tried next) and never holds up the others."""
-    from sqlalchemy.orm import sessionmaker
-
-    assert isinstance(broker_sessions, sessionmaker)
     now = time.monotonic()
     for dest in destinations:
         if state.get(f"{dest.name}:next", 0.0) > now:

@@ -335,10 +335,6 @@ class BrokerClient:
 
         return self._model(AccessRequestInfo, self._request("GET", f"/v1/requests/{_seg(request_id)}"))
 
-    def review_request(self, request_id: str, decision: str, comment: str | None) -> AccessRequestInfo:
-        """``decision``: ``approve`` or ``deny``."""
-        return self.request_action(request_id, decision, comment)
-
     def request_action(self, request_id: str, action: str, comment: str | None = None) -> AccessRequestInfo:
         """``action``: approve, deny, cancel or revoke."""
         from pcigate.access_models import AccessRequestInfo

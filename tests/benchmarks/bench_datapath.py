@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 
-from bench_tunnel import Tunnel, run_pgbench, vm_hwm_kib  # noqa: E402
+from bench_tunnel import Tunnel, run_pgbench, vm_hwm_kib, write_perf_section  # noqa: E402
 from tests.stack.postgres import start_cluster  # noqa: E402
 
 RULES = [
@@ -200,16 +199,7 @@ def main() -> int:
     print()
     print(section)
     if not args.no_write:
-        doc = ROOT / "docs" / "performance.md"
-        text = doc.read_text()
-        pattern = re.compile(r"^## Masking and guardrails in the tunnel\n.*?(?=^## |^<!-- bench_|\Z)",
-                             re.S | re.M)
-        if pattern.search(text):
-            text = pattern.sub(section + "\n", text)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        doc.write_text(text)
-        print(f"written to {doc}")
+        write_perf_section("Masking and guardrails in the tunnel", section + "\n")
     return 0
 
 

@@ -160,6 +160,20 @@ def run_connect(env: dict[str, str], port: int, n: int) -> float:
     return statistics.median(times)
 
 
+def write_perf_section(heading: str, section: str) -> None:
+    """Put ``section`` in place of docs/performance.md's "## heading" section (up to the next heading or
+    benchmark marker), or append it."""
+    doc = ROOT / "docs" / "performance.md"
+    text = doc.read_text() if doc.exists() else "# Performance\n\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |^<!-- bench_|\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+    print(f"written to {doc}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -256,12 +270,7 @@ def main() -> int:
     print()
     print(section)
     if not args.no_write:
-        doc = ROOT / "docs" / "performance.md"
-        text = doc.read_text() if doc.exists() else "# Performance\n\n"
-        pattern = re.compile(r"^## Tunnel relay\n.*?(?=^## |\Z)", re.S | re.M)
-        text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        doc.write_text(text)
-        print(f"written to {doc}")
+        write_perf_section("Tunnel relay", section)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

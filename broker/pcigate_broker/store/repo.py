@@ -216,13 +216,14 @@ def audit(
     message: str | None = None,
 ) -> None:
     caller = audit_context.current.get()
-    same = caller is not None and (actor is None or actor == caller.subject)
+    # the caller's groups and kind describe the actor only when the actor is the caller
+    who = caller if caller is not None and (actor is None or actor == caller.subject) else None
     db.add(
         AuditEvent(
             at=at,
             actor=actor,
-            actor_groups=list(caller.groups) if same and caller is not None and caller.subject else None,
-            client_kind=caller.client_kind if same and caller is not None else None,
+            actor_groups=list(who.groups) if who is not None and who.subject else None,
+            client_kind=who.client_kind if who is not None else None,
             source=caller.source if caller is not None else None,
             action=action,
             target=target,

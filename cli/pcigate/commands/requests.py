@@ -139,7 +139,7 @@ def approve(
     """Approve someone else's access request."""
     out = output(ctx, json_flag)
     with broker(ctx) as client:
-        info = client.review_request(request_id, "approve", comment)
+        info = client.request_action(request_id, "approve", comment)
     _show(out, info)
     if not out.json_mode:
         if info.status == "approved":
@@ -158,7 +158,7 @@ def deny(
     """Deny an access request."""
     out = output(ctx, json_flag)
     with broker(ctx) as client:
-        info = client.review_request(request_id, "deny", reason)
+        info = client.request_action(request_id, "deny", reason)
     _show(out, info)
 
 
