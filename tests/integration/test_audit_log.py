@@ -21,11 +21,18 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tests.integration.test_broker_api import Broker, put_recording, recording, start_broker
+from tests.integration.test_broker_api import (
+    Broker,
+    broker_stack,
+    put_recording,
+    recording,
+    start_broker,
+    stop_checked,
+)
 from tests.integration.test_broker_support import MiniIssuer
 from tests.stack.cli import pcigate_bin
-from tests.stack.openbao import OpenBao, start_openbao
-from tests.stack.postgres import PgCluster, seed_prod, start_cluster
+from tests.stack.openbao import OpenBao
+from tests.stack.postgres import PgCluster
 
 from pcigate_broker import audit as audit_core
 
@@ -51,25 +58,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     key_file.write_bytes(Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     key_file.chmod(0o600)
-    pg = start_cluster()
-    bao: OpenBao | None = None
-    issuer = MiniIssuer()
-    broker: Broker | None = None
-    try:
-        pw = seed_prod(pg)
-        bao = start_openbao(log_path=base / "bao.log")
-        bao.setup_database("127.0.0.1", pg.port, "bao_admin", pw)
-        broker = start_broker(base / "main", issuer, bao, pg, bao.create_broker_token(), reaper=1,
-                              extra=audit_toml(key_file))
-        yield Stack(pg=pg, bao=bao, issuer=issuer, broker=broker, workdir=base, key_file=key_file)
-    finally:
-        if broker is not None:
-            broker.stop()
-            assert "Traceback" not in broker.log.read_text(), broker.log.read_text()[-4000:]
-        if bao is not None:
-            bao.stop()
-        issuer.stop()
-        pg.stop()
+    with broker_stack(base, reaper=1, extra=audit_toml(key_file)) as s:
+        yield Stack(pg=s.pg, bao=s.bao, issuer=s.issuer, broker=s.broker, workdir=base, key_file=key_file)
 
 
 def client(stack: Stack, sub: str, groups: list[str], url: str | None = None) -> httpx.Client:
@@ -311,8 +301,7 @@ def test_two_replicas_on_postgresql_keep_one_chain(stack: Stack, tmp_path: Path)
         assert (lo, hi, distinct) == (1, n, n)  # no gaps, no forks
     finally:
         for rep in replicas:
-            rep.stop()
-            assert "Traceback" not in rep.log.read_text(), rep.log.read_text()[-4000:]
+            stop_checked(rep)
 
 
 def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, tmp_path: Path) -> None:
@@ -350,8 +339,7 @@ def test_retention_cuts_old_history_and_the_chain_still_verifies(stack: Stack, t
             events = a.get("/v1/audit", params={"limit": 1000}).json()["items"]
             assert min(e["seq"] for e in events) > cut  # nothing up to the cut survives (later runs cut more)
     finally:
-        own.stop()
-        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
+        stop_checked(own)
 
 
 class HttpSiem:
@@ -489,10 +477,9 @@ tls = false
         assert " pcigate-broker - " in first
         assert "[pcigate@32473 seq=" in first
     finally:
-        own.stop()
+        stop_checked(own)
         http_siem.stop()
         syslog_siem.stop()
-        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]
 
 
 def test_evidence_pack_for_an_assessor(stack: Stack, tmp_path: Path) -> None:
@@ -644,7 +631,6 @@ ca_file = "{cert}"
         n, _, rest = data.partition(b" ")
         assert rest[: int(n)].startswith(b"<")  # octet-counted RFC 5424 inside the TLS stream
     finally:
-        own.stop()
+        stop_checked(own)
         server.shutdown()
         server.server_close()
-        assert "Traceback" not in own.log.read_text(), own.log.read_text()[-4000:]

@@ -4,6 +4,7 @@ SCRAM PostgreSQL cluster + a real (tiny) OIDC issuer. Nothing is mocked."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import signal
 import subprocess
@@ -111,9 +112,17 @@ class Stack:
     token: str
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("broker-api")
+def stop_checked(broker: Broker) -> None:
+    """Stop a broker and fail the test if it logged a traceback."""
+    broker.stop()
+    log = broker.log.read_text()
+    assert "Traceback" not in log, log[-4000:]
+
+
+@contextlib.contextmanager
+def broker_stack(base: Path, **broker_kw: Any) -> Iterator[Stack]:
+    """A SCRAM PostgreSQL cluster with the prod database, OpenBao minting its roles, a MiniIssuer, and
+    ``pcigate-broker serve`` (``broker_kw`` as :func:`start_broker`) in ``base/main``; all stopped after."""
     pg = start_cluster()
     bao: OpenBao | None = None
     issuer = MiniIssuer()
@@ -122,18 +131,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pw = seed_prod(pg)
         bao = start_openbao(log_path=base / "bao.log")
         bao.setup_database("127.0.0.1", pg.port, "bao_admin", pw)
-        token = bao.create_broker_token() if hasattr(bao, "create_broker_token") else bao.root_token
-        broker = start_broker(base / "main", issuer, bao, pg, token, max_recording_bytes=64 * 1024,
-                              extra=POLICY_TOML)
+        token = bao.create_broker_token()
+        broker = start_broker(base / "main", issuer, bao, pg, token, **broker_kw)
         yield Stack(pg=pg, bao=bao, issuer=issuer, broker=broker, token=token)
     finally:
         if broker is not None:
-            broker.stop()
-            assert "Traceback" not in broker.log.read_text(), broker.log.read_text()[-4000:]
+            stop_checked(broker)
         if bao is not None:
             bao.stop()
         issuer.stop()
         pg.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with broker_stack(tmp_path_factory.mktemp("broker-api"), max_recording_bytes=64 * 1024,
+                      extra=POLICY_TOML) as s:
+        yield s
 
 
 def client(stack: Stack, sub: str = "alice", groups: list[str] | None = None, **claims: Any) -> httpx.Client:

@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
-from tests.integration.test_broker_api import Broker, start_broker
+from tests.integration.test_broker_api import Broker, broker_stack, start_broker, stop_checked
 from tests.integration.test_broker_support import MiniIssuer
-from tests.stack.openbao import OpenBao, start_openbao
-from tests.stack.postgres import PgCluster, seed_prod, start_cluster
+from tests.stack.openbao import OpenBao
+from tests.stack.postgres import PgCluster
 
 from pcigate_broker.notify import verify_signature
 from pcigate_broker.store.repo import audit_events
@@ -155,31 +155,15 @@ events = ["request.created"]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("broker-requests")
-    pg = start_cluster()
-    bao: OpenBao | None = None
-    issuer = MiniIssuer()
     hooks = Hooks()
     hooks.start()
-    broker: Broker | None = None
+    secret = base / "hook-secret"
+    secret.write_text(HOOK_SECRET)
     try:
-        pw = seed_prod(pg)
-        bao = start_openbao(log_path=base / "bao.log")
-        bao.setup_database("127.0.0.1", pg.port, "bao_admin", pw)
-        token = bao.create_broker_token()
-        secret = base / "hook-secret"
-        secret.write_text(HOOK_SECRET)
-        broker = start_broker(base / "main", issuer, bao, pg, token, reaper=1,
-                              extra=REQUESTS_TOML + hooks_toml(hooks, secret))
-        yield Stack(pg=pg, bao=bao, issuer=issuer, broker=broker, hooks=hooks, workdir=base)
+        with broker_stack(base, reaper=1, extra=REQUESTS_TOML + hooks_toml(hooks, secret)) as s:
+            yield Stack(pg=s.pg, bao=s.bao, issuer=s.issuer, broker=s.broker, hooks=hooks, workdir=base)
     finally:
-        if broker is not None:
-            broker.stop()
-            assert "Traceback" not in broker.log.read_text(), broker.log.read_text()[-4000:]
-        if bao is not None:
-            bao.stop()
         hooks.stop()
-        issuer.stop()
-        pg.stop()
 
 
 USERS = {"alice": ["dba"], "bob": ["dba-leads"], "carol": ["security"], "dave": ["dev"],
@@ -466,5 +450,4 @@ def test_two_replicas_on_postgresql_never_make_two_grants(stack: Stack) -> None:
                 assert n[0] == 1  # one live grant, never two
     finally:
         for rep in replicas:
-            rep.stop()
-            assert "Traceback" not in rep.log.read_text(), rep.log.read_text()[-4000:]
+            stop_checked(rep)
