@@ -7,6 +7,14 @@ Format (docs/architecture.md, "Recording format"): UTF-8 newline-delimited JSON.
 the empty string) and each line is ``canonical(event with "h")``, where ``canonical`` is
 ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
 
+Terminal sessions (``kind = "ssh"``) use the asciicast v2 shapes: the header also carries asciicast's
+``version`` (2), ``width``, ``height``, ``timestamp`` and ``env``, and every event is an array
+``[t, code, data, h]`` with ``h_n = sha256(h_{n-1} || canonical([t, code, data]))``. Codes: ``o`` output,
+``i`` input, ``r`` resize (``"COLSxROWS"``), ``m`` marker, and ``x`` for pcigate's own events (an object
+``{"e": ...}``; the last line is ``[t, "x", {"e": "end", "reason"}, h]``). The fourth element makes the file
+itself a stricter-than-asciicast document; :func:`asciicast_lines` gives the plain 3-element asciicast v2
+file that asciinema's players take.
+
 Editing, removing, reordering or truncating lines breaks the chain at the first affected line, which
 :func:`verify_recording` reports (1-based). Non-canonical lines (even a re-spaced but equal JSON object) are
 refused too, so every byte of the file is covered.
@@ -21,7 +29,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -73,9 +81,13 @@ class RecordingHeader:
     policy_digest: str
     started_at: datetime  # aware UTC
     kind: str = "pg"
+    # More header keys (ssh: asciicast's version/width/height/timestamp/env, the certificate's serial...).
+    # They never replace a field above.
+    extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {
+            **self.extra,
             "pcigate_recording": FORMAT_VERSION,
             "session_id": self.session_id,
             "user": self.user,
@@ -192,6 +204,23 @@ class RecordingWriter:
         self._q.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
         self.events += 1
 
+    def cast(self, code: str, data: object) -> None:
+        """An asciicast event ``[t, code, data, h]`` (terminal recordings, ``kind = "ssh"``)."""
+        if self._closing:
+            raise RecordingError("recording is closed")
+        if self.failed:
+            return
+        t = self._now()
+        try:
+            canon = canonical([t, code, data])
+        except (TypeError, ValueError) as exc:
+            if self._error is None:
+                self._error = exc
+            return
+        h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
+        self._q.append(b"".join((canon[:-1], b',"', h.encode(), b'"]\n')))
+        self.events += 1
+
     # -- writing (background thread, flush, close) ---------------------------------------------------------
 
     def _drain(self) -> None:
@@ -251,7 +280,10 @@ class RecordingWriter:
     def close(self, reason: str = "client") -> str:
         if self._sha is not None:
             return self._sha
-        self.event("end", reason=reason)
+        if self.header.kind == "ssh":
+            self.cast("x", {"e": "end", "reason": reason})
+        else:
+            self.event("end", reason=reason)
         self._closing = True
         self._wake.set()
         self._thread.join()
@@ -370,6 +402,7 @@ class RecordingVerifier:
         self._error: str | None = None
         self._error_line: int | None = None
         self._blocked: list[tuple[float, str, str]] = []
+        self._cast = False  # a terminal recording (kind "ssh"): asciicast array events
 
     def feed(self, chunk: bytes) -> None:
         self._sha.update(chunk)
@@ -419,6 +452,9 @@ class RecordingVerifier:
         except ValueError:  # UnicodeDecodeError is a ValueError
             self._fail(n, "not valid UTF-8 JSON")
             return
+        if isinstance(obj, list) and n > 1:
+            self._check_cast(n, raw, obj)
+            return
         if not isinstance(obj, dict):
             self._fail(n, "not a JSON object")
             return
@@ -457,14 +493,12 @@ class RecordingVerifier:
                 self._fail(n, "header started_at has no timezone")
                 return
             self._header = obj
+            self._cast = obj.get("kind") == "ssh"
         else:
             t = obj.get("t")
             e = obj.get("e")
-            if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-                self._fail(n, 'event "t" missing or invalid')
-                return
-            if t < self._last_t:
-                self._fail(n, 'event "t" goes backwards')
+            if self._cast:
+                self._fail(n, "an object event in a terminal recording")
                 return
             if not isinstance(e, str) or not e:
                 self._fail(n, 'event "e" missing')
@@ -472,12 +506,54 @@ class RecordingVerifier:
             if "pcigate_recording" in obj:
                 self._fail(n, "second header")
                 return
-            self._last_t = float(t)
+            if not self._time_ok(n, t):
+                return
             self._events += 1
             if e == "end":
                 self._ended = True
             elif e == "stmt" and obj.get("blocked") and len(self._blocked) < MAX_BLOCKED:
-                self._blocked.append((float(t), str(obj["blocked"])[:128], str(obj.get("sql", ""))[:1000]))
+                sql = str(obj.get("sql", ""))[:1000]
+                self._blocked.append((self._last_t, str(obj["blocked"])[:128], sql))
+        self._h = h
+
+    def _time_ok(self, n: int, t: object) -> bool:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            self._fail(n, 'event "t" missing or invalid')
+            return False
+        if t < self._last_t:
+            self._fail(n, 'event "t" goes backwards')
+            return False
+        self._last_t = float(t)
+        return True
+
+    def _check_cast(self, n: int, raw: bytes, ev: list[Any]) -> None:
+        """An asciicast event line ``[t, code, data, h]`` of a terminal recording."""
+        if not self._cast:
+            self._fail(n, "an array event in a recording that is not a terminal recording")
+            return
+        if len(ev) != 4 or not isinstance(ev[3], str):
+            self._fail(n, "not a [time, code, data, digest] event")
+            return
+        t, code, data, h = ev
+        try:
+            canon = canonical([t, code, data])
+        except ValueError:
+            self._fail(n, "not canonical JSON")
+            return
+        if h != _chain(self._h, canon):
+            self._fail(n, "digest chain broken (line edited, removed, reordered or inserted)")
+            return
+        if canonical(ev) != raw:
+            self._fail(n, "line is not in canonical form")
+            return
+        if not self._time_ok(n, t):
+            return
+        if not isinstance(code, str) or not code:
+            self._fail(n, "event code missing")
+            return
+        self._events += 1
+        if code == "x" and isinstance(data, dict) and data.get("e") == "end":
+            self._ended = True
         self._h = h
 
     def finish(self) -> RecordingCheck:
@@ -527,7 +603,11 @@ def seal_recording(path: Path, reason: str = "client_lost") -> bool:
     if v._error is not None or v._line == 0 or v._ended:
         return False
     keep = v._size - len(v._partial)  # everything up to the last complete line
-    line, _ = _encode_event(v._h, v._last_t, "end", {"reason": reason})
+    if v._cast:
+        canon = canonical([v._last_t, "x", {"e": "end", "reason": reason}])
+        line = canon[:-1] + b',"' + _chain(v._h, canon).encode() + b'"]\n'
+    else:
+        line, _ = _encode_event(v._h, v._last_t, "end", {"reason": reason})
     with path.open("r+b") as fh:
         fh.truncate(keep)
         fh.seek(keep)
@@ -535,3 +615,40 @@ def seal_recording(path: Path, reason: str = "client_lost") -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# asciicast v2 export
+# --------------------------------------------------------------------------------------------------------
+
+ASCIICAST_HEADER_KEYS = ("version", "width", "height", "timestamp", "duration", "idle_time_limit", "command",
+                         "title", "env")
+ASCIICAST_CODES = frozenset({"o", "i", "r", "m"})
+
+
+def asciicast_lines(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """A terminal recording (its lines, in order) as a plain asciicast v2 file, line by line: the header
+    keeps asciicast's own keys (and a ``title`` naming the session), events become ``[t, code, data]`` and
+    pcigate's ``x`` events are left out. Streams: one line in memory at a time. The input must have been
+    verified (this only reshapes it); raises :class:`RecordingError` on a line that is not a terminal
+    recording's."""
+    it = iter(lines)
+    first = next(it, None)
+    if first is None:
+        raise RecordingError("empty recording")
+    hdr = json.loads(first)
+    if not isinstance(hdr, dict) or hdr.get("kind") != "ssh":
+        raise RecordingError("not a terminal (ssh) recording")
+    out = {k: hdr[k] for k in ASCIICAST_HEADER_KEYS if k in hdr}
+    out.setdefault("version", 2)
+    out.setdefault("title", f"pcigate session {hdr.get('session_id')} on {hdr.get('target')} by "
+                            f"{hdr.get('user')}")
+    yield canonical(out) + b"\n"
+    for raw in it:
+        if not raw.strip():
+            continue
+        ev = json.loads(raw)
+        if not isinstance(ev, list) or len(ev) != 4:
+            raise RecordingError("not a terminal recording event")
+        if ev[1] in ASCIICAST_CODES:
+            yield json.dumps(ev[:3], ensure_ascii=False).encode() + b"\n"
