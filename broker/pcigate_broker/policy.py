@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pcigate.models import MAX_SESSION_SECONDS, DataPathPolicy, Identity, LevelInfo, TargetInfo
+from pcigate.models import MAX_SESSION_SECONDS, DataPathPolicy, Identity, LevelInfo, MaskingPolicy, TargetInfo
 
 from .errors import ApiError
 from .settings import RequestPolicy, Settings, TargetSettings
@@ -74,7 +74,9 @@ def data_path_policy(settings: Settings, target: str, level: str) -> DataPathPol
     lvl = tgt.levels[level]
     body = DataPathPolicy(
         record=True,
-        masking=lvl.masking if lvl.masking is not None else tgt.masking,
+        # A terminal shows whatever a command prints: card numbers are masked there unless configured.
+        masking=lvl.masking if lvl.masking is not None else tgt.masking if tgt.masking is not None
+        else MaskingPolicy() if tgt.kind == "ssh" else None,
         guardrails=[*tgt.guardrails, *lvl.guardrails],
     )
     return body.model_copy(update={"digest": policy_digest(body)})
@@ -113,7 +115,7 @@ def visible_targets(
                 name=name,
                 kind=tgt.kind,
                 host=tgt.host,
-                port=tgt.port,
+                port=tgt.effective_port,
                 database=tgt.database,
                 description=tgt.description,
                 levels=[
@@ -156,5 +158,5 @@ def decide(
     cap = min(lvl.ttl_cap, MAX_SESSION_SECONDS)
     ttl = cap if ttl_seconds is None else min(ttl_seconds, cap)
     return Grant(
-        target=target, level=chosen, vault_mount=tgt.vault_mount, vault_role=lvl.vault_role, ttl_seconds=ttl
+        target=target, level=chosen, vault_mount=tgt.mount, vault_role=lvl.vault_role, ttl_seconds=ttl
     )

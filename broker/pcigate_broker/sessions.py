@@ -12,8 +12,10 @@ import base64
 import hmac
 import logging
 import secrets
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from sqlalchemy.orm import Session
 
 from pcigate.models import (
@@ -23,6 +25,7 @@ from pcigate.models import (
     SessionCreate,
     SessionOpened,
     SessionSummary,
+    SshCredentials,
 )
 
 from . import access, policy
@@ -33,6 +36,7 @@ from .settings import Settings
 from .state import Broker, utcnow
 from .store import repo
 from .store.tables import SessionRow
+from .vault import IssuedCreds
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +97,23 @@ def open_session(
                        detail={"level": grant.level, "code": "mfa_required"})
             db.commit()
             raise ApiError(403, "mfa_required", message)
+    tgt = settings.targets[grant.target]
+    if req.kind is not None and req.kind != tgt.kind:
+        hint = "pcigate ssh" if tgt.kind == "ssh" else "pcigate connect"
+        raise _refuse(f"{grant.target} is a {tgt.kind} target (use {hint})")
     # Built before any credential exists: a policy problem must not leave a lease behind.
     session_policy = data_path_policy(settings, grant.target, grant.level)
+    session_id = new_session_id()
+    creds: IssuedCreds | None = None
+    cert: SignedCert | None = None
     try:
-        creds = broker.vault.issue_db_creds(grant.vault_mount, grant.vault_role)
+        if tgt.kind == "ssh":
+            ttl = grant.ttl_seconds
+            if live is not None and live.grant_ends_at is not None:
+                ttl = min(ttl, max(1, int((live.grant_ends_at - utcnow()).total_seconds())))
+            cert = sign_certificate(broker, grant, identity, req, session_id, ttl)
+        else:
+            creds = broker.vault.issue_db_creds(grant.vault_mount, grant.vault_role)
     except (VaultUnavailable, DatabaseUnavailable) as exc:
         verr = vault_error(exc)
         repo.audit(
@@ -113,14 +130,17 @@ def open_session(
         db.commit()
         raise verr from None
     ttl = grant.ttl_seconds
-    if creds.lease_duration > 0:
+    if creds is not None and creds.lease_duration > 0:
         ttl = min(ttl, creds.lease_duration)  # never promise more than the lease itself lives
     started = utcnow()
     if live is not None and live.grant_ends_at is not None:
         ttl = min(ttl, max(1, int((live.grant_ends_at - started).total_seconds())))  # never past the grant
-    tgt = settings.targets[grant.target]
+    expires_at = started + timedelta(seconds=ttl)
+    if cert is not None:
+        expires_at = min(expires_at, cert.valid_before)  # the session ends when its certificate does
+    lease_id = creds.lease_id if creds is not None else ""
     row = SessionRow(
-        id=new_session_id(),
+        id=session_id,
         user=identity.subject,
         user_name=identity.name or identity.email,
         client_kind=identity.client_kind,
@@ -129,13 +149,15 @@ def open_session(
         level=grant.level,
         status="active",
         started_at=started,
-        expires_at=started + timedelta(seconds=ttl),
-        lease_id=creds.lease_id,
+        expires_at=expires_at,
+        lease_id=lease_id,
         lease_revoked=False,
         last_heartbeat_at=started,
         client_hostname=req.client_hostname,
         client_version=req.client_version,
         grant_id=live.id if live is not None else None,
+        cert_serial=cert.serial if cert is not None else None,
+        cert_key_id=cert.key_id if cert is not None else None,
     )
     try:
         repo.add_session(db, row)
@@ -151,7 +173,8 @@ def open_session(
             detail={
                 "level": grant.level,
                 "ttl_seconds": ttl,
-                "lease_id": creds.lease_id,
+                "lease_id": lease_id,
+                **(cert.audit_detail() if cert is not None else {}),
                 "client_kind": identity.client_kind,
                 "client_hostname": req.client_hostname,
                 "access_request": live.id if live is not None else None,
@@ -160,11 +183,12 @@ def open_session(
         db.commit()
     except Exception:
         db.rollback()
-        log.error("could not record a new session; revoking its lease")
-        try:
-            broker.vault.revoke_lease(creds.lease_id)
-        except VaultUnavailable:
-            log.error("lease %s could not be revoked after a failed session insert", creds.lease_id)
+        if creds is not None:
+            log.error("could not record a new session; revoking its lease")
+            try:
+                broker.vault.revoke_lease(creds.lease_id)
+            except VaultUnavailable:
+                log.error("lease %s could not be revoked after a failed session insert", creds.lease_id)
         raise
     return SessionOpened(
         session_id=row.id,
@@ -173,19 +197,88 @@ def open_session(
         user=identity.subject,
         started_at=row.started_at,
         expires_at=row.expires_at,
-        lease_id=creds.lease_id,
+        lease_id=lease_id,
         heartbeat_seconds=settings.sessions.heartbeat_seconds,
+        kind=tgt.kind,
         credentials=DatabaseCredentials(
             host=tgt.host,
-            port=tgt.port,
-            database=tgt.database,
+            port=tgt.effective_port,
+            database=tgt.database or "",
             username=creds.username,
             password=creds.password,
             sslmode=tgt.sslmode,
-        ),
+        ) if creds is not None else None,
+        ssh=SshCredentials(
+            host=tgt.host,
+            port=tgt.effective_port,
+            principal=cert.principals[0],
+            principals=cert.principals,
+            certificate=cert.certificate,
+            known_hosts=tgt.known_hosts(),
+            serial=cert.serial,
+            key_id=cert.key_id,
+            valid_before=cert.valid_before,
+        ) if cert is not None else None,
         policy=session_policy,
         masking_key=target_masking_key(settings, grant.target) if _has_hash_rules(session_policy) else None,
     )
+
+
+@dataclass(frozen=True)
+class SignedCert:
+    certificate: str
+    serial: str
+    key_id: str
+    principals: list[str]
+    valid_before: datetime
+
+    def audit_detail(self) -> dict[str, object]:
+        return {"cert_serial": self.serial, "cert_key_id": self.key_id, "principals": self.principals,
+                "valid_before": self.valid_before.isoformat()}
+
+
+def _refuse(message: str) -> ApiError:
+    return ApiError(422, "validation_error", message)
+
+
+def sign_certificate(broker: Broker, grant: policy.Grant, identity: Identity, req: SessionCreate,
+                     session_id: str, ttl: int) -> SignedCert:
+    """Have OpenBao's SSH CA sign the CLI's ephemeral ed25519 key for the level's principals, for ``ttl``
+    seconds at most, with a key id naming the session and the user; then read back what was signed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if not req.public_key:
+        raise ApiError(422, "ssh_key_required",
+                       f"{grant.target} is an ssh target: the session needs the client's public key")
+    try:
+        key = serialization.load_ssh_public_key(req.public_key.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise _refuse("public_key is not an OpenSSH public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise _refuse("public_key must be an ed25519 key")
+    level = broker.settings.targets[grant.target].levels[grant.level]
+    principals = list(level.principals)
+    if req.port_forwarding and not level.port_forwarding:
+        raise ApiError(403, "level_not_allowed",
+                       f"port forwarding is not allowed at level {grant.level!r} on {grant.target}")
+    # Least privilege: a terminal session's certificate permits a pty only; a forward session's, forwarding only.
+    extensions = ["permit-port-forwarding"] if req.port_forwarding else ["permit-pty"]
+    key_id = f"pcigate:{identity.subject}:{session_id}"[:255]
+    text = broker.vault.sign_ssh_key(grant.vault_mount, grant.vault_role, req.public_key.strip(), principals,
+                                     ttl, key_id, extensions)
+    try:
+        cert = serialization.load_ssh_public_identity(text.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise VaultUnavailable("OpenBao returned something that is not an SSH certificate") from None
+    signed = cert.public_key() if isinstance(cert, serialization.SSHCertificate) else None
+    if not isinstance(cert, serialization.SSHCertificate) or not isinstance(signed, Ed25519PublicKey) \
+            or signed.public_bytes_raw() != key.public_bytes_raw() \
+            or sorted(p.decode() for p in cert.valid_principals) != sorted(principals):
+        raise VaultUnavailable("OpenBao signed a certificate other than the one asked for")
+    return SignedCert(certificate=text, serial=str(cert.serial), key_id=cert.key_id.decode(errors="replace"),
+                      principals=principals,
+                      valid_before=datetime.fromtimestamp(cert.valid_before, UTC))
 
 
 def _has_hash_rules(pol: DataPathPolicy) -> bool:
@@ -237,7 +330,13 @@ def heartbeat(broker: Broker, db: Session, identity: Identity, session_id: str) 
 def revoke_owed(
     broker: Broker, db: Session, row_id: str, lease_id: str, *, actor: str, request_id: str | None
 ) -> bool:
-    """Revoke a lease and record it; False (and an audit event) when OpenBao could not do it now."""
+    """Revoke a lease and record it; False (and an audit event) when OpenBao could not do it now.
+
+    An ssh session has no lease (``""``): its certificate cannot be revoked and simply expires."""
+    if not lease_id:
+        repo.mark_lease_revoked(db, session_id=row_id)
+        db.commit()
+        return True
     try:
         broker.vault.revoke_lease(lease_id)
     except VaultUnavailable as exc:

@@ -348,6 +348,11 @@ class RequestPolicy(_Section):
 class LevelSettings(_Section):
     vault_role: str
     ttl_cap: Duration
+    # ssh targets: the principals (login names) the level's certificates carry; the first is the login user
+    principals: list[str] = Field(default_factory=list)
+    # ssh targets: may sessions at this level forward ports (`pcigate connect -L`)? What crosses a forward is
+    # not recorded, so it is off unless allowed.
+    port_forwarding: bool = False
     request: RequestPolicy | None = None  # present: the level is request-only
     # Data-path policy of the level (docs/configuration.md): ``masking`` replaces the target's masking table,
     # ``guardrails`` are appended to the target's rules (a level can add rules, never drop a target-wide one).
@@ -364,15 +369,24 @@ class LevelSettings(_Section):
         return v
 
 
+_SSH_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com) "
+                      r"[A-Za-z0-9+/]+={0,3}( \S.*)?$")
+_PRINCIPAL = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
 class TargetSettings(_Section):
-    kind: Literal["postgres"] = "postgres"
+    kind: Literal["postgres", "ssh"] = "postgres"
     host: str
-    port: int = Field(default=5432, gt=0, lt=65536)
-    database: str
+    port: int | None = Field(default=None, gt=0, lt=65536)  # default: 5432 (postgres), 22 (ssh)
+    database: str | None = None  # postgres: required
     sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
     description: str | None = None
     default_level: str | None = None
-    vault_mount: str = "database"
+    vault_mount: str | None = None  # default: "database" (postgres), "ssh" (ssh)
+    # ssh: how the CLI recognises the host (StrictHostKeyChecking stays on): its public key, or the CA that
+    # signs its host certificates. One of them is required.
+    host_key: str | None = None
+    host_ca: str | None = None
     # Target-wide data-path policy, inherited by every level (see LevelSettings).
     masking: MaskingPolicy | None = None
     guardrails: list[GuardrailRule] = Field(default_factory=list)
@@ -391,6 +405,11 @@ class TargetSettings(_Section):
                 "default_level {lvl} is not one of the target's levels",
                 {"lvl": repr(self.default_level)},
             )
+        if self.kind == "postgres":
+            if not self.database:
+                raise PydanticCustomError("database", 'a postgres target needs database = "..."')
+        else:
+            self._ssh_checks()
         _unique_rule_names(self.guardrails, "")
         for name, level in self.levels.items():
             _unique_rule_names(
@@ -398,9 +417,43 @@ class TargetSettings(_Section):
             )
         return self
 
+    def _ssh_checks(self) -> None:
+        if (self.host_key is None) == (self.host_ca is None):
+            raise PydanticCustomError(
+                "host_key", "an ssh target needs exactly one of host_key (the host's public key) or host_ca")
+        for key in (self.host_key, self.host_ca):
+            if key is not None and not _SSH_KEY.match(key.strip()):
+                raise PydanticCustomError("host_key", 'expected an OpenSSH public key, "ssh-ed25519 AAAA..."')
+        if self.guardrails or any(lvl.guardrails for lvl in self.levels.values()):
+            raise PydanticCustomError("guardrails", "guardrails are SQL rules: not for ssh targets")
+        for name, level in self.levels.items():
+            if not level.principals:
+                raise PydanticCustomError(
+                    "principals", "level {name} of an ssh target needs principals", {"name": repr(name)})
+            for p in level.principals:
+                if not _PRINCIPAL.match(p) or p == "root":
+                    raise PydanticCustomError(
+                        "principals", "bad principal {p} (a login name, not root)", {"p": repr(p)})
+
     @property
     def default(self) -> str:
         return self.default_level or next(iter(self.levels))
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (22 if self.kind == "ssh" else 5432)
+
+    @property
+    def mount(self) -> str:
+        return self.vault_mount or ("ssh" if self.kind == "ssh" else "database")
+
+    def known_hosts(self) -> list[str]:
+        """known_hosts lines naming the host as ssh looks it up (``[host]:port`` off port 22)."""
+        port = self.effective_port
+        pattern = self.host if port == 22 else f"[{self.host}]:{port}"
+        if self.host_ca is not None:
+            return [f"@cert-authority {pattern} {self.host_ca.strip()}"]
+        return [f"{pattern} {(self.host_key or '').strip()}"]
 
 
 class AccessRule(_Section):

@@ -134,6 +134,29 @@ class Vault:
         except (KeyError, TypeError, ValueError):
             raise VaultUnavailable("OpenBao answered without credentials") from None
 
+    def sign_ssh_key(self, mount: str, role: str, public_key: str, principals: list[str], ttl_seconds: int,
+                     key_id: str, extensions: list[str]) -> str:
+        """Have the SSH CA sign ``public_key`` as a user certificate; returns the certificate line.
+
+        The role must allow the principals and ``allow_user_key_ids`` (the key id names the session, so
+        sshd's log ties every login to it). No lease: a certificate cannot be revoked, it expires."""
+        try:
+            resp = self._call(
+                self._client.write_data,
+                f"{mount}/sign/{role}",
+                data={"public_key": public_key, "valid_principals": ",".join(principals),
+                      "ttl": f"{ttl_seconds}s", "cert_type": "user", "key_id": key_id,
+                      "extensions": {name: "" for name in extensions}},
+            )
+        except hvac.exceptions.VaultError as exc:
+            status = type(exc).__name__
+            log.warning("OpenBao refused %s/sign/%s: %s", mount, role, status)
+            raise VaultUnavailable(f"OpenBao could not sign the SSH key for {role} ({status})") from None
+        try:
+            return str(resp["data"]["signed_key"]).strip()
+        except (KeyError, TypeError):
+            raise VaultUnavailable("OpenBao answered without a certificate") from None
+
     def revoke_lease(self, lease_id: str) -> None:
         """Synchronous revoke (``sys/leases/revoke``); an unknown/already revoked lease counts as done."""
         try:

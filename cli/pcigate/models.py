@@ -49,11 +49,12 @@ ErrorCode = Literal[
     "idp_unavailable",  # 503 the broker cannot reach the IdP to check tokens (cached keys still work)
     "grant_required",  # 403 the level is request-only and the caller holds no live grant for it
     "mfa_required",  # 403 the level needs a token that asserts MFA (amr/acr)
+    "ssh_key_required",  # 422 an ssh target's session needs the client's ephemeral public key
     "internal",  # 500
 ]
 
 ClientKind = Literal["human", "workload"]
-TargetKind = Literal["postgres"]
+TargetKind = Literal["postgres", "ssh"]
 SessionStatus = Literal["active", "ended", "expired", "revoked"]
 
 MAX_SESSION_SECONDS = 24 * 3600
@@ -109,6 +110,10 @@ class SessionCreate(_Model):
     ttl_seconds: int | None = Field(default=None, gt=0, le=MAX_SESSION_SECONDS)  # None: the level's cap
     client_hostname: str | None = Field(default=None, max_length=255)
     client_version: str | None = Field(default=None, max_length=64)
+    # ssh targets: the CLI's ephemeral public key ("ssh-ed25519 AAAA..."), which the broker has signed
+    public_key: str | None = Field(default=None, max_length=1024)
+    kind: TargetKind | None = None  # set: the target must be of this kind (refused before any credential)
+    port_forwarding: bool = False  # ssh: a port-forward session (-L), not a terminal
 
 
 class DatabaseCredentials(_Model):
@@ -122,6 +127,22 @@ class DatabaseCredentials(_Model):
     username: str
     password: str = Field(repr=False)
     sslmode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+
+
+class SshCredentials(_Model):
+    """A short-lived SSH user certificate for the CLI's ephemeral key, signed by the OpenBao SSH CA for this
+    session, and how to reach and recognise the host. Nothing here is secret (the private key never leaves
+    the CLI), but the certificate is only good with that key and only until ``valid_before``."""
+
+    host: str
+    port: int
+    principal: str  # the login name (the first of the certificate's principals)
+    principals: list[str]
+    certificate: str  # "ssh-ed25519-cert-v01@openssh.com AAAA..."
+    known_hosts: list[str]  # known_hosts lines for the host (its key, or "@cert-authority" for a host CA)
+    serial: str  # the certificate's serial number (decimal)
+    key_id: str
+    valid_before: datetime
 
 
 StatementClass = Literal[
@@ -201,7 +222,9 @@ class SessionOpened(_Model):
     expires_at: datetime  # = started_at + min(asked, cap); the broker revokes at this time at the latest
     lease_id: str  # OpenBao lease id (not a secret: revoking needs a privileged token)
     heartbeat_seconds: int
-    credentials: DatabaseCredentials
+    kind: TargetKind = "postgres"
+    credentials: DatabaseCredentials | None = None  # postgres targets
+    ssh: SshCredentials | None = None  # ssh targets
     policy: DataPathPolicy
     # base64url HMAC key for the policy's ``hash`` column rules (the same for every session on the target, so
     # hashed values join); only sent when the policy has such rules. A secret: never printed or stored.
@@ -234,6 +257,9 @@ class SessionSummary(_Model):
     recording_size: int | None = None
     client_hostname: str | None = None
     grant: GrantRef | None = None  # the access request a request-only level's session ran under
+    # ssh sessions: the certificate the broker had OpenBao sign (sshd logs both with each login)
+    cert_serial: str | None = None
+    cert_key_id: str | None = None
 
 
 class SessionPage(_Model):

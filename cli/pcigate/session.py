@@ -23,16 +23,17 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pcigate import __version__, spool, startup
 from pcigate.config import Settings, psql_binary, spool_dir
 from pcigate.errors import NotFound, PcigateError, RecordingError, UsageError
-from pcigate.models import SessionCreate, SessionOpened
+from pcigate.models import DatabaseCredentials, SessionCreate, SessionOpened
 
 if TYPE_CHECKING:
     from pcigate.client import BrokerClient
     from pcigate.output import Output
+    from pcigate.sshclient import EphemeralKey
 
 # Variables that would make psql go elsewhere or carry a password: never passed to the child. Every
 # ``PCIGATE_*`` variable (the workload bearer ``PCIGATE_TOKEN`` among them) is stripped as well.
@@ -68,6 +69,11 @@ class ConnectRequest:
     port: int = 0
     no_exec: bool = False
     psql_args: list[str] = field(default_factory=list)
+    # ssh targets: "ssh" when the command was `pcigate ssh` (a postgres target is refused); the remote
+    # command; port forwards (-L): forward mode, no terminal
+    kind: Literal["ssh"] | None = None
+    command: list[str] = field(default_factory=list)
+    forwards: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,8 +113,15 @@ def child_env(pgpassfile: Path, base: dict[str, str] | None = None) -> dict[str,
 
 
 def psql_argv(binary: str, opened: SessionOpened, port: int, extra: list[str]) -> list[str]:
-    user = opened.credentials.username or "pcigate"
-    return [binary, "-h", LOCAL_HOST, "-p", str(port), "-d", opened.credentials.database, "-U", user, *extra]
+    creds = _db(opened)
+    user = creds.username or "pcigate"
+    return [binary, "-h", LOCAL_HOST, "-p", str(port), "-d", creds.database, "-U", user, *extra]
+
+
+def _db(opened: SessionOpened) -> DatabaseCredentials:
+    if opened.credentials is None:
+        raise UsageError(f"{opened.target} is not a database target")
+    return opened.credentials
 
 
 def _exit_status(returncode: int) -> int:
@@ -172,6 +185,7 @@ class Connector:
         self._sign_in = sign_in
         # Set while the session runs: ends it from the recording's writer thread (fail closed).
         self._end_unrecorded: Callable[[str], None] | None = None
+        self._ssh_key: EphemeralKey | None = None  # ssh targets: this session's key, in memory only
 
     @property
     def out(self) -> Output:
@@ -187,7 +201,22 @@ class Connector:
 
     # -- entry point
     def run(self, request: ConnectRequest) -> int:
-        binary = None if request.no_exec else resolve_psql()
+        from pcigate.sshclient import parse_forward
+
+        for spec in request.forwards:
+            parse_forward(spec)  # a bad -L fails before any session exists
+        binary: str | None = None
+        missing: UsageError | None = None
+        if request.kind == "ssh" or request.forwards:
+            from pcigate.sshclient import EphemeralKey, resolve_ssh
+
+            binary = resolve_ssh()
+            self._ssh_key = EphemeralKey.generate()
+        elif not request.no_exec:
+            try:
+                binary = resolve_psql()
+            except UsageError as exc:
+                missing = exc  # only an error if the target turns out to be a database
         # SIGTERM/SIGHUP outside the event loop (opening, closing): unwind through the clean-up like Ctrl-C
         # instead of dying with a live lease. Inside the loop, the handlers below take over.
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -203,21 +232,37 @@ class Connector:
             ttl_seconds=request.ttl_seconds,
             client_hostname=socket.gethostname()[:255],
             client_version=__version__,
+            public_key=self._ssh_key.public if self._ssh_key is not None else None,
+            kind="ssh" if request.kind == "ssh" or request.forwards else None,
+            port_forwarding=bool(request.forwards),
         )
         if self._sign_in is not None:
             self._sign_in()
         # While the broker and OpenBao work (the GIL is free meanwhile), import what the tunnel needs.
         with startup.Prefetch(TUNNEL_MODULES if _stdlib_loop() else (*TUNNEL_MODULES, "uvloop")):
-            opened = self.client.open_session(create)
+            try:
+                opened = self.client.open_session(create)
+            except PcigateError as exc:
+                if getattr(exc, "broker_code", None) != "ssh_key_required":
+                    raise
+                # `pcigate connect` on an ssh target: the same session, with a key to sign.
+                from pcigate.sshclient import EphemeralKey, resolve_ssh
+
+                binary = resolve_ssh()
+                self._ssh_key = EphemeralKey.generate()
+                opened = self.client.open_session(
+                    create.model_copy(update={"public_key": self._ssh_key.public, "kind": "ssh"}))
         # From here on the lease is live: every way out (a failing spool, a signal, an error) ends it.
         try:
             try:
                 held.enter_context(spool.session_lock(opened.session_id))
                 spool.new_entry(opened.session_id, self.settings.broker_url)
                 spooled = True
-                recorder = self._recorder(opened)
+                recorder = self._recorder(opened, request)
             except OSError as exc:
                 raise _state_error(exc) from exc
+            if opened.kind == "postgres" and missing is not None:
+                raise missing
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 status = runner.run(self._session(opened, recorder, request, binary))
         except BaseException as exc:
@@ -234,7 +279,26 @@ class Connector:
             raise error
         return status
 
-    def _recorder(self, opened: SessionOpened) -> Any:
+    @staticmethod
+    def _cast_header(opened: SessionOpened, request: ConnectRequest) -> dict[str, object]:
+        """asciicast v2's header keys (and the certificate's) for a terminal recording."""
+        from pcigate.tunnel.ssh import terminal_size
+
+        cols, rows = terminal_size(0)
+        extra: dict[str, object] = {
+            "version": 2, "width": cols, "height": rows, "timestamp": int(opened.started_at.timestamp()),
+            "env": {"TERM": os.environ.get("TERM", "")},
+        }
+        if opened.ssh is not None:
+            extra.update(principal=opened.ssh.principal, cert_serial=opened.ssh.serial,
+                         cert_key_id=opened.ssh.key_id)
+        if request.command:
+            extra["command"] = " ".join(request.command)[:4096]
+        if request.forwards:
+            extra["forwards"] = list(request.forwards)
+        return extra
+
+    def _recorder(self, opened: SessionOpened, request: ConnectRequest) -> Any:
         if not opened.policy.record:
             return None
         from pcigate.recording import RecordingHeader, RecordingWriter
@@ -247,7 +311,8 @@ class Connector:
             lease_id=opened.lease_id,
             policy_digest=opened.policy.digest,
             started_at=opened.started_at,
-            kind="pg",
+            kind="ssh" if opened.kind == "ssh" else "pg",
+            extra=self._cast_header(opened, request) if opened.kind == "ssh" else {},
         )
         return RecordingWriter(
             spool.recording_path(opened.session_id), header, on_failure=self._recording_failed
@@ -257,11 +322,14 @@ class Connector:
     async def _session(
         self, opened: SessionOpened, recorder: Any, request: ConnectRequest, binary: str | None
     ) -> int:
+        if opened.kind == "ssh":
+            assert binary is not None
+            return await self._ssh_session(opened, recorder, request, binary)
         from pcigate.tunnel.pg import PgTunnel
 
         secret = secrets.token_urlsafe(32)
         tunnel = PgTunnel(
-            upstream=opened.credentials,
+            upstream=_db(opened),
             local_secret=secret,
             recorder=recorder,
             listen_port=request.port,
@@ -300,6 +368,70 @@ class Connector:
             await tunnel.close()
             for problem in getattr(tunnel, "errors", []) or []:
                 self.out.warn(f"tunnel: {problem}")
+            self._notes(state)
+
+    async def _ssh_session(self, opened: SessionOpened, recorder: Any, request: ConnectRequest,
+                           binary: str) -> int:
+        """A terminal (or, with -L, port-forward) session through the system ssh."""
+        import sys
+
+        from pcigate.masking import Masker
+        from pcigate.sshclient import child_env, key_files, parse_forward, ssh_argv
+        from pcigate.tunnel.ssh import TerminalRelay
+
+        assert opened.ssh is not None
+        assert self._ssh_key is not None
+        state = _State(stop=asyncio.Event())
+        loop = asyncio.get_running_loop()
+
+        def end_unrecorded(message: str) -> None:
+            def stop() -> None:
+                state.notes.append(f"{message}; ending the session (nothing may run unrecorded)")
+                state.stop.set()
+
+            loop.call_soon_threadsafe(stop)
+
+        self._end_unrecorded = end_unrecorded
+        forwards = [parse_forward(spec) for spec in request.forwards]
+        interactive = not forwards and sys.stdin.isatty()
+        masking = opened.policy.masking
+        tasks = [asyncio.create_task(self._heartbeat(opened, state)),
+                 asyncio.create_task(self._expiry(opened, state))]
+        try:
+            with key_files(self._ssh_key, opened.ssh) as files:
+                argv = ssh_argv(binary, opened.ssh, files, tty=interactive, command=request.command,
+                                forwards=forwards)
+                relay = TerminalRelay(argv, child_env(), recorder, Masker(masking) if masking else None,
+                                      interactive=interactive)
+                if forwards:
+                    for fw in forwards:
+                        if recorder is not None:
+                            recorder.cast("x", {"e": "forward", "listen": f"127.0.0.1:{fw.local_port}",
+                                                "to": f"{fw.host}:{fw.port}"})
+                        self.out.info(f"forwarding 127.0.0.1:{fw.local_port} to {fw.host}:{fw.port} on "
+                                      f"{opened.target}; press Ctrl-C to end the session")
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                            loop.add_signal_handler(sig, state.stop.set)
+                else:
+                    # Like ssh itself: Ctrl-C belongs to the remote side; we stay alive to clean up.
+                    for sig, handler in ((signal.SIGINT, lambda: None), (signal.SIGTERM, state.stop.set),
+                                         (signal.SIGHUP, state.stop.set)):
+                        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                            loop.add_signal_handler(sig, handler)
+                startup.end()
+                status = await relay.run(state.stop, on_stop=lambda: self._notes(state))
+                if forwards and state.stop.is_set() and status in (130, 143, 255):
+                    status = 0  # ended by Ctrl-C or by the broker, as asked
+                return status
+        finally:
+            self._end_unrecorded = None
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._notes(state)
 
     def _notes(self, state: _State) -> None:
@@ -359,7 +491,7 @@ class Connector:
 
     async def _wait_no_exec(self, opened: SessionOpened, port: int, pgpass: Path, state: _State) -> int:
         loop = asyncio.get_running_loop()
-        creds = opened.credentials
+        creds = _db(opened)
         conninfo = f"host={LOCAL_HOST} port={port} dbname={creds.database} user={creds.username}"
         if self.out.json_mode:
             self.out.json(

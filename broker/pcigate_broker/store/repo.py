@@ -59,6 +59,8 @@ def to_summary(row: SessionRow, db: Session | None = None) -> SessionSummary:
         recording_size=row.recording_size,
         client_hostname=row.client_hostname,
         grant=grant_ref(db, row.grant_id) if db is not None else None,
+        cert_serial=row.cert_serial,
+        cert_key_id=row.cert_key_id,
     )
 
 

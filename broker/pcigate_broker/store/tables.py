@@ -69,6 +69,8 @@ class SessionRow(Base):
     recording_size: Mapped[int | None] = mapped_column(Integer)
     recording_events: Mapped[int | None] = mapped_column(Integer)
     grant_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the access request it ran under
+    cert_serial: Mapped[str | None] = mapped_column(String(32))  # ssh: the signed certificate's serial
+    cert_key_id: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         Index("ix_sessions_started_id", "started_at", "id"),

@@ -33,9 +33,14 @@ def connect(
     no_exec: Annotated[
         bool, typer.Option("--no-exec", help="Do not run psql; print how to connect and wait for Ctrl-C.")
     ] = False,
+    forwards: Annotated[
+        list[str] | None,
+        typer.Option("--forward", "-L", metavar="[127.0.0.1:]LPORT:HOST:PORT",
+                     help="ssh targets: forward a local loopback port to HOST:PORT as the target sees it."),
+    ] = None,
     json_flag: JsonOpt = False,
 ) -> None:
-    """Open a recorded session on TARGET and run psql.
+    """Open a recorded session on TARGET and run psql (ssh targets: a terminal, or with -L a port forward).
 
     The broker mints short-lived database credentials; a local tunnel on 127.0.0.1 logs in with them and
     records every statement; psql talks to the tunnel only. Arguments after `--` go to psql. When psql
@@ -51,6 +56,7 @@ def connect(
         port=port,
         no_exec=no_exec,
         psql_args=list(psql_args or []),
+        forwards=list(forwards or []),
     )
     with broker(ctx) as client:
         # The output (rich) is made when first used: its import is not on the way to the broker call.

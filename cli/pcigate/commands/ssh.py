@@ -1,0 +1,47 @@
+"""``pcigate ssh TARGET [-- command args]``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pcigate.commands._common import broker, output, settings
+
+
+def ssh(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="An ssh target (see: pcigate targets).")],
+    command: Annotated[
+        list[str] | None, typer.Argument(metavar="COMMAND", help="Run this on the host (after `--`).")
+    ] = None,
+    level: Annotated[
+        str | None, typer.Option("--level", "-l", help="Access level (default: the target's default level).")
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option("--for", metavar="DURATION",
+                     help='Session length, e.g. "30m" (default and maximum: the level\'s cap).'),
+    ] = None,
+) -> None:
+    """Open a recorded terminal session on TARGET with a short-lived certificate.
+
+    The CLI makes a new ed25519 key in memory; the broker has the OpenBao SSH CA sign it for the level's
+    principals until the session ends. The system ssh runs with host key checking on; the terminal is
+    recorded (card numbers masked) and uploaded when you leave. The remote command's exit status is
+    pcigate's.
+    """
+    from pcigate.config import parse_duration
+    from pcigate.session import Connector, ConnectRequest
+
+    request = ConnectRequest(
+        target=target,
+        level=level,
+        ttl_seconds=parse_duration(duration) if duration else None,
+        kind="ssh",
+        command=list(command or []),
+    )
+    with broker(ctx) as client:
+        connector = Connector(client, settings(ctx), lambda: output(ctx, False), sign_in=client.bearer)
+        status = connector.run(request)
+    raise typer.Exit(status)

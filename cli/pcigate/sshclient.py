@@ -1,0 +1,159 @@
+"""The system ``ssh`` client, driven with an ephemeral key and a certificate the broker had signed.
+
+The private key is made in memory for one session (ed25519) and written only to a 0600 file in a private
+0700 directory, on a memory file system when there is one (``/dev/shm``, ``$XDG_RUNTIME_DIR``); the
+directory is removed when the session ends. ``ssh`` runs with its own option set (``-F /dev/null``): host key
+checking strict against the known_hosts lines the broker sent, no agent, no passwords, no prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pcigate.errors import UsageError
+from pcigate.models import SshCredentials
+from pcigate.net import is_loopback
+
+ENV_SSH = "PCIGATE_SSH"
+STRIPPED_ENV = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY")
+
+
+@dataclass(frozen=True)
+class EphemeralKey:
+    private_openssh: bytes = b""
+    public: str = ""
+
+    @classmethod
+    def generate(cls) -> EphemeralKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        return cls(private_openssh=private, public=public.decode())
+
+    def __repr__(self) -> str:  # never show the private key
+        return f"EphemeralKey(public={self.public!r})"
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    directory: Path
+    identity: Path
+    certificate: Path
+    known_hosts: Path
+
+
+@dataclass(frozen=True)
+class Forward:
+    """``-L [127.0.0.1:]LPORT:HOST:PORT``: a loopback port here to HOST:PORT as the target sees it."""
+
+    local_port: int
+    host: str
+    port: int
+
+    @property
+    def spec(self) -> str:
+        return f"127.0.0.1:{self.local_port}:{self.host}:{self.port}"
+
+
+def parse_forward(spec: str) -> Forward:
+    parts = spec.rsplit(":", 3) if spec.count(":") >= 3 else spec.split(":")
+    if len(parts) == 4:
+        bind, lport, host, port = parts
+        if not is_loopback(bind.strip("[]")):
+            raise UsageError(f"-L {spec}: the local end listens on loopback only (127.0.0.1)")
+    elif len(parts) == 3:
+        lport, host, port = parts
+    else:
+        raise UsageError(f"-L {spec}: expected LOCAL_PORT:HOST:PORT")
+    if not (lport.isdigit() and port.isdigit() and 0 < int(lport) < 65536 and 0 < int(port) < 65536 and host):
+        raise UsageError(f"-L {spec}: expected LOCAL_PORT:HOST:PORT with ports 1-65535")
+    return Forward(int(lport), host.strip("[]"), int(port))
+
+
+def resolve_ssh() -> str:
+    binary = os.environ.get(ENV_SSH) or "ssh"
+    found = shutil.which(binary)
+    if found is None:
+        raise UsageError(f"cannot find the ssh program ({binary})",
+                         hint="install the OpenSSH client or set PCIGATE_SSH to its path")
+    return found
+
+
+def _private_dir() -> str | None:
+    # memory file systems first: the key never reaches a disk; mkdtemp makes a private 0700 directory
+    for base in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR") or ""):  # noqa: S108
+        if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            return base
+    return None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+@contextlib.contextmanager
+def key_files(key: EphemeralKey, creds: SshCredentials) -> Iterator[KeyFiles]:
+    """The key, its certificate and the host's known_hosts lines as 0600 files in a private directory,
+    removed (with the directory) however the block ends."""
+    directory = Path(tempfile.mkdtemp(prefix="pcigate-ssh-", dir=_private_dir()))
+    files = KeyFiles(directory, directory / "id_ed25519", directory / "id_ed25519-cert.pub",
+                     directory / "known_hosts")
+    try:
+        _write_private(files.identity, key.private_openssh)
+        _write_private(files.certificate, creds.certificate.encode() + b"\n")
+        _write_private(files.known_hosts, "".join(line + "\n" for line in creds.known_hosts).encode())
+        yield files
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def ssh_argv(binary: str, creds: SshCredentials, files: KeyFiles, *, tty: bool, command: Sequence[str],
+             forwards: Sequence[Forward] = ()) -> list[str]:
+    argv = [
+        binary, "-F", "/dev/null",
+        "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", f"IdentityFile={files.identity}",
+        "-o", f"CertificateFile={files.certificate}",
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={files.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
+        "-o", "ControlMaster=no",
+        "-o", "ControlPath=none",
+        "-o", "ServerAliveInterval=15",
+        "-o", "LogLevel=ERROR",
+        "-p", str(creds.port),
+        "-l", creds.principal,
+    ]
+    if forwards:
+        argv += ["-N", "-o", "ExitOnForwardFailure=yes"]
+        for fw in forwards:
+            argv += ["-L", fw.spec]
+    else:
+        argv.append("-tt" if tty else "-T")
+    argv += ["--", creds.host, *command]
+    return argv
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if base is None else base
+    return {k: v for k, v in env.items() if k not in STRIPPED_ENV and not k.upper().startswith("PCIGATE_")}
