@@ -213,6 +213,12 @@ def test_select_masked_through_psql(make_session: Any) -> None:
     # the same query without the tunnel's masking shows the clear data (the table really holds it)
     plain = make_session(None, "plain").psql("-At", "-c", f"SELECT pan FROM {TABLE} WHERE id = 1")
     assert plain.stdout.strip() == PANS[0][1]
+    # the recording marks the statement whose results were masked, and only that one
+    s.psql("-c", "SELECT 1")
+    events = [json.loads(x) for x in s.finish().splitlines()[1:]]
+    marked = [events[i - 1]["sql"] for i, e in enumerate(events) if e["e"] == "masked"]
+    assert marked == [sql]
+    assert all(e["c"] == events[i - 1]["c"] for i, e in enumerate(events) if e["e"] == "masked")
 
 
 def test_copy_out_refused_under_column_rules(make_session: Any) -> None:

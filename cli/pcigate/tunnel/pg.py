@@ -483,6 +483,7 @@ class _Conn(asyncio.Protocol):
         # masking (None: no masking, and the server->client relay path is exactly the unmasked one)
         self.masker: Masker | None = tunnel.masker
         self._mbuf = b""  # server bytes of a partial message, held until complete
+        self._masked = False  # card data was masked since the last recorded statement (a "masked" event)
         self._plan: RowPlan | None = None  # the plan of the current result set (from its RowDescription)
         self._copy_out = 0  # 0: no COPY OUT; 1: text/CSV; 2: binary
         self._copy_plan: RowPlan | None = None
@@ -898,6 +899,7 @@ class _Conn(asyncio.Protocol):
             self._mbuf = buf[pos:]
         if not parts:
             return buf if pos == end else buf[:pos]
+        self._masked = True
         parts.append(buf[seg:pos])
         return b"".join(parts)
 
@@ -1042,6 +1044,9 @@ class _Conn(asyncio.Protocol):
         if rec is not None:
             rec.stmt(self.n, st.sql, st.truncated, st.proto, st.params, round((now - st.t0) * 1000.0, 3),
                      st.rows, st.tag, st.sqlstate, st.error)
+            if self._masked:  # the statement's results (or its error text) had card data masked
+                self._masked = False
+                rec.event("masked", c=self.n)
 
     # ---- guardrails ---------------------------------------------------------------------------------------
     #
