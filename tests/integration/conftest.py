@@ -1,8 +1,13 @@
 """Fixtures for tests against the real stack (one stack per test session).
 
-* ``stack_base`` (session): PostgreSQL + OpenBao + IdP, broker config written but the broker not started.
+* ``stack_base`` (session): PostgreSQL + OpenBao (+ SSH CA) + sshd + IdP, broker config written but the
+  broker not started.
 * ``stack`` (session): the whole :class:`tests.stack.stack.Stack`, broker running (fails if it cannot start).
 * ``idp`` (session): the IdP alone (needs no broker).
+* ``ssh_ca`` (session): OpenBao's SSH CA of ``stack_base`` (mount ``ssh``, roles web-ops/web-admin/web-any);
+  ``ssh_ca.sign(role, public_key, principals, ttl, key_id=...)`` signs with the root token.
+* ``sshd`` (session): the stack's sshd (127.0.0.1, users webops and deploy) trusting that CA.
+* ``ssh_key`` (test): a fresh ed25519 key pair in the test's tmp_path (``.path`` 0600, ``.public_key``).
 * ``cli_home`` (test): a fresh, empty home directory for a CLI user.
 * ``cli_env`` (test): ``stack.cli_env(cli_home)``: environment for the real ``pcigate`` as that fresh user.
 * ``run_cli`` (test): ``run_cli(args, env=None, input=None, timeout=60) -> CliResult(code, stdout, stderr)``
@@ -22,6 +27,7 @@ from tests.stack.cli import CliResult, login_browser, login_device
 from tests.stack.cli import run_cli as _run_cli
 from tests.stack.idp import Idp
 from tests.stack.loopthread import LoopThread
+from tests.stack.sshd import ClientKey, SshCa, Sshd, new_client_key
 from tests.stack.stack import Stack
 
 RunCli = Callable[..., CliResult]
@@ -52,6 +58,21 @@ def stack(stack_base: Stack) -> Stack:
 @pytest.fixture(scope="session")
 def idp(stack_base: Stack) -> Idp:
     return stack_base.idp
+
+
+@pytest.fixture(scope="session")
+def ssh_ca(stack_base: Stack) -> SshCa:
+    return stack_base.ssh_ca
+
+
+@pytest.fixture(scope="session")
+def sshd(stack_base: Stack) -> Sshd:
+    return stack_base.sshd
+
+
+@pytest.fixture
+def ssh_key(tmp_path: Path) -> ClientKey:
+    return new_client_key(tmp_path / "ssh-client")
 
 
 @pytest.fixture

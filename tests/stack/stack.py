@@ -1,11 +1,14 @@
-"""The whole real stack in one context manager: PostgreSQL (SCRAM) → OpenBao → IdP → broker.
+"""The whole real stack in one context manager: PostgreSQL (SCRAM) → OpenBao (+ SSH CA) → sshd → IdP → broker.
 
     with Stack() as stack:
         env = stack.cli_env(tmp_path / "home")
         subprocess.run([".venv/bin/pcigate", "targets"], env=env)
 
-Teardown order: broker, revoke all leases, OpenBao, IdP, PostgreSQL. Nothing is left running and no ``v-…``
-role is left in PostgreSQL (``Stack.leftover_roles()`` checks).
+The sshd (``stack.sshd``, target ``web-1``) trusts OpenBao's SSH CA for the local users webops and deploy; it
+needs ``/usr/sbin/sshd`` (``bash .ci/bootstrap``).
+
+Teardown order: broker, sshd, revoke all leases, OpenBao, IdP, PostgreSQL. Nothing is left running and no
+``v-…`` role is left in PostgreSQL (``Stack.leftover_roles()`` checks).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tests.stack.idp import Idp, start_idp
 from tests.stack.openbao import OpenBao, start_openbao
 from tests.stack.ports import free_port
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
+from tests.stack.sshd import SSH_USERS, SshCa, Sshd, ensure_user, setup_ssh_ca, sshd_binary, start_sshd
 
 KEYRING_BACKEND_DIR = Path(__file__).resolve().parent / "keyring_backend"
 KEYRING_BACKEND = "pcigate_test_keyring.EnvCryptFileKeyring"
@@ -34,15 +38,18 @@ class Stack:
 
     ``workdir``: where everything lives (PostgreSQL data, logs, broker DB, recordings); a temporary directory
     removed at the end when not given. ``start_broker=False`` brings up everything but the broker (for IdP /
-    OpenBao tests while the broker is not there)."""
+    OpenBao tests while the broker is not there). ``ssh=False``: no SSH CA, no sshd, no ``web-1`` target."""
 
     pg: PgCluster
     bao: OpenBao
     idp: Idp
+    sshd: Sshd
+    ssh_ca: SshCa
     broker: BrokerProc | None
     _pg: PgCluster | None = None
     _bao: OpenBao | None = None
     _idp: Idp | None = None
+    _sshd: Sshd | None = None
 
     def __init__(
         self,
@@ -52,12 +59,14 @@ class Stack:
         start_broker: bool = True,
         broker_options: dict[str, Any] | None = None,
         keep_workdir: bool = False,
+        ssh: bool = True,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="pcigate-stack-")) if workdir is None else workdir
         self.keep_workdir = keep_workdir
         self.id_token_ttl = id_token_ttl
         self.with_broker = start_broker
+        self.with_ssh = ssh
         self.broker_options = dict(broker_options or {})
         self.broker = None
         self.pg_dir: Path | None = None
@@ -81,6 +90,8 @@ class Stack:
     def start(self) -> Stack:
         if self._started:
             return self
+        if self.with_ssh:
+            sshd_binary()  # fail before starting anything: "run `bash .ci/bootstrap`"
         self._started = True
         w = self.workdir
         w.mkdir(parents=True, exist_ok=True)
@@ -101,6 +112,11 @@ class Stack:
             self.vault_token_file.write_text(self.bao.create_broker_token() + "\n")
             self._timed("openbao", t0)
 
+            if self.with_ssh:
+                t0 = time.monotonic()
+                self._start_ssh()
+                self._timed("sshd", t0)
+
             t0 = time.monotonic()
             self.idp = self._idp = start_idp(w / "idp", id_token_ttl=self.id_token_ttl)
             self._timed("idp", t0)
@@ -119,7 +135,7 @@ class Stack:
                 db_url=f"sqlite:///{self.broker_db}",
                 recordings_dir=self.recordings_dir,
                 port=self.broker_port,
-                **self.broker_options,
+                **{**self._ssh_broker_options(), **self.broker_options},
             )
             if self.with_broker:
                 t0 = time.monotonic()
@@ -131,6 +147,18 @@ class Stack:
         self._timed("total", t_all)
         return self
 
+    def _start_ssh(self) -> None:
+        """Users webops/deploy, OpenBao's SSH CA (mount ``ssh``), an sshd trusting it for them."""
+        for user in SSH_USERS:
+            ensure_user(user)
+        self.ssh_ca = SshCa(self.bao, setup_ssh_ca(self.bao))
+        self.sshd = self._sshd = start_sshd(self.workdir / "sshd", self.ssh_ca.public_key, SSH_USERS)
+
+    def _ssh_broker_options(self) -> dict[str, Any]:
+        if self._sshd is None:
+            return {}
+        return {"ssh_port": self._sshd.port, "ssh_host_key": self._sshd.host_public_key}
+
     def start_broker(self) -> BrokerProc:
         """Start the broker later (when ``start_broker=False`` was given)."""
         if self.broker is None:
@@ -138,11 +166,13 @@ class Stack:
         return self.broker
 
     def stop(self) -> None:
-        """Tear down in reverse order: broker, (revoke leases) OpenBao, IdP, PostgreSQL."""
+        """Tear down in reverse order: broker, sshd, (revoke leases) OpenBao, IdP, PostgreSQL."""
         errors: list[BaseException] = []
         steps: list[Any] = []
         if self.broker is not None:
             steps.append(self.broker.stop)
+        if self._sshd is not None:
+            steps.append(self._sshd.stop)
         if self._bao is not None:
             steps += [self._bao.revoke_all, self._bao.stop]
         if self._idp is not None:
@@ -159,6 +189,7 @@ class Stack:
             except Exception as exc:  # keep tearing down the rest
                 errors.append(exc)
         self.broker = self._bao = self._idp = self._pg = None
+        self._sshd = None
         self.pg_dir = None
         self._started = False
         if self._own_workdir and not self.keep_workdir:
@@ -240,6 +271,8 @@ class Stack:
             f"openbao      {self.bao.address} (root token {self.bao.root_token})",
             f"idp          {self.idp.issuer}",
             f"broker       {self.broker_url} (config {self.broker_config_path})",
+            *([f"sshd         127.0.0.1:{self._sshd.port} (users {', '.join(self._sshd.users)}, "
+               f"known_hosts: {self._sshd.known_hosts_line})"] if self._sshd is not None else []),
             "users        " + ", ".join(
                 f"{u}/{p} {self.idp.user_specs[u].groups}" for u, p in self.idp.users.items()),
             "workloads    " + ", ".join(
