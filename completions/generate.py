@@ -25,9 +25,12 @@ HELP_COMMANDS: list[list[str]] = [
     ["whoami"],
     ["targets"],
     ["connect"],
+    ["ssh"],
+    ["replay"],
     ["sessions"],
     ["sessions", "show"],
     ["sessions", "sync"],
+    ["sessions", "download"],
 ]
 HELP_FILE = "pcigate-help.txt"
 

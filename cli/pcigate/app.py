@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from pcigate import __version__
-from pcigate.commands import audit, connect, login, requests, sessions, targets
+from pcigate.commands import audit, connect, login, replay, requests, sessions, ssh, targets
 from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings
 
 app = typer.Typer(
@@ -61,7 +61,9 @@ app.command("logout")(login.logout)
 app.command("whoami")(login.whoami)
 app.command("targets")(targets.targets)
 app.command("connect")(connect.connect)
+app.command("ssh")(ssh.ssh)
 app.add_typer(sessions.app, name="sessions")
+app.command("replay")(replay.replay)
 app.command("request")(requests.request)
 app.command("requests")(requests.list_requests)
 app.command("approve")(requests.approve)

@@ -290,15 +290,18 @@ class BrokerClient:
                 params[key] = text
         return self._model(AuditPage, self._request("GET", "/v1/audit", params=params))
 
-    def download_recording(self, session_id: str, sink: Callable[[bytes], object]) -> tuple[int, str]:
-        """Stream a session's recording into ``sink`` (never whole in memory). Returns (bytes, sha256 hex)."""
+    def download_recording(self, session_id: str, sink: Callable[[bytes], object],
+                           format: str = "pcigate") -> tuple[int, str]:
+        """Stream a session's recording into ``sink`` (never whole in memory). Returns (bytes, sha256 hex).
+        ``format="asciicast"``: a terminal session as a plain asciicast v2 file (for asciinema's players)."""
         import hashlib
 
         headers = {"Authorization": f"Bearer {self.bearer()}"}
         digest = hashlib.sha256()
         size = 0
         try:
-            with self._http.stream("GET", f"/v1/sessions/{_seg(session_id)}/recording", headers=headers) as r:
+            with self._http.stream("GET", f"/v1/sessions/{_seg(session_id)}/recording", headers=headers,
+                                   params={"format": format} if format != "pcigate" else None) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._raise_for(r)

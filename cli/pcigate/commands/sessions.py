@@ -1,4 +1,4 @@
-"""``pcigate sessions [filters]``, ``sessions show ID``, ``sessions sync``."""
+"""``pcigate sessions [filters]``, ``sessions show ID``, ``sessions sync``, ``sessions download ID``."""
 
 from __future__ import annotations
 
@@ -108,3 +108,42 @@ def sync(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
                 out.warn(f"session {r.session_id}: kept in the spool: {r.error}")
     if any(r.kept for r in results):
         raise RecordingError("some recordings could not be uploaded; they stay in the spool")
+
+
+@app.command("download")
+def download(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="ID", help="The session id.")],
+    out_path: Annotated[
+        str, typer.Option("--output", "-o", metavar="FILE", help='Write here ("-": standard output).')
+    ],
+    cast: Annotated[
+        bool, typer.Option("--asciicast", help="A terminal session as a plain asciicast v2 file (asciinema).")
+    ] = False,
+) -> None:
+    """Download a session's recording (streamed), as stored or (--asciicast) for asciinema's players."""
+    import os
+    import sys
+
+    from pcigate.errors import UsageError
+
+    out = output(ctx, False)
+    fmt = "asciicast" if cast else "pcigate"
+    with broker(ctx) as client:
+        if out_path == "-":
+            size, _ = client.download_recording(session_id, sys.stdout.buffer.write, format=fmt)
+            sys.stdout.flush()
+            return
+        tmp = f"{out_path}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot write {out_path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                size, sha = client.download_recording(session_id, fh.write, format=fmt)
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    out.info(f"{out_path}: {size} bytes" + ("" if cast else f", sha256 {sha}"))

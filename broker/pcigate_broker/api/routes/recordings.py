@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from pcigate.models import Identity, RecordingReceipt
+from pcigate.recording import asciicast_lines
 
 from ... import sessions
 from ...errors import ApiError
@@ -184,13 +187,40 @@ def _download_path(broker: Broker, identity: Identity, session_id: str) -> tuple
     response_class=FileResponse,
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
-async def download(session_id: str, broker: BrokerDep, identity: CurrentIdentity) -> FileResponse:
+async def download(
+    session_id: str,
+    broker: BrokerDep,
+    identity: CurrentIdentity,
+    format: Annotated[Literal["pcigate", "asciicast"], Query()] = "pcigate",
+) -> Response:
+    """The recording as stored (``format=pcigate``: hash-chained, what ``pcigate replay`` and the audit
+    verify), or, for a terminal session, as a plain asciicast v2 file for asciinema's players
+    (``format=asciicast``: the chain's digests and pcigate's own events left out), streamed."""
     path, sha = await anyio.to_thread.run_sync(_download_path, broker, identity, session_id)
     if not await anyio.to_thread.run_sync(os.path.exists, path):
         raise ApiError(404, "not_found", "recording file missing from the store")
+    if format == "asciicast":
+        first = await anyio.to_thread.run_sync(_first_line, path)
+        if b'"kind":"ssh"' not in first:
+            raise ApiError(422, "validation_error", "only a terminal (ssh) session has an asciicast form")
+        return StreamingResponse(
+            iterate_in_threadpool(_cast_lines(path)),
+            media_type="application/x-asciicast",
+            headers={"Content-Disposition": f'attachment; filename="{session_id}.cast"'},
+        )
     return FileResponse(
         path,
         media_type="application/x-ndjson",
         filename=f"{session_id}.rec",
         headers={"X-Content-SHA256": sha},
     )
+
+
+def _first_line(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.readline(1 << 20)
+
+
+def _cast_lines(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        yield from asciicast_lines(fh)
