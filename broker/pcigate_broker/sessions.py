@@ -262,7 +262,8 @@ def sign_certificate(broker: Broker, grant: policy.Grant, identity: Identity, re
     if req.port_forwarding and not level.port_forwarding:
         raise ApiError(403, "level_not_allowed",
                        f"port forwarding is not allowed at level {grant.level!r} on {grant.target}")
-    # Least privilege: a terminal session's certificate permits a pty only; a forward session's, forwarding only.
+    # Least privilege: a terminal session's certificate permits a pty only, a forward session's forwarding
+    # only.
     extensions = ["permit-port-forwarding"] if req.port_forwarding else ["permit-pty"]
     key_id = f"pcigate:{identity.subject}:{session_id}"[:255]
     text = broker.vault.sign_ssh_key(grant.vault_mount, grant.vault_role, req.public_key.strip(), principals,
