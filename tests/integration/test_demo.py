@@ -23,6 +23,7 @@ def test_demo_journey() -> None:
                  "$ pcigate connect prod-db", "$ pcigate sessions"):
         assert step in out, out[-4000:]
     assert "Grace Hopper" in out  # the query ran through the tunnel
+    assert "card 4111 11** **** 1111 seen by webops" in out  # ssh with a certificate, the number masked
     assert "recording uploaded" in out
     assert "dynamic database roles left: 0" in out
     assert "Traceback" not in out

@@ -29,6 +29,7 @@ JOURNEY: list[list[str]] = [
     ["whoami"],
     ["targets"],
     ["connect", "prod-db", "--", "-c", "select id, name from customers"],
+    ["ssh", "web-1", "--", "echo card 4111 1111 1111 1111 seen by $(id -un)"],
     ["sessions"],
 ]
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     t0 = time.monotonic()
-    say("== bringing up the stack: PostgreSQL (SCRAM), OpenBao, the IdP (oidc-provider), pcigate-broker")
+    say("== bringing up the stack: PostgreSQL (SCRAM), OpenBao (+ SSH CA), sshd, the IdP (oidc-provider), "
+        "pcigate-broker")
     workdir = Path(tempfile.mkdtemp(prefix="pcigate-demo-"))
     with Stack(workdir / "stack", keep_workdir=args.keep) as stack:
         say(f"   up in {time.monotonic() - t0:.1f}s  {stack.timings}")
