@@ -4,7 +4,13 @@ A terminal session arrives in pieces of any size: a card number can be split bet
 one digit at a time and echoed back digit by digit. :class:`StreamMasker` masks the stream as if it were one
 text: a PAN can only span characters of the run class (digits, space, dash), so it passes on everything up
 to the last character outside that class and holds back a trailing run until the next piece shows where it
-ends. ``flush()`` masks and releases what is held (the end of the stream, or, on the screen side, a pause).
+ends. ``flush()`` masks and releases what is held (the end of the stream).
+
+One masker serves the screen and the recording: what ``feed`` releases goes to both. A person typing a number
+must see it, though, so after a short pause the screen is shown the held run (masked as far as it can be
+judged so far) with :meth:`peek`, while the recording waits for the run to end: a number typed or printed
+piecemeal is never recorded in clear. The screen then gets only the rest of the run when it is released
+(:meth:`screen`).
 
 Bytes become text with an incremental UTF-8 decoder (a character split between reads is kept whole;
 invalid bytes become U+FFFD), so the recording holds valid asciicast text.
@@ -21,12 +27,13 @@ MAX_HOLD = 4096  # characters held back at most; a longer run is masked as it st
 
 
 class StreamMasker:
-    __slots__ = ("_decoder", "_held", "_masker", "max_hold")
+    __slots__ = ("_decoder", "_held", "_masker", "_shown", "max_hold")
 
     def __init__(self, masker: Masker | None, *, max_hold: int = MAX_HOLD) -> None:
         self._masker = masker
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
+        self._shown = 0  # characters of the held run the screen was already shown (peek)
         self.max_hold = max_hold
 
     @property
@@ -57,3 +64,21 @@ class StreamMasker:
             return tail
         text, self._held = self._held + tail, ""
         return self._masker.mask_text(text) if text else ""
+
+    def screen(self, released: str) -> str:
+        """The part of ``released`` (what ``feed``/``flush`` just returned) the screen has not been shown."""
+        if not released or not self._shown:
+            return released
+        # a release always starts with the whole held run (it ends at a later character), so what was shown
+        # of it is behind us now
+        part, self._shown = released[self._shown :], 0
+        return part
+
+    def peek(self) -> str:
+        """For the screen after a pause: the held run, masked as far as it can be judged now, that the screen
+        has not been shown yet. It stays held for the recording."""
+        if not self._held or self._masker is None:
+            return ""
+        part = self._masker.mask_text(self._held)[self._shown :]
+        self._shown = len(self._held)
+        return part

@@ -50,3 +50,39 @@ def test_a_long_run_is_not_held_forever() -> None:
 def test_no_policy_passes_everything() -> None:
     sm = StreamMasker(None)
     assert sm.feed("4111111111111111") == "4111111111111111"
+
+
+@settings(max_examples=300)
+@given(st.lists(pieces, max_size=12), st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+       st.lists(st.booleans(), max_size=10))
+def test_the_screen_sees_every_character_once_and_the_recording_only_whole_runs(
+        parts: list[str], cuts: list[int], peeks: list[bool]) -> None:
+    text = "".join(parts)
+    bounds = sorted({min(c, len(text)) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    sm = StreamMasker(MASKER)
+    screen, record = [], []
+    for i, chunk in enumerate(chunks):
+        released = sm.feed(chunk)
+        record.append(released)
+        screen.append(sm.screen(released))
+        if i < len(peeks) and peeks[i]:  # a pause: the screen is shown what is held
+            screen.append(sm.peek())
+    released = sm.flush()
+    record.append(released)
+    screen.append(sm.screen(released))
+    assert "".join(record) == MASKER.mask_text(text)
+    assert len("".join(screen)) == len(text)
+    if not any(peeks):
+        assert "".join(screen) == MASKER.mask_text(text)
+
+
+def test_typing_shows_each_digit_after_a_pause_but_records_the_number_masked() -> None:
+    sm = StreamMasker(MASKER)
+    screen, record = [], []
+    for ch in f"{PANS[0]}\r":
+        released = sm.feed(ch)
+        record.append(released)
+        screen.append(sm.screen(released) + sm.peek())
+    assert "".join(screen) == f"{PANS[0]}\r"  # the typist's own echo, one digit at a time
+    assert "".join(record) == "411111******1111\r"

@@ -9,9 +9,8 @@ Not interactive (stdin is a pipe or a file): ``ssh -T`` reads our stdin itself; 
 through pipes to ours and are recorded as ``o`` events (the input is not recorded in this mode).
 
 Card data is masked (:class:`~pcigate.termmask.StreamMasker`) before it reaches the screen or the recording.
-The screen's masker releases a held-back digit run after a short pause, so typing stays visible; the
-recording's maskers never release a run before it ends, so a number typed or printed piecemeal is never
-recorded in clear.
+The screen is shown a held-back digit run after a short pause, so typing stays visible; the recording gets
+a run only when it ends, so a number typed or printed piecemeal is never recorded in clear.
 """
 
 from __future__ import annotations
@@ -107,12 +106,11 @@ class TerminalRelay:
             assert proc.stderr is not None
             outputs = [(proc.stdout.fileno(), self.stdout_fd), (proc.stderr.fileno(), self.stderr_fd)]
             master = -1
-        screens = {src: StreamMasker(self.masker) for src, _ in outputs}
-        records = {src: StreamMasker(self.masker) for src, _ in outputs}
+        maskers = {src: StreamMasker(self.masker) for src, _ in outputs}
         typed = StreamMasker(self.masker)
         try:
             for src, dst in outputs:
-                self._watch(loop, src, dst, screens[src], records[src])
+                self._watch(loop, src, dst, maskers[src])
             if self.interactive:
                 self._watch_input(loop, master, typed)
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -145,8 +143,9 @@ class TerminalRelay:
             if self._flush_at is not None:
                 self._flush_at.cancel()
             for src, dst in outputs:
-                self._show(dst, screens[src].flush())
-                self._record("o", records[src].flush())
+                released = maskers[src].flush()
+                self._show(dst, maskers[src].screen(released))
+                self._record("o", released)
             self._record("i", typed.flush())
             if master >= 0:
                 os.close(master)
@@ -179,8 +178,7 @@ class TerminalRelay:
                 return  # our terminal went away; the recording goes on
             data = data[n:]
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, screen: StreamMasker,
-               record: StreamMasker) -> None:
+    def _watch(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, masker: StreamMasker) -> None:
         self._open += 1
 
         def readable() -> None:
@@ -195,12 +193,13 @@ class TerminalRelay:
                 if self._open == 0 and self._eof is not None:
                     self._eof.set()
                 return
-            self._show(dst, screen.feed_bytes(data))
-            self._record("o", record.feed_bytes(data))
-            if screen.pending:
+            released = masker.feed_bytes(data)
+            self._show(dst, masker.screen(released))
+            self._record("o", released)
+            if masker.pending:
                 if self._flush_at is not None:
                     self._flush_at.cancel()
-                self._flush_at = loop.call_later(SCREEN_HOLD_SECONDS, lambda: self._show(dst, screen.flush()))
+                self._flush_at = loop.call_later(SCREEN_HOLD_SECONDS, lambda: self._show(dst, masker.peek()))
 
         loop.add_reader(src, readable)
         self._readers.append(src)
