@@ -40,6 +40,7 @@ from pcigate.errors import RecordingError
 
 FORMAT_VERSION = 1
 SQL_CAP = 64 * 1024  # characters of SQL kept per statement event
+WAKE_BYTES = 1 << 20  # queued terminal output that wakes the writer before its interval
 MAX_BLOCKED = 1000  # blocked statements a verifier reports (the recording itself holds them all)
 HEADER_FIELDS = ("session_id", "user", "target", "level", "lease_id", "policy_digest", "started_at", "kind")
 
@@ -148,6 +149,7 @@ class RecordingWriter:
         # never takes a lock.
         self._q: deque[bytes] = deque((canonical(hdr) + b"\n",))
         self._wake = threading.Event()
+        self._queued = 0  # bytes queued since the last drain (approximate: a hint to wake the writer early)
         self._wlock = threading.Lock()  # one writer at a time: keeps the file in chain order
         self._closing = False
         self._closed = False
@@ -220,6 +222,12 @@ class RecordingWriter:
         h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
         self._q.append(b"".join((canon[:-1], b',"', h.encode(), b'"]\n')))
         self.events += 1
+        # Terminal output comes in big events: past WAKE_BYTES the writer is woken rather than waiting for its
+        # interval, so a fast stream never queues more than about that much.
+        self._queued += len(canon)
+        if self._queued > WAKE_BYTES:
+            self._queued = 0
+            self._wake.set()
 
     # -- writing (background thread, flush, close) ---------------------------------------------------------
 
@@ -235,6 +243,7 @@ class RecordingWriter:
     def _run(self) -> None:
         while not self._closing:
             self._wake.wait(self._interval)
+            self._wake.clear()
             if self._closing:
                 return  # close() writes what is left itself
             if not self._q:
