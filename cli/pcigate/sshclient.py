@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -68,18 +69,19 @@ class Forward:
         return f"127.0.0.1:{self.local_port}:{self.host}:{self.port}"
 
 
+_HOST = r"(\[[^\]]+\]|[^:\[\]]+)"
+_FORWARD = re.compile(rf"^(?:{_HOST}:)?([0-9]{{1,5}}):{_HOST}:([0-9]{{1,5}})$")
+
+
 def parse_forward(spec: str) -> Forward:
-    parts = spec.rsplit(":", 3) if spec.count(":") >= 3 else spec.split(":")
-    if len(parts) == 4:
-        bind, lport, host, port = parts
-        if not is_loopback(bind.strip("[]")):
-            raise UsageError(f"-L {spec}: the local end listens on loopback only (127.0.0.1)")
-    elif len(parts) == 3:
-        lport, host, port = parts
-    else:
-        raise UsageError(f"-L {spec}: expected LOCAL_PORT:HOST:PORT")
-    if not (lport.isdigit() and port.isdigit() and 0 < int(lport) < 65536 and 0 < int(port) < 65536 and host):
-        raise UsageError(f"-L {spec}: expected LOCAL_PORT:HOST:PORT with ports 1-65535")
+    m = _FORWARD.match(spec)
+    if m is None:
+        raise UsageError(f"-L {spec}: expected [127.0.0.1:]LOCAL_PORT:HOST:PORT")
+    bind, lport, host, port = m.groups()
+    if bind is not None and not is_loopback(bind.strip("[]")):
+        raise UsageError(f"-L {spec}: the local end listens on loopback only (127.0.0.1)")
+    if not (0 < int(lport) < 65536 and 0 < int(port) < 65536):
+        raise UsageError(f"-L {spec}: ports are 1-65535")
     return Forward(int(lport), host.strip("[]"), int(port))
 
 

@@ -342,3 +342,20 @@ def test_replay_a_database_session_as_a_timeline(stack: Stack, login, run_cli) -
     assert "22012" in failed  # division_by_zero
     doc = json.loads(run_cli(["replay", sid, "--json"]).stdout)
     assert [s["sql"] for s in doc["statements"]][-2:] == ["select 40 + 2 as answer", "select 1/0"]
+
+
+def test_connect_to_an_ssh_target_opens_a_shell(login, run_cli) -> None:
+    """`pcigate connect web-1` (no -L): the same terminal session as `pcigate ssh web-1`; here without a
+    terminal, the remote shell reads the commands from stdin."""
+    assert login("alice").code == 0
+    r = run_cli(["connect", "web-1"], input="echo via-connect $(id -un)\nexit 4\n")
+    assert r.code == 4, r.output
+    assert "via-connect webops" in r.stdout
+    assert _last_session(run_cli)["cert_serial"]
+
+
+def test_port_forwarding_needs_a_level_that_allows_it(login, run_cli) -> None:
+    assert login("alice").code == 0
+    r = run_cli(["connect", "web-1", "--level", "admin", "-L", "18080:127.0.0.1:80"])
+    assert r.code == 4, r.output
+    assert "port forwarding is not allowed at level 'admin'" in r.stderr

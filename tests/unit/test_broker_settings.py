@@ -108,3 +108,58 @@ def test_cli_subprocess_check_and_migrate(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8vF0bX3s4d1qgYh4Q1fWkqkqz1PbcUq7K3eXnYy8cQ"
+SSH_TARGET = f"""
+[targets.web-1]
+kind = "ssh"
+host = "web-1.internal"
+host_key = "{HOST_KEY}"
+[targets.web-1.levels.ops]
+vault_role = "web-ops"
+ttl_cap = "1h"
+principals = ["webops"]
+"""
+
+
+def _ssh_problems(tmp_path: Path, target: str) -> list[str]:
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(_toml(tmp_path) + target)
+    try:
+        load_settings(cfg, environ={"PCIGATE_BROKER_VAULT_TOKEN": "x"})
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_an_ssh_target(tmp_path: Path) -> None:
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(_toml(tmp_path) + SSH_TARGET)
+    s = load_settings(cfg, environ={"PCIGATE_BROKER_VAULT_TOKEN": "x"})
+    t = s.targets["web-1"]
+    assert (t.effective_port, t.mount) == (22, "ssh")
+    assert t.known_hosts() == ["web-1.internal " + t.host_key]  # port 22: the plain host name
+    assert not t.levels["ops"].port_forwarding  # off unless allowed: a forward is not recorded
+    ca = SSH_TARGET.replace("host_key", "port = 2222\nhost_ca")
+    cfg.write_text(_toml(tmp_path) + ca)
+    t = load_settings(cfg, environ={"PCIGATE_BROKER_VAULT_TOKEN": "x"}).targets["web-1"]
+    assert t.known_hosts() == [f"@cert-authority [web-1.internal]:2222 {t.host_ca}"]
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda t: t.replace('principals = ["webops"]', "principals = []"), "needs principals"),
+    (lambda t: t.replace('principals = ["webops"]', 'principals = ["root"]'), "bad principal 'root'"),
+    (lambda t: t.replace('host_key = "ssh-ed25519', 'host_key = "not-a-key'), "an OpenSSH public key"),
+    (lambda t: t.replace("host_key", 'host_ca = "ssh-ed25519 AAAA"\nhost_key'), "exactly one of host_key"),
+    (lambda t: t.replace(f'host_key = "{HOST_KEY}"', ""), "exactly one of host_key"),
+    (lambda t: t + '[[targets.web-1.guardrails]]\nname = "x"\ndeny = ["ddl"]\n', "not for ssh targets"),
+])
+def test_ssh_target_mistakes_are_named(tmp_path: Path, change, problem: str) -> None:
+    problems = _ssh_problems(tmp_path, change(SSH_TARGET))
+    assert any(p.startswith("targets.web-1") and problem in p for p in problems), problems
+
+
+def test_a_postgres_target_still_needs_its_database(tmp_path: Path) -> None:
+    problems = _ssh_problems(tmp_path, SSH_TARGET.replace('kind = "ssh"', 'kind = "postgres"'))
+    assert any("a postgres target needs database" in p for p in problems), problems
