@@ -94,7 +94,7 @@ class PgEntry:
     e: str
     c: int | None
     fields: dict[str, object]  # the event without t, e, c and h
-    masked: int | None = None  # stmt only: values the tunnel masked in its results
+    masked: bool | None = None  # stmt only: the tunnel masked card data in its results
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"t": self.t}
@@ -126,7 +126,7 @@ def pg_entries(lines: Iterable[bytes], cap: int = PENDING_CAP) -> Iterator[PgEnt
     """The timeline of a database recording's event lines, in recording order.
 
     A ``masked`` event follows the ``stmt`` of its connection whose results had card data masked: it is
-    joined to that statement (its ``masked`` count) instead of being an entry of its own. A statement is
+    joined to that statement (``masked`` set) instead of being an entry of its own. A statement is
     therefore held back until the next event of the same connection (or the end), and so is everything after
     it; at most ``cap`` entries are held, then the oldest go out as they are (a ``masked`` event arriving
     later for one of them stays an entry of its own)."""
@@ -137,9 +137,8 @@ def pg_entries(lines: Iterable[bytes], cap: int = PENDING_CAP) -> Iterator[PgEnt
         if entry is None:
             continue
         prev = open_stmt.pop(entry.c, None) if entry.c is not None else None
-        values = entry.fields.get("values")
         if entry.e == "masked" and prev is not None:
-            prev.masked = (prev.masked or 0) + (values if isinstance(values, int) else 0)
+            prev.masked = True
         else:
             held.append(entry)
             if entry.e == "stmt" and entry.c is not None:
@@ -189,7 +188,7 @@ def _marks(entry: PgEntry) -> list[str]:
     if entry.fields.get("blocked"):
         marks.append(f"BLOCKED ({one_line(entry.fields['blocked'], 60)})")
     if entry.masked:
-        marks.append(f"MASKED ({entry.masked} values)")
+        marks.append("MASKED")
     return marks
 
 
@@ -207,7 +206,7 @@ def _detail(entry: PgEntry) -> str:
         case "cancel":
             return "cancel"
         case "masked":
-            return f"masked {one_line(f.get('values', '?'))} values"
+            return "masked (results of a statement not in this recording)"
         case "end":
             return one_line(f"end ({f.get('reason', '?')})")
     return one_line(f"{entry.e} {json.dumps(f, sort_keys=True)}", 200)

@@ -293,7 +293,12 @@ class Connector:
             extra.update(principal=opened.ssh.principal, cert_serial=opened.ssh.serial,
                          cert_key_id=opened.ssh.key_id)
         if request.command:
-            extra["command"] = " ".join(request.command)[:4096]
+            command = " ".join(request.command)
+            if opened.policy.masking is not None:  # masked before the cap: a cut never leaves a PAN's head
+                from pcigate.masking import Masker
+
+                command = Masker(opened.policy.masking).mask_text(command)
+            extra["command"] = command[:4096]
         if request.forwards:
             extra["forwards"] = list(request.forwards)
         return extra

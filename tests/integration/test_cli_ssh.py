@@ -236,7 +236,8 @@ def test_one_command_without_a_terminal(stack: Stack, login, run_cli) -> None:
     assert "to-stderr" in r.stderr
     summary = _last_session(run_cli)
     header, events = _events(_recording(stack, summary["recording_sha256"]))
-    assert header["command"].startswith("echo")
+    assert header["command"].startswith(f"echo {MASKED};")  # the command line is masked too
+    assert PAN not in _recording(stack, summary["recording_sha256"])
     assert MASKED in "".join(e[2] for e in events if e[1] == "o")
 
 
