@@ -8,6 +8,7 @@ Brings the stack up (tests.stack.stack.Stack), then runs, printing each command 
     pcigate whoami
     pcigate targets
     pcigate connect prod-db -- -c "select id, name from customers"
+    pcigate ssh web-1 -- 'echo card 4111 1111 1111 1111 seen by $(id -un)'
     pcigate sessions
 
 and tears everything down. Exit status: 0 when every step succeeded, else the first failing step's code.
