@@ -3,8 +3,6 @@ pure :mod:`pcigate.replay`."""
 
 from __future__ import annotations
 
-import dataclasses
-import hmac
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -133,6 +131,9 @@ def _download(ctx: typer.Context, stack: ExitStack, session_id: str) -> tuple[IO
         client.download_recording(session_id, sink)
     fh.flush()
     check = verifier.finish()
+    import dataclasses
+    import hmac
+
     if check.ok and expected and not hmac.compare_digest(check.sha256, expected):
         # a whole chain can be rebuilt by whoever can write the store: the digest the upload was checked
         # against (and the audit log holds) is the anchor
