@@ -177,17 +177,19 @@ class RecordingWriter:
             raise RecordingError("recording is closed")
         if self.failed:
             return  # nothing can be written any more: don't let events pile up in memory
-        self._add_event(self._now(), e, fields)
+        self._add(_encode_event, self._now(), e, fields)
 
-    def _add_event(self, t: float, e: str, fields: dict[str, object]) -> None:
+    def _add(self, encode: Callable[..., tuple[bytes, str]], *args: Any) -> int:
+        """Encode with ``encode(prev_h, *args)``, chain and queue; the line's length (0: left out)."""
         try:
-            line, self._h = _encode_event(self._h, t, e, fields)
+            line, self._h = encode(self._h, *args)
         except (TypeError, ValueError) as exc:
             if self._error is None:
                 self._error = exc
-            return
+            return 0
         self._q.append(line)
         self.events += 1
+        return len(line)
 
     def stmt(self, c: int, sql: str, truncated: bool, proto: str, params: int | None, ms: float,
              rows: int | None, tag: str | None, sqlstate: str | None, error: str | None) -> None:
@@ -200,7 +202,7 @@ class RecordingWriter:
         payload = (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)
         canon, pre = _stmt_parts(t, payload)
         if canon is None:
-            self._add_event(t, "stmt", _stmt_fields(payload))
+            self._add(_encode_event, t, "stmt", _stmt_fields(payload))
             return
         h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
         self._q.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
@@ -212,19 +214,9 @@ class RecordingWriter:
             raise RecordingError("recording is closed")
         if self.failed:
             return
-        t = self._now()
-        try:
-            canon = canonical([t, code, data])
-        except (TypeError, ValueError) as exc:
-            if self._error is None:
-                self._error = exc
-            return
-        h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
-        self._q.append(b"".join((canon[:-1], b',"', h.encode(), b'"]\n')))
-        self.events += 1
         # Terminal output comes in big events: past WAKE_BYTES the writer is woken rather than waiting for its
         # interval, so a fast stream never queues more than about that much.
-        self._queued += len(canon)
+        self._queued += self._add(_encode_cast, self._now(), code, data)
         if self._queued > WAKE_BYTES:
             self._queued = 0
             self._wake.set()
@@ -372,6 +364,13 @@ def _encode_event(prev: str, t: float, e: str, fields: dict[str, object]) -> tup
     h = _chain(prev, canon)
     ev["h"] = h
     return canonical(ev) + b"\n", h
+
+
+def _encode_cast(prev: str, t: float, code: str, data: object) -> tuple[bytes, str]:
+    """(line with "h" and newline, new h) for an asciicast event ``[t, code, data, h]``."""
+    canon = canonical([t, code, data])
+    h = _chain(prev, canon)
+    return b"".join((canon[:-1], b',"', h.encode(), b'"]\n')), h
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -613,8 +612,7 @@ def seal_recording(path: Path, reason: str = "client_lost") -> bool:
         return False
     keep = v._size - len(v._partial)  # everything up to the last complete line
     if v._cast:
-        canon = canonical([v._last_t, "x", {"e": "end", "reason": reason}])
-        line = canon[:-1] + b',"' + _chain(v._h, canon).encode() + b'"]\n'
+        line, _ = _encode_cast(v._h, v._last_t, "x", {"e": "end", "reason": reason})
     else:
         line, _ = _encode_event(v._h, v._last_t, "end", {"reason": reason})
     with path.open("r+b") as fh:
