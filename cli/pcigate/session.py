@@ -54,6 +54,7 @@ STRIPPED_ENV = (
     "PGTARGETSESSIONATTRS",
 )
 LOCAL_HOST = "127.0.0.1"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MIN_HEARTBEAT_SECONDS = 1.0
 PSQL_STOP_GRACE = 5.0  # seconds psql gets to exit after SIGTERM when the broker ended the session
 # Imported in the background while the broker and OpenBao open the session (see startup.Prefetch): the
@@ -124,7 +125,8 @@ def _db(opened: SessionOpened) -> DatabaseCredentials:
     return opened.credentials
 
 
-def _exit_status(returncode: int) -> int:
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell gives it: its exit code, or 128 + the signal that ended it."""
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -134,6 +136,22 @@ def _state_error(exc: OSError) -> RecordingError:
         f"cannot write the session state to {where}: {exc.strerror or exc}",
         hint="free some disk space or fix the permissions of the state directory (PCIGATE_STATE_DIR)",
     )
+
+
+@contextlib.contextmanager
+def _signal_handlers(handlers: dict[signal.Signals, Callable[[], object]]) -> Iterator[None]:
+    """The running loop's handlers for these signals while the block runs (where the loop can have them)."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig, handler in handlers.items():
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -201,15 +219,13 @@ class Connector:
 
     # -- entry point
     def run(self, request: ConnectRequest) -> int:
-        from pcigate.sshclient import parse_forward
-
-        for spec in request.forwards:
-            parse_forward(spec)  # a bad -L fails before any session exists
         binary: str | None = None
         missing: UsageError | None = None
         if request.kind == "ssh" or request.forwards:
-            from pcigate.sshclient import EphemeralKey, resolve_ssh
+            from pcigate.sshclient import EphemeralKey, parse_forward, resolve_ssh
 
+            for spec in request.forwards:
+                parse_forward(spec)  # a bad -L fails before any session exists
             binary = resolve_ssh()
             self._ssh_key = EphemeralKey.generate()
         elif not request.no_exec:
@@ -341,35 +357,19 @@ class Connector:
             policy=opened.policy,
             masking_key=base64.urlsafe_b64decode(opened.masking_key) if opened.masking_key else None,
         )
-        state = _State(stop=asyncio.Event())
-        loop = asyncio.get_running_loop()
-
-        def end_unrecorded(message: str) -> None:
-            def stop() -> None:
-                state.notes.append(f"{message}; ending the session (nothing may run unrecorded)")
-                state.stop.set()
-
-            loop.call_soon_threadsafe(stop)
-
-        self._end_unrecorded = end_unrecorded
-        if recorder is not None and recorder.failed:  # failed before we were listening
-            end_unrecorded(f"cannot write recording {recorder.path}")
+        state = self._state(recorder)
         tasks: list[asyncio.Task[None]] = []
         try:
             await tunnel.check_upstream()
             port = await tunnel.start()
             startup.end()  # the tunnel is ready
-            tasks.append(asyncio.create_task(self._heartbeat(opened, state)))
-            tasks.append(asyncio.create_task(self._expiry(opened, state)))
+            tasks = self._watch(opened, state)
             with passfile(port, secret) as pgpass:
                 if binary is None:
                     return await self._wait_no_exec(opened, port, pgpass, state)
                 return await self._run_psql(binary, opened, port, pgpass, request.psql_args, state)
         finally:
-            self._end_unrecorded = None
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._unwatch(tasks)
             await tunnel.close()
             for problem in getattr(tunnel, "errors", []) or []:
                 self.out.warn(f"tunnel: {problem}")
@@ -386,22 +386,11 @@ class Connector:
 
         assert opened.ssh is not None
         assert self._ssh_key is not None
-        state = _State(stop=asyncio.Event())
-        loop = asyncio.get_running_loop()
-
-        def end_unrecorded(message: str) -> None:
-            def stop() -> None:
-                state.notes.append(f"{message}; ending the session (nothing may run unrecorded)")
-                state.stop.set()
-
-            loop.call_soon_threadsafe(stop)
-
-        self._end_unrecorded = end_unrecorded
+        state = self._state(recorder)
         forwards = [parse_forward(spec) for spec in request.forwards]
         interactive = not forwards and sys.stdin.isatty()
         masking = opened.policy.masking
-        tasks = [asyncio.create_task(self._heartbeat(opened, state)),
-                 asyncio.create_task(self._expiry(opened, state))]
+        tasks = self._watch(opened, state)
         try:
             with key_files(self._ssh_key, opened.ssh) as files:
                 argv = ssh_argv(binary, opened.ssh, files, tty=interactive, command=request.command,
@@ -415,29 +404,47 @@ class Connector:
                                                 "to": f"{fw.host}:{fw.port}"})
                         self.out.info(f"forwarding 127.0.0.1:{fw.local_port} to {fw.host}:{fw.port} on "
                                       f"{opened.target}; press Ctrl-C to end the session")
-                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                            loop.add_signal_handler(sig, state.stop.set)
-                else:
-                    # Like ssh itself: Ctrl-C belongs to the remote side; we stay alive to clean up.
-                    for sig, handler in ((signal.SIGINT, lambda: None), (signal.SIGTERM, state.stop.set),
-                                         (signal.SIGHUP, state.stop.set)):
-                        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                            loop.add_signal_handler(sig, handler)
+                handlers: dict[signal.Signals, Callable[[], object]] = dict.fromkeys(
+                    STOP_SIGNALS, state.stop.set)
+                if not forwards:
+                    handlers[signal.SIGINT] = lambda: None  # like ssh: Ctrl-C belongs to the remote side
                 startup.end()
-                status = await relay.run(state.stop, on_stop=lambda: self._notes(state))
+                with _signal_handlers(handlers):
+                    status = await relay.run(state.stop, on_stop=lambda: self._notes(state))
                 if forwards and state.stop.is_set() and status in (130, 143, 255):
                     status = 0  # ended by Ctrl-C or by the broker, as asked
                 return status
         finally:
-            self._end_unrecorded = None
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.remove_signal_handler(sig)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._unwatch(tasks)
             self._notes(state)
+
+    def _state(self, recorder: Any) -> _State:
+        """The live session's state; from now on a recording that cannot be written ends it (fail closed)."""
+        state = _State(stop=asyncio.Event())
+        loop = asyncio.get_running_loop()
+
+        def end_unrecorded(message: str) -> None:
+            def stop() -> None:
+                state.notes.append(f"{message}; ending the session (nothing may run unrecorded)")
+                state.stop.set()
+
+            loop.call_soon_threadsafe(stop)
+
+        self._end_unrecorded = end_unrecorded
+        if recorder is not None and recorder.failed:  # failed before the session got going
+            end_unrecorded(f"cannot write recording {recorder.path}")
+        return state
+
+    def _watch(self, opened: SessionOpened, state: _State) -> list[asyncio.Task[None]]:
+        """Heartbeats, and the session's end time."""
+        return [asyncio.create_task(self._heartbeat(opened, state)),
+                asyncio.create_task(self._expiry(opened, state))]
+
+    async def _unwatch(self, tasks: list[asyncio.Task[None]]) -> None:
+        self._end_unrecorded = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _notes(self, state: _State) -> None:
         while state.notes:
@@ -446,7 +453,6 @@ class Connector:
     async def _run_psql(
         self, binary: str, opened: SessionOpened, port: int, pgpass: Path, extra: list[str], state: _State
     ) -> int:
-        loop = asyncio.get_running_loop()
         proc = await asyncio.create_subprocess_exec(
             *psql_argv(binary, opened, port, extra), env=child_env(pgpass)
         )
@@ -458,44 +464,36 @@ class Connector:
 
             return handler
 
-        # Like ssh: psql owns Ctrl-C (it cancels the running query); we stay alive to clean up.
-        installed: list[signal.Signals] = []
-        for sig, handler in (
-            (signal.SIGINT, lambda: None),
-            (signal.SIGTERM, forward(signal.SIGTERM)),
-            (signal.SIGHUP, forward(signal.SIGHUP)),
-        ):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, handler)
-                installed.append(sig)
         exited = asyncio.ensure_future(proc.wait())
         stopped = asyncio.ensure_future(state.stop.wait())
         try:
-            await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
-                # The broker ended the session (end time, revocation): say so now and end psql, whose
-                # tunnel is about to go; then clean up as usual.
-                self._notes(state)
-                self.out.info("ending psql")
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
+            # Like ssh: psql owns Ctrl-C (it cancels the running query); we stay alive to clean up.
+            with _signal_handlers({signal.SIGINT: lambda: None, signal.SIGTERM: forward(signal.SIGTERM),
+                                   signal.SIGHUP: forward(signal.SIGHUP)}):
                 try:
-                    await asyncio.wait_for(asyncio.shield(exited), PSQL_STOP_GRACE)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            return _exit_status(await exited)
+                    await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not exited.done():
+                        # The broker ended the session (end time, revocation): say so now and end psql,
+                        # whose tunnel is about to go; then clean up as usual.
+                        self._notes(state)
+                        self.out.info("ending psql")
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.terminate()
+                        try:
+                            await asyncio.wait_for(asyncio.shield(exited), PSQL_STOP_GRACE)
+                        except TimeoutError:
+                            with contextlib.suppress(ProcessLookupError):
+                                proc.kill()
+                    return exit_status(await exited)
+                finally:
+                    stopped.cancel()
         finally:
-            stopped.cancel()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
                 await proc.wait()
 
     async def _wait_no_exec(self, opened: SessionOpened, port: int, pgpass: Path, state: _State) -> int:
-        loop = asyncio.get_running_loop()
         creds = _db(opened)
         conninfo = f"host={LOCAL_HOST} port={port} dbname={creds.database} user={creds.username}"
         if self.out.json_mode:
@@ -517,16 +515,8 @@ class Connector:
             )
             self.out.info(f'connect with: PGPASSFILE={pgpass} psql "{conninfo}"')
             self.out.info("press Ctrl-C to end the session")
-        installed: list[signal.Signals] = []
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, state.stop.set)
-                installed.append(sig)
-        try:
+        with _signal_handlers(dict.fromkeys(STOP_SIGNALS, state.stop.set)):
             await state.stop.wait()
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
         return 0
 
     async def _heartbeat(self, opened: SessionOpened, state: _State) -> None:

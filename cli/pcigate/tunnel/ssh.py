@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pcigate.masking import Masker
+from pcigate.session import exit_status
 from pcigate.termmask import StreamMasker
 
 READ_SIZE = 65536
@@ -55,8 +56,18 @@ def _controlling_tty() -> None:  # pragma: no cover - runs in the child between 
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data``; False when ``fd`` is closed or broken (the rest is dropped)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+        view = view[n:]
+    return True
 
 
 class TerminalRelay:
@@ -166,17 +177,8 @@ class TerminalRelay:
             self._cast(code, text)
 
     def _show(self, fd: int, text: str) -> None:
-        if not text:
-            return
-        data = memoryview(text.encode("utf-8", "replace"))
-        while data:
-            try:
-                n = os.write(fd, data)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return  # our terminal went away; the recording goes on
-            data = data[n:]
+        if text:
+            _write_all(fd, text.encode("utf-8", "replace"))  # our terminal may be gone: the recording goes on
 
     def _watch(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, masker: StreamMasker) -> None:
         self._open += 1
@@ -216,16 +218,8 @@ class TerminalRelay:
                 loop.remove_reader(src)
                 self._readers.remove(src)
                 return
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(master, view)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
-                view = view[n:]
-            self._record("i", typed.feed_bytes(data))
+            if _write_all(master, data):
+                self._record("i", typed.feed_bytes(data))
 
         loop.add_reader(src, readable)
         self._readers.append(src)
