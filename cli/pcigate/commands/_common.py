@@ -13,6 +13,18 @@ if TYPE_CHECKING:
     from pcigate.output import Output
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+# connect and ssh: the session's level and length
+LevelOpt = Annotated[
+    str | None, typer.Option("--level", "-l", help="Access level (default: the target's default level).")
+]
+SessionForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--for",
+        metavar="DURATION",
+        help='Session length, e.g. "30m", "1h" (default and maximum: the level\'s cap).',
+    ),
+]
 
 SPOOL_SYNC_TIMEOUT = 2.0
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pcigate.commands._common import JsonOpt, broker, output, settings
+from pcigate.commands._common import JsonOpt, LevelOpt, SessionForOpt, broker, output, settings
+
+if TYPE_CHECKING:
+    from pcigate.session import ConnectRequest
 
 
 def connect(
@@ -15,17 +18,8 @@ def connect(
     psql_args: Annotated[
         list[str] | None, typer.Argument(metavar="PSQL_ARGS", help="Passed to psql after `--`.")
     ] = None,
-    level: Annotated[
-        str | None, typer.Option("--level", "-l", help="Access level (default: the target's default level).")
-    ] = None,
-    duration: Annotated[
-        str | None,
-        typer.Option(
-            "--for",
-            metavar="DURATION",
-            help='Session length, e.g. "30m", "1h" (default and maximum: the level\'s cap).',
-        ),
-    ] = None,
+    level: LevelOpt = None,
+    duration: SessionForOpt = None,
     port: Annotated[
         int,
         typer.Option("--port", "-p", min=0, max=65535, help="Local tunnel port (default: any free port)."),
@@ -47,7 +41,7 @@ def connect(
     exits the credentials are revoked and the recording is uploaded.
     """
     from pcigate.config import parse_duration
-    from pcigate.session import Connector, ConnectRequest
+    from pcigate.session import ConnectRequest
 
     request = ConnectRequest(
         target=target,
@@ -58,6 +52,13 @@ def connect(
         psql_args=list(psql_args or []),
         forwards=list(forwards or []),
     )
+    run_session(ctx, request, json_flag)
+
+
+def run_session(ctx: typer.Context, request: ConnectRequest, json_flag: bool = False) -> None:
+    """Run a session (connect, ssh) and exit with its status."""
+    from pcigate.session import Connector
+
     with broker(ctx) as client:
         # The output (rich) is made when first used: its import is not on the way to the broker call.
         connector = Connector(client, settings(ctx), lambda: output(ctx, json_flag), sign_in=client.bearer)

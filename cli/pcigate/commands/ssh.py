@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from pcigate.commands._common import broker, output, settings
+from pcigate.commands._common import LevelOpt, SessionForOpt
+from pcigate.commands.connect import run_session
 
 
 def ssh(
@@ -15,14 +16,8 @@ def ssh(
     command: Annotated[
         list[str] | None, typer.Argument(metavar="COMMAND", help="Run this on the host (after `--`).")
     ] = None,
-    level: Annotated[
-        str | None, typer.Option("--level", "-l", help="Access level (default: the target's default level).")
-    ] = None,
-    duration: Annotated[
-        str | None,
-        typer.Option("--for", metavar="DURATION",
-                     help='Session length, e.g. "30m" (default and maximum: the level\'s cap).'),
-    ] = None,
+    level: LevelOpt = None,
+    duration: SessionForOpt = None,
 ) -> None:
     """Open a recorded terminal session on TARGET with a short-lived certificate.
 
@@ -32,7 +27,7 @@ def ssh(
     pcigate's.
     """
     from pcigate.config import parse_duration
-    from pcigate.session import Connector, ConnectRequest
+    from pcigate.session import ConnectRequest
 
     request = ConnectRequest(
         target=target,
@@ -41,7 +36,4 @@ def ssh(
         kind="ssh",
         command=list(command or []),
     )
-    with broker(ctx) as client:
-        connector = Connector(client, settings(ctx), lambda: output(ctx, False), sign_in=client.bearer)
-        status = connector.run(request)
-    raise typer.Exit(status)
+    run_session(ctx, request)
