@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
+from tests.benchmarks.bench_connect import _peak_rss
 from tests.benchmarks.bench_tunnel import write_perf_section
 from tests.stack.cli import pcigate_bin
 from tests.stack.sshd import new_client_key, ssh_command
@@ -37,18 +37,6 @@ WORKLOADS = {
     "2M lines of numbers (seq)": "seq 1 2000000",
     "1M lines, a card number in each": "yes 'card 4111 1111 1111 1111 ok' | head -n 1000000",
 }
-
-
-def _sample_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
-    peak = 0
-    try:
-        proc = psutil.Process(pid)
-        while not stop.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.01)
-    except psutil.Error:
-        pass
-    out.append(peak)
 
 
 def _drain(fd: int, counted: list[int], last: list[float]) -> None:
@@ -81,7 +69,7 @@ def run(argv: list[str], env: dict[str, str], *, tty: bool) -> tuple[float, floa
         assert proc.stdout is not None
         read_fd = proc.stdout.fileno()
     stop, peaks, counted, last = threading.Event(), [], [], [t0]
-    sampler = threading.Thread(target=_sample_rss, args=(proc.pid, stop, peaks), daemon=True)
+    sampler = threading.Thread(target=_peak_rss, args=(proc.pid, stop, peaks), daemon=True)
     drainer = threading.Thread(target=_drain, args=(read_fd, counted, last), daemon=True)
     sampler.start()
     drainer.start()

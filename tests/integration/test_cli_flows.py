@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.stack.cli import CliProcess
+from tests.stack.cli import last_session as _last_session
 from tests.stack.stack import Stack
 
 SELECT = "select current_user as who, 40 + 2 as answer"
@@ -28,14 +29,6 @@ def _state(env: dict[str, str]) -> Path:
 def _spool_files(env: dict[str, str]) -> list[str]:
     spool = _state(env) / "spool"
     return sorted(p.name for p in spool.iterdir()) if spool.exists() else []
-
-
-def _last_session(run_cli, env: dict[str, str] | None = None) -> dict:
-    r = run_cli(["sessions", "--limit", "1", "--json"], env=env)
-    assert r.code == 0, r.output
-    items = json.loads(r.stdout)
-    assert items, r.output
-    return items[0]
 
 
 # --- sign-in -----------------------------------------------------------------------------------------------

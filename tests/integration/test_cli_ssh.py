@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tests.stack.cli import last_session as _last_session
 from tests.stack.cli import pcigate_bin
 from tests.stack.stack import Stack
 
@@ -122,12 +123,6 @@ def pty_cli(cli_env: dict[str, str]) -> Iterator[list[PtyCli]]:
     yield started
     for p in started:
         p.close()
-
-
-def _last_session(run_cli) -> dict:
-    r = run_cli(["sessions", "--limit", "1", "--json"])
-    assert r.code == 0, r.output
-    return json.loads(r.stdout)[0]
 
 
 def _recording(stack: Stack, sha: str) -> str:

@@ -7,12 +7,14 @@ sign-in flows through the real IdP with the headless drivers of :mod:`tests.stac
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from tests.stack.broker import venv_bin
 from tests.stack.idp import Idp
@@ -151,3 +153,12 @@ def login_browser(env: dict[str, str], idp: Idp, user: str, password: str | None
         return cli.wait(timeout)
     finally:
         cli.kill()
+
+
+def last_session(run_cli: Callable[..., CliResult], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The newest session the signed-in user sees (``pcigate sessions --limit 1 --json``)."""
+    r = run_cli(["sessions", "--limit", "1", "--json"], env=env)
+    assert r.code == 0, r.output
+    items = json.loads(r.stdout)
+    assert items, r.output
+    return dict(items[0])
