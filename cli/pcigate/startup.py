@@ -24,6 +24,7 @@ import importlib
 import os
 import sys
 import threading
+import types
 from collections.abc import Iterable
 from types import TracebackType
 
@@ -33,15 +34,29 @@ UNUSED_MODULES = ("httpx._main",)
 
 _gc_deferred = False
 
+# pydantic looks for plugins (get_plugins()) in this module, whose own import costs ~11 ms (importlib.metadata
+# and the email package, for an entry-point scan that PYDANTIC_DISABLE_PLUGINS then skips anyway).
+_PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"
+
+
+def _no_pydantic_plugins() -> types.ModuleType:
+    """Stands in for :data:`_PYDANTIC_PLUGIN_LOADER` when plugins are disabled: the same ``get_plugins``
+    answer (none), without the import. tests/unit/test_startup.py checks pydantic still asks only that."""
+    mod = types.ModuleType(_PYDANTIC_PLUGIN_LOADER)
+    mod.get_plugins = lambda: ()  # type: ignore[attr-defined]
+    return mod
+
 
 def begin() -> None:
     """Start-up of the CLI process: no cyclic GC until :func:`end`; skip :data:`UNUSED_MODULES`; no pydantic
     plugins (looking for them scans every installed distribution's entry points, ~8 ms, and the CLI uses
-    none)."""
+    none), and not even the module that would look (unless the user's environment enables plugins)."""
     global _gc_deferred
     for name in UNUSED_MODULES:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None: "not importable"
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__":
+        sys.modules.setdefault(_PYDANTIC_PLUGIN_LOADER, _no_pydantic_plugins())
     if gc.isenabled():
         gc.disable()
         _gc_deferred = True

@@ -141,3 +141,59 @@ def test_main_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exit_info:
         app_mod.main()
     assert exit_info.value.code == 130
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["connect", "prod-db", "--", "-c", "select 1"], "connect"),
+        (["--broker", "http://b", "--json", "sessions", "show", "x"], "sessions"),
+        (["--broker", "connect", "ssh", "web-1"], "ssh"),  # "connect" is --broker's value
+        (["--broker=http://b", "--token-file", "f", "targets"], "targets"),
+        (["--help"], None),
+        (["-h", "connect"], None),
+        (["--version"], None),
+        (["conect", "prod-db"], None),  # a typo: the whole app answers (and suggests)
+        ([], None),
+        (["--json"], None),
+    ],
+)
+def test_invoked_command(args: list[str], command: str | None) -> None:
+    from pcigate.app import invoked_command
+
+    assert invoked_command(args) == command
+
+
+def test_an_app_of_one_command_behaves_as_the_whole_app() -> None:
+    """main() builds only the invoked command: its help and its usage errors must not change."""
+    from typer.testing import CliRunner
+
+    from pcigate.app import COMMANDS, app, build
+
+    runner = CliRunner()
+    cases = [[name, "--help"] for name in COMMANDS]
+    cases += [["sessions", "show", "--help"], ["audit", "verify", "--help"], ["connect"],
+              ["connect", "prod-db", "--port", "x"], ["sessions", "nope"]]
+    for args in cases:
+        whole = runner.invoke(app, args, prog_name="pcigate")
+        one = runner.invoke(build(args[0]), args, prog_name="pcigate")
+        assert (one.exit_code, one.output) == (whole.exit_code, whole.output), args
+        assert whole.output.startswith("Usage: pcigate " + args[0]), args
+
+
+def test_main_runs_just_the_invoked_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcigate.app as app_mod
+
+    built: list[str | None] = []
+    real = app_mod.build
+
+    def spy(only: str | None = None) -> object:
+        built.append(only)
+        return real(only)
+
+    monkeypatch.setattr(app_mod, "build", spy)
+    monkeypatch.setattr(sys, "argv", ["pcigate", "targets", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        app_mod.main()
+    assert exc.value.code == 0
+    assert built == ["targets"]

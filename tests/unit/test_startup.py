@@ -187,3 +187,58 @@ def test_tls_context_only_skips_the_ca_bundle_for_plain_http() -> None:
     assert ctx.check_hostname
     assert ctx.cert_store_stats()["x509_ca"] == 0
     assert _tls_context("https://pcigate.example.com") is True  # httpx's default: the CA bundle
+
+
+def test_models_work_without_pydantics_plugin_loader() -> None:
+    """The connect path builds and uses pydantic models without importing the plugin loader (and with it
+    importlib.metadata and the email package)."""
+    proc = run_python(
+        "import sys\n"
+        "from pcigate import startup\n"
+        "startup.begin()\n"
+        "import pydantic\n"
+        "from pcigate.models import DatabaseCredentials\n"
+        "class M(pydantic.BaseModel):\n"
+        "    x: int\n"
+        "assert M(x='3').x == 3\n"
+        "c = DatabaseCredentials(host='h', port=5432, database='d', username='u', password='p', "
+        "sslmode='disable')\n"
+        "print(c.port, 'importlib.metadata' in sys.modules, sys.modules['pydantic.plugin._loader'].__file__ "
+        "if hasattr(sys.modules['pydantic.plugin._loader'], '__file__') else 'stand-in')\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["5432", "False", "stand-in"]
+
+
+def test_plugins_the_user_enables_still_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "some_plugin")  # plugins on, one of them off
+    proc = run_python(
+        "import sys\n"
+        "from pcigate import startup\n"
+        "startup.begin()\n"
+        "import pydantic\n"
+        "class M(pydantic.BaseModel):\n"
+        "    x: int\n"
+        "print(hasattr(sys.modules['pydantic.plugin._loader'], '__file__'))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+
+
+def test_pydantic_asks_the_plugin_loader_only_for_get_plugins() -> None:
+    """The stand-in has only ``get_plugins``: if a pydantic upgrade imports anything else from the loader,
+    this fails before the CLI would."""
+    import ast
+    from pathlib import Path
+
+    import pydantic
+
+    asked: set[str] = set()
+    for path in Path(pydantic.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_loader"):
+                asked.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import | ast.ImportFrom):  # the module itself, not a name from it
+                names = [a.name for a in node.names]
+                assert not any(n.endswith("_loader") for n in names), (path, names)
+    assert asked == {"get_plugins"}
