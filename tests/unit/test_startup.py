@@ -111,7 +111,7 @@ def test_connect_loads_neither_the_tunnel_nor_rich_before_its_broker_call() -> N
         "startup.begin()\n"
         "import pcigate.app, pcigate.session, pcigate.client, pcigate.auth.credentials, pcigate.spool\n"
         "heavy = ('rich', 'pglast', 'uvloop', 'pcigate.tunnel.pg', 'pcigate.recording', 'pcigate.output',\n"
-        "         'keyring', 'authlib', 'joserfc', 'cryptography')\n"
+        "         'keyring', 'authlib', 'joserfc', 'cryptography', 'importlib.metadata')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     assert proc.returncode == 0, proc.stderr
