@@ -251,21 +251,20 @@ static PyObject *chain_stmts(PyObject *self, PyObject *args) {
     }
     Stmt *stmts = PyMem_RawMalloc(sizeof(Stmt) * (size_t)(total - start + 1));
     if (stmts == NULL) return PyErr_NoMemory();
-    /* the list must not change while the GIL is released: work on a copy of its references */
-    PyObject *keep = PyList_GetSlice(items, start, total);
-    if (keep == NULL) {
-        PyMem_RawFree(stmts);
-        return NULL;
-    }
     Py_ssize_t n = 0;
-    for (; n < PyList_GET_SIZE(keep); n++) {
-        int r = get_stmt(PyList_GET_ITEM(keep, n), &stmts[n]);
+    for (; start + n < total; n++) {
+        int r = get_stmt(PyList_GET_ITEM(items, start + n), &stmts[n]);
         if (r < 0) {
-            Py_DECREF(keep);
             PyMem_RawFree(stmts);
             return NULL;
         }
         if (r > 0) break;
+    }
+    /* the list may change while the GIL is released: keep the run's items (and their strings) alive */
+    PyObject *keep = PyList_GetSlice(items, start, start + n);
+    if (keep == NULL) {
+        PyMem_RawFree(stmts);
+        return NULL;
     }
     char h[HEX_LEN];
     memcpy(h, prev_s, HEX_LEN);
