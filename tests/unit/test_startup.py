@@ -34,6 +34,14 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
+def run_started(code: str) -> str:
+    """What ``code`` prints in a new interpreter after the CLI's start-up settings (``startup.begin()``;
+    ``sys`` is imported); it must succeed."""
+    proc = run_python("import sys\nfrom pcigate import startup\nstartup.begin()\n" + code)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_begin_defers_gc_until_end(gc_restored: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(startup, "UNUSED_MODULES", ())
     gc.enable()
@@ -65,17 +73,13 @@ def test_begin_makes_unused_modules_unimportable(gc_restored: None, monkeypatch:
 
 
 def test_httpx_works_without_its_cli_and_skips_rich() -> None:
-    proc = run_python(
-        "import sys\n"
-        "from pcigate import startup\n"
-        "startup.begin()\n"
+    out = run_started(
         "import httpx\n"
         "from pcigate.client import BrokerClient\n"
         "BrokerClient('http://127.0.0.1:1').close()\n"
         "print(sorted(m for m in ('rich', 'click', 'pygments') if m in sys.modules))\n"
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert out.strip() == "[]"
 
 
 def test_prefetch_imports_in_the_background_and_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,17 +109,13 @@ def test_prefetch_waits_and_restores_on_an_error() -> None:
 
 
 def test_connect_loads_neither_the_tunnel_nor_rich_before_its_broker_call() -> None:
-    proc = run_python(
-        "import sys\n"
-        "from pcigate import startup\n"
-        "startup.begin()\n"
+    out = run_started(
         "import pcigate.app, pcigate.session, pcigate.client, pcigate.auth.credentials, pcigate.spool\n"
         "heavy = ('rich', 'pglast', 'uvloop', 'pcigate.tunnel.pg', 'pcigate.recording', 'pcigate.output',\n"
         "         'keyring', 'authlib', 'joserfc', 'cryptography', 'importlib.metadata')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert out.strip() == "[]"
 
 
 # -- the claims reader that schedules refreshes -------------------------------------------------------------
@@ -192,10 +192,7 @@ def test_tls_context_only_skips_the_ca_bundle_for_plain_http() -> None:
 def test_models_work_without_pydantics_plugin_loader() -> None:
     """The connect path builds and uses pydantic models without importing the plugin loader (and with it
     importlib.metadata and the email package)."""
-    proc = run_python(
-        "import sys\n"
-        "from pcigate import startup\n"
-        "startup.begin()\n"
+    out = run_started(
         "import pydantic\n"
         "from pcigate.models import DatabaseCredentials\n"
         "class M(pydantic.BaseModel):\n"
@@ -206,23 +203,18 @@ def test_models_work_without_pydantics_plugin_loader() -> None:
         "print(c.port, 'importlib.metadata' in sys.modules, sys.modules['pydantic.plugin._loader'].__file__ "
         "if hasattr(sys.modules['pydantic.plugin._loader'], '__file__') else 'stand-in')\n"
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["5432", "False", "stand-in"]
+    assert out.split() == ["5432", "False", "stand-in"]
 
 
 def test_plugins_the_user_enables_still_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "some_plugin")  # plugins on, one of them off
-    proc = run_python(
-        "import sys\n"
-        "from pcigate import startup\n"
-        "startup.begin()\n"
+    out = run_started(
         "import pydantic\n"
         "class M(pydantic.BaseModel):\n"
         "    x: int\n"
         "print(hasattr(sys.modules['pydantic.plugin._loader'], '__file__'))\n"
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "True"
+    assert out.strip() == "True"
 
 
 def test_pydantic_asks_the_plugin_loader_only_for_get_plugins() -> None:
