@@ -56,6 +56,7 @@ class CExtensionsBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             out = src.parent / name
         else:
             out = Path(tempfile.mkdtemp(prefix=f"pcigate-{module}-")) / name
+        out.unlink(missing_ok=True)  # a failed build must not leave an old module for another source
         cc = shlex.split(os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "cc"))
         cmd = [*cc, *CFLAGS, f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(out), *libs]
         try:

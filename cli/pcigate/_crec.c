@@ -27,6 +27,7 @@
 #include <Python.h>
 #include <math.h>
 #include <openssl/sha.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -55,7 +56,7 @@ static int get_str(PyObject *o, int nullable, Str *out) {
         return 0;
     }
     if (!PyUnicode_CheckExact(o)) return 1;
-    out->p = PyUnicode_AsUTF8AndSize(o, &out->n); /* cached in the str, which the items list keeps alive */
+    out->p = PyUnicode_AsUTF8AndSize(o, &out->n); /* cached in the str; chain_stmts holds its tuple */
     if (out->p == NULL) {
         PyErr_Clear(); /* a lone surrogate: the Python encoder decides what happens */
         return 1;
@@ -120,9 +121,14 @@ typedef struct {
 } Buf;
 
 static int reserve(Buf *b, size_t more) {
-    if (b->len + more <= b->cap) return 0;
+    if (more > SIZE_MAX - b->len) return -1;
+    size_t need = b->len + more;
+    if (need <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + more) cap *= 2;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) return -1;
+        cap *= 2;
+    }
     char *p = PyMem_RawRealloc(b->p, cap);
     if (p == NULL) return -1;
     b->p = p;
@@ -142,7 +148,7 @@ static int put(Buf *b, const char *s, size_t n) {
 /* a JSON string as json.encoder.encode_basestring writes it (UTF-8 in, UTF-8 out), or null */
 static int put_str(Buf *b, Str s) {
     if (s.p == NULL) return PUT_LIT(b, "null");
-    if (reserve(b, (size_t)s.n * 6 + 2) < 0) return -1;
+    if ((size_t)s.n > (SIZE_MAX - 2) / 6 || reserve(b, (size_t)s.n * 6 + 2) < 0) return -1;
     static const char hex[] = "0123456789abcdef";
     char *d = b->p + b->len;
     *d++ = '"';
@@ -249,35 +255,53 @@ static PyObject *chain_stmts(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_IndexError, "start out of range");
         return NULL;
     }
-    Stmt *stmts = PyMem_RawMalloc(sizeof(Stmt) * (size_t)(total - start + 1));
-    if (stmts == NULL) return PyErr_NoMemory();
-    Py_ssize_t n = 0;
-    for (; start + n < total; n++) {
-        int r = get_stmt(PyList_GET_ITEM(items, start + n), &stmts[n]);
+    /* Read the run's values while holding the GIL, and a reference to each item as it is read: the strings
+     * whose UTF-8 the GIL-free phase reads live as long as their tuples, whatever happens to `items`. */
+    Py_ssize_t cap = 0, n = 0;
+    Stmt *stmts = NULL;
+    PyObject **held = NULL;
+    int err = 0;
+    while (start + n < total) {
+        if (n == cap) {
+            Py_ssize_t ncap = cap ? cap * 2 : 64;
+            Stmt *s2 = PyMem_RawRealloc(stmts, sizeof(Stmt) * (size_t)ncap);
+            if (s2 == NULL) {
+                err = 1;
+                break;
+            }
+            stmts = s2;
+            PyObject **h2 = PyMem_RawRealloc(held, sizeof(PyObject *) * (size_t)ncap);
+            if (h2 == NULL) {
+                err = 1;
+                break;
+            }
+            held = h2;
+            cap = ncap;
+        }
+        PyObject *item = PyList_GET_ITEM(items, start + n);
+        int r = get_stmt(item, &stmts[n]);
         if (r < 0) {
-            PyMem_RawFree(stmts);
-            return NULL;
+            err = 2;
+            break;
         }
         if (r > 0) break;
-    }
-    /* the list may change while the GIL is released: keep the run's items (and their strings) alive */
-    PyObject *keep = PyList_GetSlice(items, start, start + n);
-    if (keep == NULL) {
-        PyMem_RawFree(stmts);
-        return NULL;
+        Py_INCREF(item);
+        held[n++] = item;
     }
     char h[HEX_LEN];
     memcpy(h, prev_s, HEX_LEN);
     Buf out = {NULL, 0, 0};
     int rc = 0;
-    if (n > 0) {
+    if (n > 0 && !err) {
         Py_BEGIN_ALLOW_THREADS
         rc = chain_all(stmts, n, h, &out);
         Py_END_ALLOW_THREADS
     }
-    Py_DECREF(keep);
+    for (Py_ssize_t k = 0; k < n; k++) Py_DECREF(held[k]);
+    PyMem_RawFree(held);
     PyMem_RawFree(stmts);
-    if (rc < 0) {
+    if (err == 2) return NULL; /* the exception get_stmt set */
+    if (err || rc < 0) {
         PyMem_RawFree(out.p);
         return PyErr_NoMemory();
     }

@@ -189,6 +189,8 @@ class RecordingWriter:
         return isinstance(self._error, OSError)
 
     def event(self, e: str, **fields: object) -> None:
+        """An event ``e`` with ``fields``. In a deferred recording it is encoded when written: a list or dict
+        among the values must not be changed afterwards."""
         if self._closing:
             raise RecordingError("recording is closed")
         if self.failed:
@@ -222,14 +224,7 @@ class RecordingWriter:
         if self.deferred:
             self._q.append((t, c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error))
             return
-        payload = (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)
-        canon, pre = _stmt_parts(t, payload)
-        if canon is None:
-            self._add(_encode_event, t, "stmt", _stmt_fields(payload))
-            return
-        h = self._h = hashlib.sha256(self._h.encode() + canon).hexdigest()
-        self._q.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
-        self.events += 1
+        self._add(_encode_stmt, t, (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error))
 
     def cast(self, code: str, data: object) -> None:
         """An asciicast event ``[t, code, data, h]`` (terminal recordings, ``kind = "ssh"``)."""
@@ -251,7 +246,13 @@ class RecordingWriter:
         q = self._q
         popleft = q.popleft
         items = [popleft() for _ in range(len(q))]
-        chunk = self._encode_queued(items) if self.deferred else b"".join(items)  # type: ignore[arg-type]
+        if self.deferred:
+            try:
+                chunk = self._encode_queued(items)
+            except Exception as exc:  # out of memory in the encoder: as fatal as a failed write
+                raise OSError(errno.ENOMEM, f"cannot encode events: {type(exc).__name__}") from exc
+        else:
+            chunk = b"".join(items)  # type: ignore[arg-type]  # only lines are queued when not deferred
         if chunk:
             self._digest.update(chunk)  # hashlib releases the GIL for large buffers
             self._write(chunk)
@@ -270,8 +271,7 @@ class RecordingWriter:
                 try:
                     self._drain()
                     os.fsync(self._fd)
-                except (OSError, MemoryError) as exc:
-                    e = exc if isinstance(exc, OSError) else OSError(errno.ENOMEM, "out of memory")
+                except OSError as e:
                     self._error = e
                     self._q.clear()
                     if self._on_failure is not None:
@@ -297,19 +297,11 @@ class RecordingWriter:
                     continue
                 # values the C encoder does not take (not plain): the Python encoder, as stmt() would
                 t, *payload = item
-                canon, pre = _stmt_parts(t, tuple(payload))
-                if canon is None:
-                    item = _Pending(_encode_event, (t, "stmt", _stmt_fields(tuple(payload))))
-                else:
-                    h = _chain(h, canon)
-                    out.append(b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")))
-                    self.events += 1
-                    i += 1
-                    continue
+                item = _Pending(_encode_stmt, (t, tuple(payload)))
             if isinstance(item, _Pending):
                 try:
                     line, h = item.encode(h, *item.args)
-                except (TypeError, ValueError) as exc:
+                except Exception as exc:  # left out, the chain intact; close() and flush() report it
                     if self._error is None:
                         self._error = exc
                     i += 1
@@ -422,6 +414,15 @@ def _stmt_parts(t: float, p: tuple[Any, ...]) -> tuple[bytes | None, int]:
             f"{trunc}"
             f'"sqlstate":{_j(sqlstate)},"t":{t!r},"tag":{_j(tag)}}}').encode()
     return head + tail, len(head)
+
+
+def _encode_stmt(prev: str, t: float, payload: tuple[Any, ...]) -> tuple[bytes, str]:
+    """(line with "h" and newline, new h) for a ``stmt`` event, as :meth:`RecordingWriter.stmt` encodes it."""
+    canon, pre = _stmt_parts(t, payload)
+    if canon is None:
+        return _encode_event(prev, t, "stmt", _stmt_fields(payload))
+    h = _chain(prev, canon)
+    return b"".join((canon[:pre], b'"h":"', h.encode(), b'",', canon[pre:], b"\n")), h
 
 
 def _encode_event(prev: str, t: float, e: str, fields: dict[str, object]) -> tuple[bytes, str]:

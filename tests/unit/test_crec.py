@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,26 @@ def test_statements_queued_while_the_writer_drains_keep_their_order(tmp_path: Pa
     assert check.events == 30_001
     sqls = [line.split(b'"sql":"', 1)[1].split(b'"', 1)[0] for line in data.splitlines()[1:-1]]
     assert sqls == [f"select {i}".encode() for i in range(30_000)]
+
+
+def test_an_event_that_breaks_the_encoder_loses_nothing_else(tmp_path: Path) -> None:
+    """A value no encoder takes (a lone surrogate in the SQL text) leaves that one event out: the writer
+    thread goes on, the events around it are written in order, and close() reports it."""
+    w = RecordingWriter(tmp_path / "r.rec", header(), fsync_interval=0.01)
+    assert w.deferred
+    w.stmt(1, "before", False, "simple", 0, 1.0, 1, "SELECT 1", None, None)
+    w.stmt(1, "bad \ud800", False, "simple", 0, 1.0, 1, "SELECT 1", None, None)
+    w.stmt(1, "after", False, "simple", 0, 1.0, 1, "SELECT 1", None, None)
+    deadline = 50
+    while w._q and deadline:  # the writer thread drains them on its own
+        deadline -= 1
+        threading.Event().wait(0.02)
+    assert w._thread.is_alive()
+    w.stmt(1, "later", False, "simple", 0, 1.0, 1, "SELECT 1", None, None)
+    with pytest.raises(RecordingError, match="surrogates not allowed"):
+        w.close()
+    data = (tmp_path / "r.rec").read_bytes()
+    check = verify_recording(data)
+    assert check.ok, check.error
+    assert [line.split(b'"sql":"', 1)[1].split(b'"', 1)[0] for line in data.splitlines()[1:-1]] == [
+        b"before", b"after", b"later"]
