@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pcigate import __version__, spool, startup
 from pcigate.config import Settings, psql_binary, spool_dir
@@ -128,6 +128,23 @@ def _db(opened: SessionOpened) -> DatabaseCredentials:
 def exit_status(returncode: int) -> int:
     """A child's status as a shell gives it: its exit code, or 128 + the signal that ended it."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+class _Child(Protocol):
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+async def end_child(proc: _Child, exited: asyncio.Future[Any], grace: float) -> None:
+    """SIGTERM a child (psql, ssh), and SIGKILL it if ``exited`` (its wait) is not done ``grace`` seconds
+    later."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 def _state_error(exc: OSError) -> RecordingError:
@@ -477,13 +494,7 @@ class Connector:
                         # whose tunnel is about to go; then clean up as usual.
                         self._notes(state)
                         self.out.info("ending psql")
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.terminate()
-                        try:
-                            await asyncio.wait_for(asyncio.shield(exited), PSQL_STOP_GRACE)
-                        except TimeoutError:
-                            with contextlib.suppress(ProcessLookupError):
-                                proc.kill()
+                        await end_child(proc, exited, PSQL_STOP_GRACE)
                     return exit_status(await exited)
                 finally:
                     stopped.cancel()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pcigate.masking import Masker
-from pcigate.session import exit_status
+from pcigate.session import end_child, exit_status
 from pcigate.termmask import StreamMasker
 
 READ_SIZE = 65536
@@ -132,13 +132,7 @@ class TerminalRelay:
             if not waiter.done():
                 if on_stop is not None:
                     on_stop()
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), STOP_GRACE)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+                await end_child(proc, waiter, STOP_GRACE)
             stopped.cancel()
             await waiter
             with contextlib.suppress(TimeoutError):
