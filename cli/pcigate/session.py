@@ -56,6 +56,7 @@ STRIPPED_ENV = (
 LOCAL_HOST = "127.0.0.1"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MIN_HEARTBEAT_SECONDS = 1.0
+TERM_RESEND = 0.5  # seconds between SIGTERMs to a child that has not exited yet (see end_child)
 PSQL_STOP_GRACE = 5.0  # seconds psql gets to exit after SIGTERM when the broker ended the session
 # Imported in the background while the broker and OpenBao open the session (see startup.Prefetch): the
 # tunnel (with the recording, masking, guardrails/pglast and wire modules it imports).
@@ -135,16 +136,29 @@ class _Child(Protocol):
     def kill(self) -> None: ...
 
 
-async def end_child(proc: _Child, exited: asyncio.Future[Any], grace: float) -> None:
-    """SIGTERM a child (psql, ssh), and SIGKILL it if ``exited`` (its wait) is not done ``grace`` seconds
-    later."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        await asyncio.wait_for(asyncio.shield(exited), grace)
-    except TimeoutError:
+async def end_child(proc: _Child, exited: asyncio.Future[Any], grace: float,
+                    every: float = TERM_RESEND) -> None:
+    """SIGTERM a child (psql, ssh), again every ``every`` seconds, and SIGKILL it if ``exited`` (its wait) is
+    not done ``grace`` seconds after the first.
+
+    Why again: OpenSSH's client (9.2, Debian 12) checks its quit flag and then sleeps in a plain ``poll()``
+    whose timeout is the ServerAliveInterval; a SIGTERM that lands between the two only wakes it up at the
+    next packet, up to 15 s later. A second SIGTERM interrupts that sleep."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while True:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+            proc.terminate()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), min(every, left))
+            return
+        except TimeoutError:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
 
 
 def _state_error(exc: OSError) -> RecordingError:

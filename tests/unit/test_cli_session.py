@@ -264,3 +264,61 @@ def test_psql_is_ended_when_the_broker_ends_the_session(
     assert took < 5
     assert status == 128 + 15  # SIGTERM
     assert "the session reached its end time" in capsys.readouterr().err
+
+
+# A child that sleeps through the first SIGTERM (its handler only counts) and exits on the second: what
+# OpenSSH 9.2's client does when the signal lands between its quit check and its poll() (see end_child).
+_LOSES_FIRST_TERM = """
+import os, signal, sys, time
+seen = 0
+def on_term(signum, frame):
+    global seen
+    seen += 1
+    if seen >= 2:
+        os._exit(3)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
+_IGNORES_TERM = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+def _end(script: str, grace: float, every: float) -> tuple[int, float]:
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from pcigate.session import end_child
+
+    async def main() -> tuple[int, float]:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        exited = asyncio.get_running_loop().run_in_executor(None, proc.wait)
+        start = time.monotonic()
+        await end_child(proc, exited, grace, every)
+        code = await exited
+        proc.stdout.close()
+        return code, time.monotonic() - start
+
+    return asyncio.run(main())
+
+
+def test_end_child_sends_sigterm_again_to_a_child_that_slept_through_the_first() -> None:
+    code, took = _end(_LOSES_FIRST_TERM, grace=20.0, every=0.2)
+    assert code == 3  # it ended itself on the second SIGTERM; not SIGKILLed
+    assert took < 5.0
+
+
+def test_end_child_kills_a_child_that_ignores_sigterm_after_the_grace() -> None:
+    code, took = _end(_IGNORES_TERM, grace=1.0, every=0.2)
+    assert code == -9
+    assert 0.9 <= took < 5.0
