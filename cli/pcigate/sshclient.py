@@ -2,8 +2,12 @@
 
 The private key is made in memory for one session (ed25519) and written only to a 0600 file in a private
 0700 directory, on a memory file system when there is one (``/dev/shm``, ``$XDG_RUNTIME_DIR``); the
-directory is removed when the session ends. ``ssh`` runs with its own option set (``-F /dev/null``): host key
-checking strict against the known_hosts lines the broker sent, no agent, no passwords, no prompts.
+directory is removed when the session ends. A process killed outright (SIGKILL, power loss on a disk-backed
+``$XDG_RUNTIME_DIR``) cannot remove it: the directory's name carries the owner's pid, and the next session's
+:func:`key_files` removes the directories of owners that are gone.
+
+``ssh`` runs with its own option set (``-F /dev/null``): host key checking strict against the known_hosts
+lines the broker sent, no agent, no passwords, no prompts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -108,11 +113,54 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+_KEY_DIR_PREFIX = "pcigate-ssh-"
+_KEY_DIR = re.compile(rf"^{_KEY_DIR_PREFIX}([0-9]+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process (the pid was reused): not ours to judge
+    return True
+
+
+def sweep_stale_key_dirs(base: str | None) -> list[Path]:
+    """Remove key directories in ``base`` left by pcigate processes that no longer exist (killed before they
+    could clean up); only this user's, and only those whose owner pid is not running. Returns what it
+    removed."""
+    if base is None:
+        return []
+    removed: list[Path] = []
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _KEY_DIR.match(entry.name)
+        if m is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def key_files(key: EphemeralKey, creds: SshCredentials) -> Iterator[KeyFiles]:
     """The key, its certificate and the host's known_hosts lines as 0600 files in a private directory,
     removed (with the directory) however the block ends."""
-    directory = Path(tempfile.mkdtemp(prefix="pcigate-ssh-", dir=_private_dir()))
+    base = _private_dir()
+    sweep_stale_key_dirs(base)
+    directory = Path(tempfile.mkdtemp(prefix=f"{_KEY_DIR_PREFIX}{os.getpid()}-", dir=base))
     files = KeyFiles(directory, directory / "id_ed25519", directory / "id_ed25519-cert.pub",
                      directory / "known_hosts")
     try:

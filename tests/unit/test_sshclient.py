@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -87,3 +89,36 @@ def test_ssh_command_line_is_strict() -> None:
         assert fwd[fwd.index("-L"):fwd.index("-L") + 2] == ["-L", "127.0.0.1:8080:h:80"]
         assert "-N" in fwd
         assert "ExitOnForwardFailure=yes" in fwd
+
+
+def test_a_killed_sessions_key_directory_is_removed_by_the_next_session(tmp_path: Path) -> None:
+    """SIGKILL leaves no chance to clean up: the next key_files() removes the dead owner's directory (and
+    leaves a live process's alone)."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            "from tests.unit.test_sshclient import CREDS\n"
+            "from pcigate.sshclient import EphemeralKey, key_files\n"
+            "with key_files(EphemeralKey.generate(), CREDS) as f:\n"
+            "    print(f.directory, flush=True)\n"
+            "    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert child.stdout is not None
+    left = Path(child.stdout.readline().strip())
+    assert (left / "id_ed25519").exists()
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    child.stdout.close()
+    assert (left / "id_ed25519").exists()  # the key outlived its session...
+    live = Path(tempfile.mkdtemp(prefix=f"pcigate-ssh-{os.getppid()}-", dir=left.parent))
+    try:
+        with key_files(EphemeralKey.generate(), CREDS) as files:
+            assert not left.exists()  # ...until the next session started
+            assert live.exists()  # a running process's directory stays
+            assert str(os.getpid()) in files.directory.name
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
