@@ -10,18 +10,24 @@
  * The bytes are exactly those of the Python encoder (pcigate.recording._stmt_parts and the chain), which
  * stays the reference: tests/unit/test_crec.py checks the two agree byte for byte with Hypothesis.
  *
- * chain_stmts(prev_h, items, start) -> (lines: bytes, h: str, stop: int)
+ * chain_stmts(prev_h, items, start, t0=0.0, last_t=0.0) -> (lines: bytes, h: str, stop: int, last_t: float)
  *
- *   items[start:] are queued events; those that are plain stmt tuples
- *       (t, c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)
- *   are encoded one after the other, each line chained to the previous h (prev_h first):
+ *   items[start:] are queued events; those that are plain stmt tuples, either
+ *       (t, c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)            ("cooked") or
+ *       (end, begin, c, sql, truncated, proto, params, rows, tag, sqlstate, error)       ("raw": [1] a float)
+ *   where a raw one's end and begin are clock readings (perf_counter) and t0 the recording's start on that
+ *   clock: t = floor((end - t0) * 1e6 + 0.5) / 1e6 and ms = floor((end - begin) * 1e3 + 0.5) / 1e3,
+ *   computed and formatted here without Python's float machinery (pcigate.recording._q is the reference);
+ *   every t is then raised to last_t (the previous event's) if it is smaller, so that t never goes backwards
+ *   in the file; are encoded one after the other, each line chained to the previous h (prev_h first):
  *       canon = the canonical JSON of the event without "h" (keys sorted, no spaces, strings escaped as
  *               json.encoder.encode_basestring does, UTF-8, floats as float.__repr__);
  *       h     = hex SHA-256 of the previous h (ASCII) followed by canon;
  *       line  = canon with "h":"<h>", inserted after the "error" member, and a newline.
  *   It stops at the end, or before the first item it does not handle (not an exact 11-tuple; c, params or
  *   rows not an exact int that fits in 64 bits; truncated not a bool; t or ms not a finite float; a string
- *   that is not valid UTF-8): `stop` is that item's index, `h` the chain after the last line encoded.
+ *   that is not valid UTF-8): `stop` is that item's index, `h` the chain after the last line encoded,
+ *   `last_t` the t of that line (or the last_t given).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,7 +51,9 @@ typedef struct {
     long long c, params, rows;
     int params_null, rows_null, truncated;
     Str sql, proto, tag, sqlstate, error;
-    char t[FLOAT_LEN], ms[FLOAT_LEN];
+    char t[FLOAT_LEN], ms[FLOAT_LEN]; /* float.__repr__, made while holding the GIL, unless: */
+    int t_units, ms_units;            /* 1: t (ms) is t_k / 10**6 (ms_k / 10**3), formatted without the GIL */
+    double t_k, ms_k;
 } Stmt;
 
 /* 0 ok, 1 not plain */
@@ -80,11 +88,62 @@ static int get_int(PyObject *o, int nullable, long long *v, int *is_null) {
     return 0;
 }
 
-/* -1 error (exception set), 0 ok, 1 not plain */
-static int get_float(PyObject *o, char *out) {
+/* 0 ok, 1 not plain (not an exact float, or not finite) */
+static int get_double(PyObject *o, double *v) {
     if (!PyFloat_CheckExact(o)) return 1;
-    double v = PyFloat_AS_DOUBLE(o);
-    if (!isfinite(v)) return 1;
+    *v = PyFloat_AS_DOUBLE(o);
+    return isfinite(*v) ? 0 : 1;
+}
+
+/* A raw statement's t and ms: k = floor(x * scale + 0.5), the value k / scale (pcigate.recording._q does
+ * the same arithmetic in Python, so the two agree to the bit; the build turns off FMA contraction for it).
+ * 0 ok, 1 not plain: not finite, or |k| > 1e15 (beyond that a double's spacing nears the last decimal and
+ * fmt_units would no longer give float.__repr__). */
+static int q_units(double x, double scale, double *k) {
+    double y = x * scale;
+    y = y + 0.5;
+    *k = floor(y);
+    return fabs(*k) <= 1e15 ? 0 : 1; /* false for NaN too */
+}
+
+/* float.__repr__ of k / 10**d, for an integral k with |k| <= 1e15 and d 3 or 6, without the GIL: the
+ * double nearest a decimal with at most d decimals (and at most ~16 digits) has that decimal, without
+ * trailing zeros, as its shortest round-trip form; repr writes values under 1e-4 in exponent form. */
+static void fmt_units(double kd, int d, char *out) {
+    char *p = out;
+    unsigned long long k;
+    if (kd < 0) {
+        *p++ = '-';
+        k = (unsigned long long)(-kd);
+    }
+    else
+        k = (unsigned long long)kd;
+    if (k == 0) {
+        strcpy(out, "0.0"); /* kd is 0.0 (floor never gives -0.0 here: y >= 0.5 or y < 0) */
+        return;
+    }
+    if (d == 6 && k < 100) { /* below 1e-4: 5e-06, 1e-05, 1.2e-05 */
+        if (k < 10)
+            sprintf(p, "%llue-06", k);
+        else if (k % 10 == 0)
+            sprintf(p, "%llue-05", k / 10);
+        else
+            sprintf(p, "%llu.%llue-05", k / 10, k % 10);
+        return;
+    }
+    unsigned long long pw = d == 6 ? 1000000ULL : 1000ULL;
+    p += sprintf(p, "%llu.", k / pw);
+    unsigned long long fp = k % pw;
+    if (fp == 0) {
+        strcpy(p, "0");
+        return;
+    }
+    int n = sprintf(p, "%0*llu", d, fp);
+    while (n > 1 && p[n - 1] == '0') p[--n] = '\0';
+}
+
+/* float.__repr__ of v into out. -1 error (exception set), 0 ok, 1 not plain */
+static int repr_double(double v, char *out) {
     char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (s == NULL) return -1;
     size_t n = strlen(s);
@@ -97,19 +156,38 @@ static int get_float(PyObject *o, char *out) {
     return 0;
 }
 
-static int get_stmt(PyObject *item, Stmt *s) {
+/* one queued item's values into s; *last_t: the previous event's t, advanced to this one's when it is
+ * plain (and left alone when it is not). -1 error (exception set), 0 ok, 1 not plain */
+static int get_stmt(PyObject *item, Stmt *s, double t0, double *last_t) {
     if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 11) return 1;
     PyObject **v = &PyTuple_GET_ITEM(item, 0);
+    int raw = PyFloat_CheckExact(v[1]);
+    PyObject **f = raw ? v + 1 : v; /* raw: c, sql, ... sit one place further, up to params; no ms */
+    double t, ms = 0.0;
     int r;
-    if ((r = get_float(v[0], s->t)) != 0) return r;
-    if (get_int(v[1], 0, &s->c, NULL) || get_str(v[2], 0, &s->sql)) return 1;
-    if (v[3] != Py_True && v[3] != Py_False) return 1;
-    s->truncated = v[3] == Py_True;
-    if (get_str(v[4], 0, &s->proto) || get_int(v[5], 1, &s->params, &s->params_null)) return 1;
-    if ((r = get_float(v[6], s->ms)) != 0) return r;
+    if (get_double(v[0], &t)) return 1;
+    if (raw) {
+        double begin;
+        if (get_double(v[1], &begin) || q_units(t - t0, 1e6, &s->t_k)
+            || q_units((t - begin) * 1000.0, 1e3, &s->ms_k))
+            return 1;
+        t = s->t_k / 1e6;
+    }
+    else if (get_double(v[6], &ms))
+        return 1;
+    if (get_int(f[1], 0, &s->c, NULL) || get_str(f[2], 0, &s->sql)) return 1;
+    if (f[3] != Py_True && f[3] != Py_False) return 1;
+    s->truncated = f[3] == Py_True;
+    if (get_str(f[4], 0, &s->proto) || get_int(f[5], 1, &s->params, &s->params_null)) return 1;
     if (get_int(v[7], 1, &s->rows, &s->rows_null) || get_str(v[8], 1, &s->tag)
         || get_str(v[9], 1, &s->sqlstate) || get_str(v[10], 1, &s->error))
         return 1;
+    s->t_units = raw && !(t < *last_t);
+    s->ms_units = raw;
+    if (t < *last_t) t = *last_t;
+    if (!s->t_units && (r = repr_double(t, s->t)) != 0) return r;
+    if (!raw && (r = repr_double(ms, s->ms)) != 0) return r;
+    *last_t = t;
     return 0;
 }
 
@@ -190,19 +268,19 @@ static int put_int(Buf *b, long long v, int is_null) {
 static int put_cstr(Buf *b, const char *s) { return put(b, s, strlen(s)); }
 
 /* canon (into `canon`, after the previous h already there) and `split`, where "h" goes */
-static int encode(Buf *canon, const Stmt *s, size_t *split) {
+static int encode(Buf *canon, const Stmt *s, const char *t, const char *ms, size_t *split) {
     if (PUT_LIT(canon, "{\"blocked\":null,\"c\":") || put_int(canon, s->c, 0)
         || PUT_LIT(canon, ",\"e\":\"stmt\",\"error\":") || put_str(canon, s->error) || PUT_LIT(canon, ","))
         return -1;
     *split = canon->len;
-    if (PUT_LIT(canon, "\"ms\":") || put_cstr(canon, s->ms) || PUT_LIT(canon, ",\"params\":")
+    if (PUT_LIT(canon, "\"ms\":") || put_cstr(canon, ms) || PUT_LIT(canon, ",\"params\":")
         || put_int(canon, s->params, s->params_null) || PUT_LIT(canon, ",\"proto\":")
         || put_str(canon, s->proto) || PUT_LIT(canon, ",\"rows\":") || put_int(canon, s->rows, s->rows_null)
         || PUT_LIT(canon, ",\"sql\":") || put_str(canon, s->sql) || PUT_LIT(canon, ","))
         return -1;
     if (s->truncated && PUT_LIT(canon, "\"sql_truncated\":true,")) return -1;
     if (PUT_LIT(canon, "\"sqlstate\":") || put_str(canon, s->sqlstate) || PUT_LIT(canon, ",\"t\":")
-        || put_cstr(canon, s->t) || PUT_LIT(canon, ",\"tag\":") || put_str(canon, s->tag) || PUT_LIT(canon, "}"))
+        || put_cstr(canon, t) || PUT_LIT(canon, ",\"tag\":") || put_str(canon, s->tag) || PUT_LIT(canon, "}"))
         return -1;
     return 0;
 }
@@ -215,7 +293,14 @@ static int chain_all(const Stmt *stmts, Py_ssize_t n, char *h, Buf *out) {
     for (Py_ssize_t i = 0; i < n; i++) {
         canon.len = 0;
         size_t split;
-        if (put(&canon, h, HEX_LEN) < 0 || encode(&canon, &stmts[i], &split) < 0) {
+        const Stmt *st = &stmts[i];
+        char t[FLOAT_LEN], ms[FLOAT_LEN];
+        if (st->t_units)
+            fmt_units(st->t_k, 6, t);
+        if (st->ms_units)
+            fmt_units(st->ms_k, 3, ms);
+        if (put(&canon, h, HEX_LEN) < 0
+            || encode(&canon, st, st->t_units ? t : st->t, st->ms_units ? ms : st->ms, &split) < 0) {
             rc = -1;
             break;
         }
@@ -242,7 +327,13 @@ static PyObject *chain_stmts(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *prev, *items;
     Py_ssize_t start;
-    if (!PyArg_ParseTuple(args, "UO!n:chain_stmts", &prev, &PyList_Type, &items, &start)) return NULL;
+    double t0 = 0.0, last_t = 0.0;
+    if (!PyArg_ParseTuple(args, "UO!n|dd:chain_stmts", &prev, &PyList_Type, &items, &start, &t0, &last_t))
+        return NULL;
+    if (!isfinite(t0) || !isfinite(last_t)) {
+        PyErr_SetString(PyExc_ValueError, "t0 and last_t must be finite");
+        return NULL;
+    }
     Py_ssize_t prev_n;
     const char *prev_s = PyUnicode_AsUTF8AndSize(prev, &prev_n);
     if (prev_s == NULL) return NULL;
@@ -279,7 +370,7 @@ static PyObject *chain_stmts(PyObject *self, PyObject *args) {
             cap = ncap;
         }
         PyObject *item = PyList_GET_ITEM(items, start + n);
-        int r = get_stmt(item, &stmts[n]);
+        int r = get_stmt(item, &stmts[n], t0, &last_t);
         if (r < 0) {
             err = 2;
             break;
@@ -308,11 +399,11 @@ static PyObject *chain_stmts(PyObject *self, PyObject *args) {
     PyObject *lines = PyBytes_FromStringAndSize(out.p ? out.p : "", (Py_ssize_t)out.len);
     PyMem_RawFree(out.p);
     if (lines == NULL) return NULL;
-    return Py_BuildValue("(Ns#n)", lines, h, (Py_ssize_t)HEX_LEN, start + n);
+    return Py_BuildValue("(Ns#nd)", lines, h, (Py_ssize_t)HEX_LEN, start + n, last_t);
 }
 
 static PyMethodDef methods[] = {
-    {"chain_stmts", chain_stmts, METH_VARARGS, "chain_stmts(prev_h, items, start) -> (lines, h, stop)"},
+    {"chain_stmts", chain_stmts, METH_VARARGS, "chain_stmts(prev_h, items, start, t0=0.0, last_t=0.0) -> (lines, h, stop, last_t)"},
     {NULL, NULL, 0, NULL},
 };
 

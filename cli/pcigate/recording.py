@@ -129,6 +129,15 @@ class RecordingWriter:
     together with the other events of the recording, which are then queued unencoded too. The event loop
     then pays ~1 µs per statement instead of ~13 (docs/performance.md); the file is byte for byte the same.
 
+    ``stmt_sink`` (deferred recordings only, else None) is the hot path of that: the queue's own ``append``,
+    taking a raw statement ``(end, begin, c, sql, truncated, proto, params, rows, tag, sqlstate, error)``,
+    ``end`` and ``begin`` read from ``time.perf_counter()``; the writer computes ``t`` and ``ms`` from them
+    (to the µs and the ms, halves up: :func:`_q`), so the caller does no arithmetic, no call and no checks
+    (~1 µs less per statement on the tunnel's loop, docs/performance.md). Unlike :meth:`stmt` it neither
+    raises after ``close()`` nor stops queuing after a write failure (the session is ended then anyway).
+    Every deferred event's ``t`` is raised to the previous line's when smaller, so ``t`` never goes
+    backwards in the file whatever the order of the two clocks' readings.
+
     ``flush()`` and ``close()`` write what is queued synchronously; ``close()`` appends the ``end`` event,
     writes, fsyncs and returns the file's SHA-256. Field values must be JSON-encodable (str, int, float,
     bool, None, lists, dicts); an event with one that is not is left out (the chain stays intact) and
@@ -159,11 +168,17 @@ class RecordingWriter:
         now_wall = datetime.now(UTC)
         self._t0 = time.monotonic() - max(0.0, (now_wall - header.started_at).total_seconds())
         self._last_t = 0.0
+        # The start on time.perf_counter()'s clock, for raw statements (stmt_sink); the same clock as
+        # monotonic() on Linux, and any offset is absorbed by the writer's clamp (_wlast_t).
+        self.t0_pc = time.perf_counter() - (time.monotonic() - self._t0)
+        self._wlast_t = 0.0  # deferred: t of the last line written; no line gets a smaller t
         # Queued events, oldest first: encoded lines (bytes) or, when deferred, a stmt's values (a tuple) or
         # an event's encoder and arguments (_Pending). deque.append/popleft are atomic, so the owner's
         # thread never takes a lock.
         self._q: deque[bytes | tuple[Any, ...] | _Pending] = deque((canonical(hdr) + b"\n",))
         self.deferred = _crec is not None and header.kind == "pg"
+        # Deferred recordings: the tunnel's one-call way to record a statement (see stmt_sink's doc below).
+        self.stmt_sink: Callable[[tuple[Any, ...]], None] | None = self._q.append if self.deferred else None
         self._wake = threading.Event()
         self._queued = 0  # bytes queued since the last drain (approximate: a hint to wake the writer early)
         self._wlock = threading.Lock()  # one writer at a time: keeps the file in chain order
@@ -221,7 +236,7 @@ class RecordingWriter:
         if self.failed:
             return
         t = self._now()
-        if self.deferred:
+        if self.deferred and type(c) is not float:  # a float c would read as a raw statement's begin
             self._q.append((t, c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error))
             return
         self._add(_encode_stmt, t, (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error))
@@ -284,28 +299,32 @@ class RecordingWriter:
         ``_wlock``. An event that cannot be encoded is left out and kept as the error, as ``_add`` does."""
         out: list[bytes] = []
         h = self._h
+        last_t = self._wlast_t
         i, n = 0, len(items)
         while i < n:
             item = items[i]
             if type(item) is tuple:
                 assert _crec is not None  # deferred
-                lines, h, stop = _crec.chain_stmts(h, items, i)
+                lines, h, stop, last_t = _crec.chain_stmts(h, items, i, self.t0_pc, last_t)
                 if stop > i:
                     out.append(lines)
                     self.events += stop - i
                     i = stop
                     continue
                 # values the C encoder does not take (not plain): the Python encoder, as stmt() would
-                t, *payload = item
-                item = _Pending(_encode_stmt, (t, tuple(payload)))
+                item = _Pending(_encode_stmt, _cooked(item, self.t0_pc))
             if isinstance(item, _Pending):
+                args = item.args
+                if args[0] < last_t:  # every encoder's first argument is the event's t
+                    args = (last_t, *args[1:])
                 try:
-                    line, h = item.encode(h, *item.args)
+                    line, h = item.encode(h, *args)
                 except Exception as exc:  # left out, the chain intact; close() and flush() report it
                     if self._error is None:
                         self._error = exc
                     i += 1
                     continue
+                last_t = args[0]
                 out.append(line)
                 self.events += 1
             else:
@@ -313,6 +332,7 @@ class RecordingWriter:
                 out.append(item)  # the header's line
             i += 1
         self._h = h
+        self._wlast_t = last_t
         return b"".join(out)
 
     def _write(self, data: bytes) -> None:
@@ -414,6 +434,26 @@ def _stmt_parts(t: float, p: tuple[Any, ...]) -> tuple[bytes | None, int]:
             f"{trunc}"
             f'"sqlstate":{_j(sqlstate)},"t":{t!r},"tag":{_j(tag)}}}').encode()
     return head + tail, len(head)
+
+
+def _q(x: float, scale: float) -> float:
+    """``x`` to the nearest multiple of ``1 / scale`` (halves up): floor(x * scale + 0.5) / scale, the same
+    double arithmetic as ``_crec.q_units`` (which formats the multiple itself, without the GIL)."""
+    if not math.isfinite(x):
+        return x
+    return math.floor(x * scale + 0.5) / scale
+
+
+def _cooked(item: tuple[Any, ...], t0: float) -> tuple[float, tuple[Any, ...]]:
+    """(t, payload) of a queued stmt tuple for :func:`_encode_stmt`: a raw one (``stmt_sink``: end and begin
+    clock readings first) gets its t and ms computed as ``_crec.chain_stmts`` does."""
+    if len(item) == 11 and type(item[1]) is float:
+        end, begin, c, sql, truncated, proto, params, rows, tag, sqlstate, error = item
+        t = _q(end - t0, 1e6)
+        ms = _q((end - begin) * 1000.0, 1e3)
+        return t, (c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)
+    t, *payload = item
+    return t, tuple(payload)
 
 
 def _encode_stmt(prev: str, t: float, payload: tuple[Any, ...]) -> tuple[bytes, str]:

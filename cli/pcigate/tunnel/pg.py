@@ -461,6 +461,7 @@ class _Conn(asyncio.Protocol):
         self._client_paused = False
         self._server_paused = False
         self.rec = tunnel.recorder
+        self._stmt_sink = tunnel.recorder.stmt_sink if tunnel.recorder is not None else None
         # guardrails (None: no rules, and the relay path is exactly the unguarded one)
         g = tunnel.guard
         self.guard: Guardrails | None = g if g.enabled else None
@@ -1039,11 +1040,17 @@ class _Conn(asyncio.Protocol):
         st.error = f.get("M", "")[:ERROR_TEXT_CAP]
 
     def _record(self, st: _Stmt, now: float) -> None:
+        """``now``: time.perf_counter() when the statement completed (``st.t0``: when it was sent)."""
         self.tunnel.stats.statements += 1
         rec = self.rec
         if rec is not None:
-            rec.stmt(self.n, st.sql, st.truncated, st.proto, st.params, round((now - st.t0) * 1000.0, 3),
-                     st.rows, st.tag, st.sqlstate, st.error)
+            sink = self._stmt_sink
+            if sink is not None:  # the writer computes t and ms from the raw clock readings
+                sink((now, st.t0, self.n, st.sql, st.truncated, st.proto, st.params, st.rows, st.tag,
+                      st.sqlstate, st.error))
+            else:
+                rec.stmt(self.n, st.sql, st.truncated, st.proto, st.params,
+                         round((now - st.t0) * 1000.0, 3), st.rows, st.tag, st.sqlstate, st.error)
             if self._masked:  # the statement's results (or its error text) had card data masked
                 self._masked = False
                 rec.event("masked", c=self.n)
