@@ -16,7 +16,7 @@
  *       (t, c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error)            ("cooked") or
  *       (end, begin, c, sql, truncated, proto, params, rows, tag, sqlstate, error)       ("raw": [1] a float)
  *   where a raw one's end and begin are clock readings (perf_counter) and t0 the recording's start on that
- *   clock: t = floor((end - t0) * 1e6 + 0.5) / 1e6 and ms = floor((end - begin) * 1e3 + 0.5) / 1e3,
+ *   clock: t = floor((end - t0) * 1e6 + 0.5) / 1e6, ms = floor((end - begin) * 1000 * 1e3 + 0.5) / 1e3,
  *   computed and formatted here without Python's float machinery (pcigate.recording._q is the reference);
  *   every t is then raised to last_t (the previous event's) if it is smaller, so that t never goes backwards
  *   in the file; are encoded one after the other, each line chained to the previous h (prev_h first):

@@ -132,9 +132,11 @@ class RecordingWriter:
     ``stmt_sink`` (deferred recordings only, else None) is the hot path of that: the queue's own ``append``,
     taking a raw statement ``(end, begin, c, sql, truncated, proto, params, rows, tag, sqlstate, error)``,
     ``end`` and ``begin`` read from ``time.perf_counter()``; the writer computes ``t`` and ``ms`` from them
-    (to the µs and the ms, halves up: :func:`_q`), so the caller does no arithmetic, no call and no checks
+    (both to the µs, halves up: :func:`_q`), so the caller does no arithmetic, no call and no checks
     (~1 µs less per statement on the tunnel's loop, docs/performance.md). Unlike :meth:`stmt` it neither
-    raises after ``close()`` nor stops queuing after a write failure (the session is ended then anyway).
+    raises after ``close()`` nor stops queuing after a write failure (the session is ended then anyway), so
+    its caller must stop using it before ``close()`` (the tunnel is closed, on the loop's thread, before the
+    recording is). A tuple the writer cannot use is left out and reported, like any unencodable event.
     Every deferred event's ``t`` is raised to the previous line's when smaller, so ``t`` never goes
     backwards in the file whatever the order of the two clocks' readings.
 
@@ -311,13 +313,15 @@ class RecordingWriter:
                     self.events += stop - i
                     i = stop
                     continue
-                # values the C encoder does not take (not plain): the Python encoder, as stmt() would
-                item = _Pending(_encode_stmt, _cooked(item, self.t0_pc))
-            if isinstance(item, _Pending):
-                args = item.args
-                if args[0] < last_t:  # every encoder's first argument is the event's t
-                    args = (last_t, *args[1:])
+            if isinstance(item, _Pending | tuple):
                 try:
+                    if type(item) is tuple:
+                        # values the C encoder does not take (not plain): the Python encoder, as stmt() would
+                        item = _Pending(_encode_stmt, _cooked(item, self.t0_pc))
+                    assert isinstance(item, _Pending)
+                    args = item.args
+                    if args[0] < last_t:  # every encoder's first argument is the event's t
+                        args = (last_t, *args[1:])
                     line, h = item.encode(h, *args)
                 except Exception as exc:  # left out, the chain intact; close() and flush() report it
                     if self._error is None:
@@ -422,7 +426,8 @@ def _stmt_parts(t: float, p: tuple[Any, ...]) -> tuple[bytes | None, int]:
     generic encoder (which gives the same bytes for plain values)."""
     c, sql, truncated, proto, params, ms, rows, tag, sqlstate, error = p
     if not (type(c) is int and type(sql) is str and type(proto) is str and type(ms) is float
-            and math.isfinite(ms) and type(t) is float and (params is None or type(params) is int)
+            and math.isfinite(ms) and type(t) is float and math.isfinite(t)
+            and (params is None or type(params) is int)
             and (rows is None or type(rows) is int) and (tag is None or type(tag) is str)
             and (sqlstate is None or type(sqlstate) is str) and (error is None or type(error) is str)
             and truncated in (True, False)):
@@ -439,9 +444,10 @@ def _stmt_parts(t: float, p: tuple[Any, ...]) -> tuple[bytes | None, int]:
 def _q(x: float, scale: float) -> float:
     """``x`` to the nearest multiple of ``1 / scale`` (halves up): floor(x * scale + 0.5) / scale, the same
     double arithmetic as ``_crec.q_units`` (which formats the multiple itself, without the GIL)."""
-    if not math.isfinite(x):
-        return x
-    return math.floor(x * scale + 0.5) / scale
+    y = x * scale + 0.5
+    if not math.isfinite(y):
+        return y  # the encoder refuses it: that one event is left out and reported
+    return math.floor(y) / scale
 
 
 def _cooked(item: tuple[Any, ...], t0: float) -> tuple[float, tuple[Any, ...]]:

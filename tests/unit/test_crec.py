@@ -309,3 +309,21 @@ def test_raw_t_and_ms_are_written_as_python_writes_those_floats(d: float, dur: f
     lines, h, stop, _ = chain(H0, [item], 0, t0, -1e12)
     assert stop == 1
     assert (lines, h) == python_lines(H0, [item], t0, -1e12)[:2]
+
+
+@pytest.mark.parametrize("bad", [(1e308, 1e308, 1, "x", False, "simple", 0, 1, "SELECT 1", None, None),
+                                 (), ("end", 1.0, 1, "x", False, "simple", 0, 1, "SELECT 1", None, None)])
+def test_a_sink_tuple_the_writer_cannot_use_is_left_out_and_reported(tmp_path: Path, bad: tuple[Any, ...]
+                                                                     ) -> None:
+    w = RecordingWriter(tmp_path / "r.rec", header())
+    assert w.stmt_sink is not None
+    w.t0_pc = 0.0
+    w.stmt_sink((1.0, 0.5, 1, "before", False, "simple", 0, 1, "SELECT 1", None, None))
+    w.stmt_sink(bad)
+    w.stmt_sink((2.0, 1.5, 1, "after", False, "simple", 0, 1, "SELECT 1", None, None))
+    with pytest.raises(RecordingError, match="cannot record an event"):
+        w.close()
+    data = (tmp_path / "r.rec").read_bytes()
+    check = verify_recording(data)
+    assert check.ok, check.error
+    assert [json.loads(line).get("sql") for line in data.splitlines()[1:]] == ["before", "after", None]
