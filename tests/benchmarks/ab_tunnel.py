@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -99,12 +98,7 @@ def main() -> int:
     cluster = start_cluster()
     running: dict[str, tuple[object, int, dict[str, str], int | None]] = {}
     try:
-        user, password = "bench_user", secrets.token_urlsafe(18)
-        cluster.psql("CREATE DATABASE bench")
-        cluster.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-        subprocess.run(["pgbench", "-i", "-s", "10", "-q", "bench"], env=cluster.env, check=True,
-                       capture_output=True, timeout=600)
-        cluster.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user}", database="bench")
+        user, password = bt.bench_database(cluster)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         direct_env = base_env | {"PGUSER": user, "PGPASSWORD": password}
         runner = bt.RUNNER

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 
-from bench_tunnel import Tunnel, run_pgbench, vm_hwm_kib, write_perf_section  # noqa: E402
+from bench_tunnel import Tunnel, bench_database, run_pgbench, vm_hwm_kib, write_perf_section  # noqa: E402
 from tests.stack.postgres import start_cluster  # noqa: E402
 
 RULES = [
@@ -105,13 +104,7 @@ def main() -> int:
     cluster = start_cluster()
     tunnels: dict[str, Tunnel] = {}
     try:
-        user, password = "bench_user", secrets.token_urlsafe(18)
-        cluster.psql("CREATE DATABASE bench")
-        cluster.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-        subprocess.run(["pgbench", "-i", "-s", "10", "-q", "bench"], env=cluster.env, check=True,
-                       capture_output=True, timeout=600)
-        cluster.psql(SEED_SQL.replace("{rows}", str(args.rows)), database="bench")
-        cluster.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user}", database="bench")
+        user, password = bench_database(cluster, SEED_SQL.replace("{rows}", str(args.rows)))
         sample = cluster.psql("SELECT pan FROM cards WHERE id = 1", database="bench").strip()
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         envs = {"direct": (cluster.port, base_env | {"PGUSER": user, "PGPASSWORD": password})}

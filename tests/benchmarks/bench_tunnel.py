@@ -126,6 +126,20 @@ class Socat:
         self.proc.wait(10)
 
 
+def bench_database(cluster: PgCluster, seed_sql: str | None = None) -> tuple[str, str]:
+    """Database ``bench`` (pgbench scale 10, then ``seed_sql``) and a login role that may read it: (user,
+    password)."""
+    user, password = "bench_user", secrets.token_urlsafe(18)
+    cluster.psql("CREATE DATABASE bench")
+    cluster.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
+    subprocess.run(["pgbench", "-i", "-s", "10", "-q", "bench"], env=cluster.env, check=True,
+                   capture_output=True, timeout=600)
+    if seed_sql:
+        cluster.psql(seed_sql, database="bench")
+    cluster.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user}", database="bench")
+    return user, password
+
+
 def run_pgbench(env: dict[str, str], port: int, seconds: int) -> float:
     proc = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-n", "-S", "-c", "8", "-j", "2",
                            "-T", str(seconds), "bench"], env=env, capture_output=True, text=True,
@@ -190,12 +204,7 @@ def main() -> int:
     print(f"starting cluster in {work} ...", flush=True)
     cluster = start_cluster()
     try:
-        user, password = "bench_user", secrets.token_urlsafe(18)
-        cluster.psql("CREATE DATABASE bench")
-        cluster.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-        subprocess.run(["pgbench", "-i", "-s", "10", "-q", "bench"], env=cluster.env, check=True,
-                       capture_output=True, timeout=600)
-        cluster.psql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user}", database="bench")
+        user, password = bench_database(cluster)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         direct_env = base_env | {"PGUSER": user, "PGPASSWORD": password}
 
