@@ -12,6 +12,12 @@ judged so far) with :meth:`peek`, while the recording waits for the run to end: 
 piecemeal is never recorded in clear. The screen then gets only the rest of the run when it is released
 (:meth:`screen`).
 
+Programs colour what they print: ``grep --color`` wraps the match in escape sequences, so a card number can
+reach the terminal as ``4111\x1b[01;31m\x1b[K1111\x1b[m\x1b[K11111111``. Control sequences (CSI: ``ESC [``
+parameters, a final byte) are therefore invisible to the masking: :func:`mask_terminal` masks the text
+as it shows on the screen (the sequences taken out), puts the sequences back where they were, and a held
+run may contain them (and end in one not yet complete). Other escape sequences count as ordinary characters.
+
 Bytes become text with an incremental UTF-8 decoder (a character split between reads is kept whole;
 invalid bytes become U+FFFD), so the recording holds valid asciicast text.
 """
@@ -19,11 +25,67 @@ invalid bytes become U+FFFD), so the recording holds valid asciicast text.
 from __future__ import annotations
 
 import codecs
+import re
 
 from pcigate.masking import Masker
 
 RUN_CHARS = frozenset("0123456789 -")
 MAX_HOLD = 4096  # characters held back at most; a longer run is masked as it stands and passed on
+_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a complete control sequence (ECMA-48 CSI)
+_CSI_TAIL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*)?\Z")  # one that is not complete yet, at the end
+
+
+def mask_terminal(masker: Masker, text: str) -> str:
+    """``text`` masked as the screen shows it: card data is looked for in the text without its control
+    sequences, which stay where they were, and in the text as it is (where a sequence separates two numbers
+    that the screen shows run together); what either finds is masked. Same length and sequences in, unless
+    masking changed a length (track data with multi-byte characters): then the masked visible text alone."""
+    if "\x1b" not in text:
+        return masker.mask_text(text)
+    spans = [m.span() for m in _CSI.finditer(text)]
+    if not spans:
+        return masker.mask_text(text)
+    parts: list[str] = []
+    pos = 0
+    for a, b in spans:
+        parts.append(text[pos:a])
+        pos = b
+    parts.append(text[pos:])
+    visible = "".join(parts)
+    masked = masker.mask_text(visible)
+    plain = masker.mask_text(text)  # as before: sequences break runs (two numbers with a colour between)
+    if masked == visible:
+        return plain
+    if len(masked) != len(visible) or len(plain) != len(text):
+        return masked  # fail closed: the colours go, the card data too
+    out: list[str] = []
+    k = 0
+    for part, (a, b) in zip(parts, [*spans, (0, 0)], strict=True):
+        out.append(masked[k : k + len(part)])
+        k += len(part)
+        out.append(text[a:b])
+    joined = "".join(out)
+    if plain == text:
+        return joined
+    # both ways: a character either masking changed stays changed
+    return "".join(p if p != t else j for t, p, j in zip(text, plain, joined, strict=True))
+
+
+def _run_start(text: str) -> int:
+    """Where the trailing run begins: the run characters, complete control sequences among them, and a
+    control sequence still incomplete at the very end."""
+    m = _CSI_TAIL.search(text)
+    cut = m.start() if m else len(text)
+    while cut > 0:
+        if text[cut - 1] in RUN_CHARS:
+            cut -= 1
+            continue
+        esc = text.rfind("\x1b[", 0, cut)
+        if esc >= 0 and _CSI.fullmatch(text, esc, cut):
+            cut = esc
+            continue
+        break
+    return cut
 
 
 class StreamMasker:
@@ -49,13 +111,14 @@ class StreamMasker:
         if self._masker is None:
             return text
         text = self._held + text
-        cut = len(text)
-        while cut > 0 and text[cut - 1] in RUN_CHARS:
-            cut -= 1
-        if len(text) - cut > self.max_hold or not any(c.isdigit() for c in text[cut:]):
+        cut = _run_start(text)
+        held = text[cut:]
+        if "\x1b" in held:
+            held = _CSI.sub("", held)  # digits in complete sequences are no reason to hold
+        if len(text) - cut > self.max_hold or not any(c.isdigit() for c in held):
             cut = len(text)
         self._held = text[cut:]
-        return self._masker.mask_text(text[:cut]) if cut else ""
+        return mask_terminal(self._masker, text[:cut]) if cut else ""
 
     def flush(self) -> str:
         """Mask and release everything held back (and a character the decoder still holds)."""
@@ -63,12 +126,17 @@ class StreamMasker:
         if self._masker is None:
             return tail
         text, self._held = self._held + tail, ""
-        return self._masker.mask_text(text) if text else ""
+        return mask_terminal(self._masker, text) if text else ""
 
     def screen(self, released: str) -> str:
         """The part of ``released`` (what ``feed``/``flush`` just returned) the screen has not been shown."""
         if not released or not self._shown:
             return released
+        if len(released) < self._shown:
+            # the held run ended inside what was shown (an escape sequence that did not complete: its
+            # digits start the next run), so the rest of what was shown is the start of the new held run
+            self._shown -= len(released)
+            return ""
         # a release always starts with the whole held run (it ends at a later character), so what was shown
         # of it is behind us now
         part, self._shown = released[self._shown :], 0
@@ -79,6 +147,6 @@ class StreamMasker:
         has not been shown yet. It stays held for the recording."""
         if not self._held or self._masker is None:
             return ""
-        part = self._masker.mask_text(self._held)[self._shown :]
+        part = mask_terminal(self._masker, self._held)[self._shown :]
         self._shown = len(self._held)
         return part

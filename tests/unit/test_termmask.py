@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 
 from pcigate.masking import Masker
 from pcigate.models import MaskingPolicy
-from pcigate.termmask import StreamMasker
+from pcigate.termmask import StreamMasker, mask_terminal
 
 MASKER = Masker(MaskingPolicy(track_data=False))
 PANS = ["4111111111111111", "4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005"]
-pieces = st.one_of(st.sampled_from(PANS), st.text(alphabet="0123456789 -ab\r\n\x1b[;m", max_size=12))
+SGR = ["\x1b[01;31m\x1b[K", "\x1b[m\x1b[K", "\x1b[0m", "\x1b[1;32m", "\x1b[2J", "\x1b[10;4H"]
+pieces = st.one_of(st.sampled_from(PANS), st.sampled_from(SGR),
+                   st.text(alphabet="0123456789 -ab\r\n\x1b[;m", max_size=12))
 
 
 @settings(max_examples=400)
@@ -22,7 +24,49 @@ def test_any_split_masks_like_the_whole(parts: list[str], cuts: list[int]) -> No
     chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
     sm = StreamMasker(MASKER)
     out = "".join(sm.feed(c) for c in chunks) + sm.flush()
-    assert out == MASKER.mask_text(text)
+    assert out == mask_terminal(MASKER, text)
+    assert len(out) == len(text)
+    assert all(a == b or a == "*" for a, b in zip(out, text, strict=True))  # only masking changes it
+    assert _covers(out, text, MASKER.mask_text(text))  # what masking the raw text masks
+    visible = [i for i in range(len(text)) if not _in_csi(text, i)]  # what the screen shows, masked
+    assert _covers("".join(out[i] for i in visible), "".join(text[i] for i in visible),
+                   MASKER.mask_text("".join(text[i] for i in visible)))
+
+
+def _covers(out: str, text: str, masked: str) -> bool:
+    """Every character ``masked`` changed in ``text`` is changed in ``out`` too."""
+    return all(o != t for o, t, m in zip(out, text, masked, strict=True) if m != t)
+
+
+def _in_csi(text: str, i: int) -> bool:
+    import re
+
+    return any(m.start() <= i < m.end() for m in re.finditer(r"\x1b\[[0-?]*[ -/]*[@-~]", text))
+
+
+def test_a_pan_coloured_by_grep_is_masked_and_keeps_its_colours() -> None:
+    """grep --color 4111: the match is wrapped in escape sequences, in the middle of the number."""
+    line = "card: \x1b[01;31m\x1b[K4111\x1b[m\x1b[K111111111111 ok\n"
+    want = "card: \x1b[01;31m\x1b[K4111\x1b[m\x1b[K11******1111 ok\n"
+    assert mask_terminal(MASKER, line) == want
+    for cut in range(len(line) + 1):  # and however the output is split between reads
+        sm = StreamMasker(MASKER)
+        first = sm.feed(line[:cut])
+        assert "4111\x1b[m\x1b[K111111" not in first
+        assert first + sm.feed(line[cut:]) + sm.flush() == want
+
+
+def test_two_numbers_a_colour_apart_are_both_masked() -> None:
+    line = "4111111111111111\x1b[01;31m\x1b[K4111111111111111\x1b[m"
+    assert mask_terminal(MASKER, line) == "411111******1111\x1b[01;31m\x1b[K411111******1111\x1b[m"
+
+
+def test_a_colour_reset_after_text_is_not_held() -> None:
+    sm = StreamMasker(MASKER)
+    assert sm.feed("ok \x1b[0m") == "ok \x1b[0m"
+    assert not sm.pending
+    assert sm.feed("\x1b[31m4111") == ""  # a run that may go on is held, its colour with it
+    assert sm.pending
 
 
 def test_a_pan_typed_digit_by_digit_never_leaves_in_clear() -> None:
@@ -71,10 +115,10 @@ def test_the_screen_sees_every_character_once_and_the_recording_only_whole_runs(
     released = sm.flush()
     record.append(released)
     screen.append(sm.screen(released))
-    assert "".join(record) == MASKER.mask_text(text)
+    assert "".join(record) == mask_terminal(MASKER, text)
     assert len("".join(screen)) == len(text)
     if not any(peeks):
-        assert "".join(screen) == MASKER.mask_text(text)
+        assert "".join(screen) == mask_terminal(MASKER, text)
 
 
 def test_typing_shows_each_digit_after_a_pause_but_records_the_number_masked() -> None:
@@ -86,3 +130,14 @@ def test_typing_shows_each_digit_after_a_pause_but_records_the_number_masked() -
         screen.append(sm.screen(released) + sm.peek())
     assert "".join(screen) == f"{PANS[0]}\r"  # the typist's own echo, one digit at a time
     assert "".join(record) == "411111******1111\r"
+
+
+def test_what_the_screen_was_shown_of_an_escape_that_did_not_complete_is_not_shown_twice() -> None:
+    """A held run ending in what looks like the start of an escape sequence ("ESC [4"), shown after a
+    pause; the sequence never completes, so its digit begins the next run."""
+    sm = StreamMasker(MASKER)
+    screen = [sm.screen(sm.feed("4111111111111111\x1b[4")), sm.peek()]
+    for chunk in ("111 1111 1111 1111", "\r\n"):
+        screen.append(sm.screen(sm.feed(chunk)))
+    screen.append(sm.screen(sm.flush()))
+    assert "".join(screen) == "411111******1111\x1b[4111 11** **** 1111\r\n"
