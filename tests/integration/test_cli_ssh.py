@@ -236,6 +236,23 @@ def test_one_command_without_a_terminal(stack: Stack, login, run_cli) -> None:
     assert MASKED in "".join(e[2] for e in events if e[1] == "o")
 
 
+def test_a_number_grep_colours_is_masked_on_screen_and_in_the_recording(stack: Stack, login, run_cli) -> None:
+    """grep --color=always highlights the match inside the number: escape sequences split its digits."""
+    assert login("alice").code == 0
+    r = run_cli(["ssh", "web-1", "--", f"echo card {PAN} | grep --color=always {PAN[:4]}"])
+    assert r.code == 0, r.output
+    assert "\x1b[" in r.stdout  # the colours reached the screen
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", r.stdout)
+    assert f"card {MASKED}" in shown
+    assert PAN[4:] not in r.stdout
+    summary = _last_session(run_cli)
+    _, events = _events(_recording(stack, summary["recording_sha256"]))
+    recorded = "".join(e[2] for e in events if e[1] == "o")
+    assert "\x1b[" in recorded
+    assert f"card {MASKED}" in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", recorded)
+    assert PAN[4:] not in recorded
+
+
 def test_a_database_target_is_refused_by_pcigate_ssh(login, run_cli) -> None:
     assert login("alice").code == 0
     r = run_cli(["ssh", "prod-db", "--", "true"])
