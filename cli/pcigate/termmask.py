@@ -40,22 +40,20 @@ def mask_terminal(masker: Masker, text: str) -> str:
     sequences, which stay where they were, and in the text as it is (where a sequence separates two numbers
     that the screen shows run together); what either finds is masked. Same length and sequences in, unless
     masking changed a length (track data with multi-byte characters): then the masked visible text alone."""
+    plain = masker.mask_text(text)  # sequences break runs here (two numbers with a colour between)
     if "\x1b" not in text:
-        return masker.mask_text(text)
+        return plain
+    visible = _CSI.sub("", text)
+    masked = masker.mask_text(visible)
+    if masked == visible:  # the common case (coloured output, no card number in it): no mapping needed
+        return plain
     spans = [m.span() for m in _CSI.finditer(text)]
-    if not spans:
-        return masker.mask_text(text)
     parts: list[str] = []
     pos = 0
     for a, b in spans:
         parts.append(text[pos:a])
         pos = b
     parts.append(text[pos:])
-    visible = "".join(parts)
-    masked = masker.mask_text(visible)
-    plain = masker.mask_text(text)  # as before: sequences break runs (two numbers with a colour between)
-    if masked == visible:
-        return plain
     if len(masked) != len(visible) or len(plain) != len(text):
         return masked  # fail closed: the colours go, the card data too
     out: list[str] = []
@@ -74,8 +72,8 @@ def mask_terminal(masker: Masker, text: str) -> str:
 def _run_start(text: str) -> int:
     """Where the trailing run begins: the run characters, complete control sequences among them, and a
     control sequence still incomplete at the very end."""
-    m = _CSI_TAIL.search(text)
-    cut = m.start() if m else len(text)
+    esc = text.rfind("\x1b")  # an incomplete sequence can only start at the last ESC
+    cut = esc if esc >= 0 and _CSI_TAIL.match(text, esc) else len(text)
     while cut > 0:
         if text[cut - 1] in RUN_CHARS:
             cut -= 1
