@@ -373,10 +373,21 @@ class Masker:
         return out
 
     def mask_text(self, s: str) -> str:
-        """Mask a str (SQL text, error messages for the recording). Non-ASCII text is kept as it is."""
+        """Mask a str (SQL text, error messages, terminal text). The same number of characters comes back: a
+        character any byte of which was masked (track data holding a multi-byte name) becomes one ``*``."""
         b = s.encode("utf-8", "surrogatepass")
         out = self.scan(b)
-        return s if out is None else out.decode("utf-8", "surrogatepass")
+        if out is None:
+            return s
+        if len(b) == len(s):
+            return out.decode("ascii")
+        res: list[str] = []
+        i = 0
+        for ch in s:
+            n = len(ch.encode("utf-8", "surrogatepass"))
+            res.append(ch if out[i : i + n] == b[i : i + n] else "*")
+            i += n
+        return "".join(res)
 
     # -- column rules ----------------------------------------------------------------------------------------
 

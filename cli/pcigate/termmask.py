@@ -14,9 +14,11 @@ piecemeal is never recorded in clear. The screen then gets only the rest of the 
 
 Programs colour what they print: ``grep --color`` wraps the match in escape sequences, so a card number can
 reach the terminal as ``4111\x1b[01;31m\x1b[K1111\x1b[m\x1b[K11111111``. Control sequences (CSI: ``ESC [``
-parameters, a final byte) are therefore invisible to the masking: :func:`mask_terminal` masks the text
-as it shows on the screen (the sequences taken out), puts the sequences back where they were, and a held
-run may contain them (and end in one not yet complete). Other escape sequences count as ordinary characters.
+parameters, a final byte) and character-set designations (``ESC ( B``, which ``tput sgr0`` emits) are
+therefore invisible to the masking: :func:`mask_terminal` masks the text as it shows on the screen (the
+sequences taken out), puts the sequences back where they were, and a held run may contain them (and end in
+one not yet complete). Other escape sequences (OSC titles and hyperlinks, SI/SO) count as ordinary
+characters.
 
 Bytes become text with an incremental UTF-8 decoder (a character split between reads is kept whole;
 invalid bytes become U+FFFD), so the recording holds valid asciicast text.
@@ -31,15 +33,17 @@ from pcigate.masking import Masker
 
 RUN_CHARS = frozenset("0123456789 -")
 MAX_HOLD = 4096  # characters held back at most; a longer run is masked as it stands and passed on
-_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a complete control sequence (ECMA-48 CSI)
-_CSI_TAIL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*)?\Z")  # one that is not complete yet, at the end
+# a complete control sequence (ECMA-48 CSI) or character-set designation; one not complete yet, at the end
+_CSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()*+][0-~])")
+_CSI_TAIL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|[()*+])?\Z")
 
 
 def mask_terminal(masker: Masker, text: str) -> str:
     """``text`` masked as the screen shows it: card data is looked for in the text without its control
     sequences, which stay where they were, and in the text as it is (where a sequence separates two numbers
     that the screen shows run together); what either finds is masked. Same length and sequences in, unless
-    masking changed a length (track data with multi-byte characters): then the masked visible text alone."""
+    anything went wrong with the lengths: then the visible text with all either way finds masked (the
+    colours go, the card data too)."""
     plain = masker.mask_text(text)  # sequences break runs here (two numbers with a colour between)
     if "\x1b" not in text:
         return plain
@@ -54,8 +58,8 @@ def mask_terminal(masker: Masker, text: str) -> str:
         parts.append(text[pos:a])
         pos = b
     parts.append(text[pos:])
-    if len(masked) != len(visible) or len(plain) != len(text):
-        return masked  # fail closed: the colours go, the card data too
+    if len(masked) != len(visible) or len(plain) != len(text):  # not expected: mask_text keeps lengths
+        return masker.mask_text(_CSI.sub("", plain))  # fail closed
     out: list[str] = []
     k = 0
     for part, (a, b) in zip(parts, [*spans, (0, 0)], strict=True):
@@ -78,7 +82,7 @@ def _run_start(text: str) -> int:
         if text[cut - 1] in RUN_CHARS:
             cut -= 1
             continue
-        esc = text.rfind("\x1b[", 0, cut)
+        esc = text.rfind("\x1b", 0, cut)
         if esc >= 0 and _CSI.fullmatch(text, esc, cut):
             cut = esc
             continue

@@ -243,6 +243,12 @@ def test_mask_text(masker: Masker) -> None:
     assert masker.mask_text("héllo 1") == "héllo 1"
 
 
+def test_mask_text_keeps_the_number_of_characters() -> None:
+    """Track data is masked byte by byte; a multi-byte name still becomes one ``*`` per character."""
+    track = "%B4111111111111111^NGUYỄN/THỊ^2512101000000000000?"
+    assert Masker(MaskingPolicy()).mask_text(f"a {track} é") == f"a {'*' * len(track)} é"
+
+
 # -- column rules -------------------------------------------------------------------------------------------
 
 

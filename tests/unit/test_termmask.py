@@ -11,9 +11,9 @@ from pcigate.termmask import StreamMasker, mask_terminal
 
 MASKER = Masker(MaskingPolicy(track_data=False))
 PANS = ["4111111111111111", "4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005"]
-SGR = ["\x1b[01;31m\x1b[K", "\x1b[m\x1b[K", "\x1b[0m", "\x1b[1;32m", "\x1b[2J", "\x1b[10;4H"]
+SGR = ["\x1b[01;31m\x1b[K", "\x1b[m\x1b[K", "\x1b[0m", "\x1b[1;32m", "\x1b[2J", "\x1b[10;4H", "\x1b(B\x1b[m"]
 pieces = st.one_of(st.sampled_from(PANS), st.sampled_from(SGR),
-                   st.text(alphabet="0123456789 -ab\r\n\x1b[;m", max_size=12))
+                   st.text(alphabet="0123456789 -ab\r\n\x1b[;m(B", max_size=12))
 
 
 @settings(max_examples=400)
@@ -41,7 +41,8 @@ def _covers(out: str, text: str, masked: str) -> bool:
 def _in_csi(text: str, i: int) -> bool:
     import re
 
-    return any(m.start() <= i < m.end() for m in re.finditer(r"\x1b\[[0-?]*[ -/]*[@-~]", text))
+    seqs = re.finditer(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()*+][0-~])", text)
+    return any(m.start() <= i < m.end() for m in seqs)
 
 
 def test_a_pan_coloured_by_grep_is_masked_and_keeps_its_colours() -> None:
@@ -59,6 +60,32 @@ def test_a_pan_coloured_by_grep_is_masked_and_keeps_its_colours() -> None:
 def test_two_numbers_a_colour_apart_are_both_masked() -> None:
     line = "4111111111111111\x1b[01;31m\x1b[K4111111111111111\x1b[m"
     assert mask_terminal(MASKER, line) == "411111******1111\x1b[01;31m\x1b[K411111******1111\x1b[m"
+
+
+def test_a_pan_split_by_tput_sgr0_is_masked() -> None:
+    """``tput sgr0`` emits a character-set designation before the reset: invisible on the screen too."""
+    line = "4111\x1b(B\x1b[m111111111111\n"
+    assert mask_terminal(MASKER, line) == "4111\x1b(B\x1b[m11******1111\n"
+
+
+TRACK = "%B4111111111111111^MÜLLER/JOSÉ^2512101000000000000?"
+
+
+def test_track_data_with_a_multibyte_name_keeps_the_colours_and_masks_both_numbers() -> None:
+    """Track masking goes byte by byte; a name with multi-byte characters must not change the length, or
+    the sequences could not be put back (before: the colours went, and two numbers a colour apart with
+    them stayed in clear)."""
+    masker = Masker(MaskingPolicy())
+    line = f"{TRACK} 4111111111111111\x1b[01;31m\x1b[K4111111111111111\x1b[m\x1b[K\n"
+    out = mask_terminal(masker, line)
+    assert len(out) == len(line)
+    assert out == "*" * len(TRACK) + " 411111******1111\x1b[01;31m\x1b[K411111******1111\x1b[m\x1b[K\n"
+    for cut in range(len(line) + 1):  # split: the numbers are masked alike (track data split between
+        sm = StreamMasker(masker)     # reads may keep its sentinel or part of the name: a known limit)
+        split = sm.feed(line[:cut]) + sm.feed(line[cut:]) + sm.flush()
+        assert len(split) == len(line)
+        assert split[len(TRACK):] == out[len(TRACK):]
+        assert "41111111" not in split
 
 
 def test_a_colour_reset_after_text_is_not_held() -> None:
