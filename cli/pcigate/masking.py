@@ -355,10 +355,13 @@ class Masker:
         if self._track and (b"^" in src or b"=" in src):
             spans: list[tuple[int, int]] = []
             for rx in (_TRACK1, _TRACK2):
-                for m in rx.finditer(src):
+                # overlapping matches too: a track's greedy tail can swallow the start of a track glued to it
+                pos = 0
+                while (m := rx.search(src, pos)) is not None:
                     digits = m.group(1).replace(b" ", b"")
                     if MIN_PAN <= len(digits) <= MAX_PAN and luhn_ok(digits):
                         spans.append(m.span())
+                    pos = m.start() + 1
             if spans:
                 out = bytearray(src)
                 for s, e in spans:

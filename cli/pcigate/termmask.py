@@ -29,12 +29,13 @@ from __future__ import annotations
 import codecs
 import re
 
-from pcigate.masking import Masker
+from pcigate.masking import Masker, luhn_ok
 
 RUN_CHARS = frozenset("0123456789 -")
 MAX_HOLD = 4096  # characters held back at most; a longer run is masked as it stands and passed on
 # a complete control sequence (ECMA-48 CSI) or character-set designation; one not complete yet, at the end
 _CSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()*+][0-~])")
+_DESIG_DIGIT = re.compile(r"\x1b[()*+][0-9]")
 _CSI_TAIL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|[()*+])?\Z")
 
 
@@ -44,9 +45,9 @@ def mask_terminal(masker: Masker, text: str) -> str:
     that the screen shows run together); what either finds is masked. Same length and sequences in, unless
     anything went wrong with the lengths: then the visible text with all either way finds masked (the
     colours go, the card data too)."""
-    plain = masker.mask_text(text)  # sequences break runs here (two numbers with a colour between)
     if "\x1b" not in text:
-        return plain
+        return masker.mask_text(text)
+    plain = _mask_raw(masker, text)  # sequences break runs here (two numbers with a colour between)
     visible = _CSI.sub("", text)
     masked = masker.mask_text(visible)
     if masked == visible:  # the common case (coloured output, no card number in it): no mapping needed
@@ -73,6 +74,94 @@ def mask_terminal(masker: Masker, text: str) -> str:
     return "".join(p if p != t else j for t, p, j in zip(text, plain, joined, strict=True))
 
 
+# The start of track data that may not be complete yet, at the end of the text: a prefix of what masking.py's
+# _TRACK1 / _TRACK2 match (sentinels optional), up to a maximal match's end (its tail still growing), a lone
+# start sentinel or format code included. A superset: holding a little more than needed only delays it.
+_TRACK_TAIL = re.compile(
+    r"(?:%?B(?:[0-9][0-9 ]{0,22}(?:\^[^^\x00\r\n]{0,26}(?:\^[0-9A-Za-z]{0,64}\??)?)?)?"
+    r"|%"
+    r"|;?[0-9]{1,19}=[0-9]{0,44}\??"
+    r"|;[0-9]{0,19})\Z"
+)
+# Whole tracks as masking.py matches them (in characters here: a name of up to 26 characters is at least as
+# many bytes, so these match at least where masking does).
+_TRACK1 = re.compile(r"%?B[0-9][0-9 ]{11,21}[0-9]\^[^^\x00\r\n]{1,26}\^[0-9]{4}[0-9A-Za-z]{0,60}\??")
+_TRACK2 = re.compile(r";?[0-9]{13,19}=[0-9]{4}[0-9]{0,40}\??")
+# The start of a track once its PAN and field separator are there.
+_TRACK_HEAD = re.compile(r"%?B([0-9][0-9 ]{11,21}[0-9])\^|;?([0-9]{13,19})=")
+_TRACK_TAIL_MAX = 120  # longer than any text _TRACK_TAIL matches
+_TRACK_SPAN = 128  # longer than any whole track: looked at around a cut for one it would split
+
+
+def _track_start(text: str, cut: int) -> int:
+    """Where to cut ``text`` (at most at ``cut``) so that track data that may still be growing at the end is
+    held back, and the cut splits neither a whole track (the digits at the end of a track 1) nor a digit run
+    (a track 2 without its sentinel)."""
+    lo = max(0, len(text) - _TRACK_TAIL_MAX)
+    # where such a tail can start: a sentinel, format code B, or the digits before a track 2's "=" (trying
+    # these few places is ~10x faster than a regular-expression search through the whole tail)
+    starts: list[int] = []
+    for ch in "%B;=":
+        i = text.find(ch, lo)
+        while i >= 0:
+            if ch == "=":
+                j = i
+                while j > lo and i - j < 19 and text[j - 1].isdigit():
+                    j -= 1
+                starts.append(j)
+            else:
+                starts.append(i)
+            i = text.find(ch, i + 1)
+    for i in sorted(starts):
+        if _TRACK_TAIL.match(text, i):
+            cut = min(cut, i)
+            break
+    while cut < len(text):
+        start = cut
+        base, end = max(0, cut - _TRACK_SPAN), min(len(text), cut + _TRACK_SPAN)
+        for rx, mark in ((_TRACK1, "^"), (_TRACK2, "=")):
+            if text.find(mark, base, end) < 0:
+                continue
+            pos = base
+            while (t := rx.search(text, pos, end)) is not None and t.start() < cut:  # overlapping ones too
+                if cut < t.end():
+                    cut = t.start()
+                    break
+                pos = t.start() + 1
+        if cut < len(text) and text[cut] in RUN_CHARS:
+            cut = _run_start(text[:cut])
+        if cut == start:
+            break
+    return cut
+
+
+def _mask_raw(masker: Masker, text: str) -> str:
+    """``text`` masked as it is, except that a designation's final byte (ESC ( 0 selects line drawing) is
+    no digit of a number."""
+    marks = list(_DESIG_DIGIT.finditer(text))
+    if not marks:
+        return masker.mask_text(text)
+    plain = masker.mask_text(_DESIG_DIGIT.sub(lambda m: m[0][:2] + "\x00", text))  # masking keeps NUL
+    parts: list[str] = []
+    pos = 0
+    for m in marks:
+        parts += (plain[pos : m.end() - 1], text[m.end() - 1])
+        pos = m.end()
+    parts.append(plain[pos:])
+    return "".join(parts)
+
+
+def _star_track_head(held: str, masked: str) -> str:
+    """``masked`` (``held`` masked) with a track still growing at its end starred from where it starts, once
+    its PAN and field separator have arrived: the screen is not shown a name or expiry date before the track
+    ends (when the track's own rule masks it whole)."""
+    for m in _TRACK_HEAD.finditer(held):
+        digits = (m.group(1) or m.group(2)).replace(" ", "")
+        if luhn_ok(digits.encode()) and _TRACK_TAIL.match(held, m.start()):
+            return masked[: m.start()] + "*" * (len(held) - m.start())
+    return masked
+
+
 def _run_start(text: str) -> int:
     """Where the trailing run begins: the run characters, complete control sequences among them, and a
     control sequence still incomplete at the very end."""
@@ -80,7 +169,10 @@ def _run_start(text: str) -> int:
     cut = esc if esc >= 0 and _CSI_TAIL.match(text, esc) else len(text)
     while cut > 0:
         if text[cut - 1] in RUN_CHARS:
-            cut -= 1
+            if cut >= 3 and text[cut - 3] == "\x1b" and text[cut - 2] in "()*+":
+                cut -= 3  # a designation ending in a digit (ESC ( 0: line drawing), not part of the run
+            else:
+                cut -= 1
             continue
         esc = text.rfind("\x1b", 0, cut)
         if esc >= 0 and _CSI.fullmatch(text, esc, cut):
@@ -91,10 +183,11 @@ def _run_start(text: str) -> int:
 
 
 class StreamMasker:
-    __slots__ = ("_decoder", "_held", "_masker", "_shown", "max_hold")
+    __slots__ = ("_decoder", "_held", "_masker", "_shown", "_track", "max_hold")
 
     def __init__(self, masker: Masker | None, *, max_hold: int = MAX_HOLD) -> None:
         self._masker = masker
+        self._track = masker is not None and masker.policy.track_data
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self._shown = 0  # characters of the held run the screen was already shown (peek)
@@ -117,7 +210,13 @@ class StreamMasker:
         held = text[cut:]
         if "\x1b" in held:
             held = _CSI.sub("", held)  # digits in complete sequences are no reason to hold
-        if len(text) - cut > self.max_hold or not any(c.isdigit() for c in held):
+        if not any(c.isdigit() for c in held):
+            # nothing to hold but an escape sequence not complete yet (ESC ( may end in a digit, ESC ( 0)
+            esc = text.rfind("\x1b", cut)
+            cut = esc if esc >= 0 and _CSI_TAIL.match(text, esc) else len(text)
+        if self._track:
+            cut = _track_start(text, cut)
+        if len(text) - cut > self.max_hold:
             cut = len(text)
         self._held = text[cut:]
         return mask_terminal(self._masker, text[:cut]) if cut else ""
@@ -149,6 +248,9 @@ class StreamMasker:
         has not been shown yet. It stays held for the recording."""
         if not self._held or self._masker is None:
             return ""
-        part = mask_terminal(self._masker, self._held)[self._shown :]
+        shown = mask_terminal(self._masker, self._held)
+        if self._track:
+            shown = _star_track_head(self._held, shown)
+        part = shown[self._shown :]
         self._shown = len(self._held)
         return part

@@ -253,6 +253,26 @@ def test_a_number_grep_colours_is_masked_on_screen_and_in_the_recording(stack: S
     assert PAN[4:] not in recorded
 
 
+def test_track_data_split_between_reads_is_masked_whole_on_screen_and_in_the_recording(
+        stack: Stack, login, run_cli) -> None:
+    """A track 1 string whose second half arrives 0.3 s after the first (two reads, and a pause longer than
+    the screen's 50 ms): neither the screen nor the recording gets its name or expiry date (before: the first
+    read went out with only the PAN masked)."""
+    assert login("alice").code == 0
+    head, tail = f"%B{PAN}^DOE/", "JOHN^2512101000000000000?"
+    r = run_cli(["ssh", "web-1", "--", f"printf '%s' '{head}'; sleep 0.3; printf '%s\\n' '{tail}'"])
+    assert r.code == 0, r.output
+    assert "*" * len(head + tail) in r.stdout
+    for part in ("DOE", "JOHN", "2512101", PAN[6:12]):
+        assert part not in r.stdout
+    summary = _last_session(run_cli)
+    _, events = _events(_recording(stack, summary["recording_sha256"]))
+    recorded = "".join(e[2] for e in events if e[1] == "o")
+    assert "*" * len(head + tail) in recorded
+    for part in ("DOE", "JOHN", "2512101", PAN[6:12]):
+        assert part not in recorded
+
+
 def test_a_database_target_is_refused_by_pcigate_ssh(login, run_cli) -> None:
     assert login("alice").code == 0
     r = run_cli(["ssh", "prod-db", "--", "true"])

@@ -243,6 +243,13 @@ def test_mask_text(masker: Masker) -> None:
     assert masker.mask_text("héllo 1") == "héllo 1"
 
 
+def test_two_tracks_glued_together_are_both_masked() -> None:
+    """Track 1's discretionary tail is greedy: without a separator it ran into the next track's ``B4111``
+    and left the rest of that PAN (12 digits) and its name in clear."""
+    t1 = "B4111 1111 1111 1111^DOE/JOHN^251210100"
+    assert Masker(MaskingPolicy()).mask_text(t1 + t1) == "*" * (2 * len(t1))
+
+
 def test_mask_text_keeps_the_number_of_characters() -> None:
     """Track data is masked byte by byte; a multi-byte name still becomes one ``*`` per character."""
     track = "%B4111111111111111^NGUYỄN/THỊ^2512101000000000000?"
