@@ -361,7 +361,7 @@ class Masker:
                     digits = m.group(1).replace(b" ", b"")
                     if MIN_PAN <= len(digits) <= MAX_PAN and luhn_ok(digits):
                         spans.append(m.span())
-                    pos = m.start() + 1
+                    pos = m.end(1)  # one starting inside this PAN ends where this one does
             if spans:
                 out = bytearray(src)
                 for s, e in spans:
