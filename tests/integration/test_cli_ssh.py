@@ -273,6 +273,37 @@ def test_track_data_split_between_reads_is_masked_whole_on_screen_and_in_the_rec
         assert part not in recorded
 
 
+def test_held_output_on_stdout_and_stderr_each_reaches_the_screen_after_the_pause(
+        login, cli_env: dict[str, str]) -> None:
+    """Output ending in digits is held until the next read shows where the run ends, and shown after 50 ms
+    without more: on stdout and on stderr alike when both hold something at once (before, one pause timer
+    served both, so the stream that held first stayed dark until the command ended)."""
+    assert login("alice").code == 0
+    proc = subprocess.Popen(
+        [str(pcigate_bin()), "ssh", "web-1", "--",
+         "printf 'total 12'; sleep 0.02; printf 'warn 34' >&2; sleep 4"],
+        env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        got = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
+        deadline = time.monotonic() + 20  # ssh start-up included
+        while not (got[proc.stdout.fileno()].endswith(b"12") and got[proc.stderr.fileno()].endswith(b"34")):
+            ready, _, _ = select.select(list(got), [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"not shown while the command sleeps: {got}"
+            for fd in ready:
+                if not got[fd]:  # the command's output began: it then sleeps 4 s
+                    deadline = min(deadline, time.monotonic() + 2)
+                got[fd] += os.read(fd, 4096)
+        assert b"total 12" in got[proc.stdout.fileno()]
+        assert b"warn 34" in got[proc.stderr.fileno()]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_database_target_is_refused_by_pcigate_ssh(login, run_cli) -> None:
     assert login("alice").code == 0
     r = run_cli(["ssh", "prod-db", "--", "true"])

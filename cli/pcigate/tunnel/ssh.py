@@ -84,7 +84,7 @@ class TerminalRelay:
         self._readers: list[int] = []
         self._open = 0
         self._eof: asyncio.Event | None = None
-        self._flush_at: asyncio.TimerHandle | None = None
+        self._flush_at: dict[int, asyncio.TimerHandle] = {}  # per output stream: stdout's and stderr's own
 
     # -- recording
     def _cast(self, code: str, data: object) -> None:
@@ -145,8 +145,8 @@ class TerminalRelay:
                 loop.remove_signal_handler(signal.SIGWINCH)
             for fd in self._readers:
                 loop.remove_reader(fd)
-            if self._flush_at is not None:
-                self._flush_at.cancel()
+            for timer in self._flush_at.values():
+                timer.cancel()
             for src, dst in outputs:
                 released = maskers[src].flush()
                 self._show(dst, maskers[src].screen(released))
@@ -193,9 +193,10 @@ class TerminalRelay:
             self._show(dst, masker.screen(released))
             self._record("o", released)
             if masker.pending:
-                if self._flush_at is not None:
-                    self._flush_at.cancel()
-                self._flush_at = loop.call_later(SCREEN_HOLD_SECONDS, lambda: self._show(dst, masker.peek()))
+                if (timer := self._flush_at.get(src)) is not None:
+                    timer.cancel()
+                self._flush_at[src] = loop.call_later(
+                    SCREEN_HOLD_SECONDS, lambda: self._show(dst, masker.peek()))
 
         loop.add_reader(src, readable)
         self._readers.append(src)
