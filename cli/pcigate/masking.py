@@ -361,7 +361,9 @@ class Masker:
                     digits = m.group(1).replace(b" ", b"")
                     if MIN_PAN <= len(digits) <= MAX_PAN and luhn_ok(digits):
                         spans.append(m.span())
-                    pos = m.end(1)  # one starting inside this PAN ends where this one does
+                        pos = m.end(1)  # one starting inside this PAN ends where this one does
+                    else:  # a shorter one starting inside it may be a valid card (the 16 of 17 digits)
+                        pos = m.start() + 1
             if spans:
                 out = bytearray(src)
                 for s, e in spans:

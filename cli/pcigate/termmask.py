@@ -26,6 +26,7 @@ invalid bytes become U+FFFD), so the recording holds valid asciicast text.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import re
 
@@ -93,11 +94,58 @@ _TRACK_TAIL_MAX = 120  # longer than any text _TRACK_TAIL matches
 _TRACK_SPAN = 128  # longer than any whole track: looked at around a cut for one it would split
 
 
-def _track_start(text: str, cut: int) -> int:
-    """Where to cut ``text`` (at most at ``cut``) so that track data that may still be growing at the end is
-    held back, and the cut splits neither a whole track (the digits at the end of a track 1) nor a digit run
-    (a track 2 without its sentinel)."""
-    lo = max(0, len(text) - _TRACK_TAIL_MAX)
+class _Shown:
+    """``text`` from ``lo`` on as the screen shows it (complete control sequences taken out), with the way
+    between positions in it and in ``text``."""
+
+    __slots__ = ("lo", "raw", "text", "vis")
+
+    def __init__(self, text: str, lo: int, *, hide: bool = True) -> None:
+        esc = text.rfind("\x1b", max(0, lo - 64), lo)  # not from inside a sequence
+        if esc >= 0 and (m := _CSI.match(text, esc)) is not None and m.end() > lo:
+            lo = esc
+        self.lo = lo
+        self.vis: list[int] = []  # where each piece between sequences starts, here and in ``text``
+        self.raw: list[int] = []
+        parts: list[str] = []
+        v, r = 0, lo
+        if hide and text.find("\x1b", lo) >= 0:
+            for m in _CSI.finditer(text, lo):
+                if m.start() > r:
+                    self.vis.append(v)
+                    self.raw.append(r)
+                    parts.append(text[r : m.start()])
+                    v += m.start() - r
+                r = m.end()
+        stop = len(text)  # a sequence not complete yet at the end is not shown either
+        esc = text.rfind("\x1b", r) if hide else -1
+        if esc >= 0 and _CSI_TAIL.match(text, esc):
+            stop = esc
+        if r < stop:
+            self.vis.append(v)
+            self.raw.append(r)
+            parts.append(text[r:stop])
+        self.text = "".join(parts)
+
+    def shown(self, i: int) -> int:
+        """The number of shown characters before ``text[i]`` (``i`` ≥ ``lo``)."""
+        k = bisect.bisect_right(self.raw, i) - 1
+        if k < 0:
+            return 0
+        end = self.vis[k + 1] if k + 1 < len(self.vis) else len(self.text)
+        return min(self.vis[k] + i - self.raw[k], end)
+
+    def back(self, v: int) -> int:
+        """Where shown character ``v`` starts in ``text``, the sequences just before it included."""
+        if v == 0:
+            return self.lo
+        k = bisect.bisect_right(self.vis, v - 1) - 1
+        return self.raw[k] + v - self.vis[k]
+
+
+def _tail_start(text: str, lo: int = 0) -> int | None:
+    """Where track data that may still be growing at the end of ``text`` begins (None: there is none)."""
+    lo = max(lo, len(text) - _TRACK_TAIL_MAX)
     # where such a tail can start: a sentinel, format code B, or the digits before a track 2's "=" (trying
     # these few places is ~10x faster than a regular-expression search through the whole tail)
     starts: list[int] = []
@@ -114,25 +162,59 @@ def _track_start(text: str, cut: int) -> int:
             i = text.find(ch, i + 1)
     for i in sorted(starts):
         if _TRACK_TAIL.match(text, i):
-            cut = min(cut, i)
-            break
-    while cut < len(text):
-        start = cut
-        base, end = max(0, cut - _TRACK_SPAN), min(len(text), cut + _TRACK_SPAN)
+            return i
+    return None
+
+
+def _track_start(text: str, cut: int) -> int:
+    """Where to cut ``text`` (at most at ``cut``) so that track data that may still be growing at the end is
+    held back, and the cut splits neither a whole track (the digits at the end of a track 1) nor a digit run
+    (a track 2 without its sentinel). Judged on the text as the screen shows it (a colour change inside a
+    track does not end it), in a window of a few hundred characters before the cut and the end, so one read
+    costs the same however long the held run is. With control sequences in the window, also as the raw text
+    reads (a sequence between two tracks, or one that swallows a track's digits as its parameters), as the
+    masking of the whole does."""
+    lo = max(0, min(cut, len(text) - _TRACK_TAIL_MAX) - 2 * _TRACK_SPAN)
+    if text.find("\x1b", lo) < 0:
+        return _track_cut(text, cut, _Shown(text, lo, hide=False))
+    shown, raw = _Shown(text, lo), _Shown(text, lo, hide=False)
+    while True:  # until neither view moves the cut
+        new = min(_track_cut(text, cut, shown), _track_cut(text, cut, raw))
+        esc = text.rfind("\x1b", max(0, new - 64), new)  # never inside a sequence
+        if esc >= 0 and (m := _CSI.match(text, esc)) is not None and m.end() > new:
+            new = esc
+        if new == cut:
+            return cut
+        cut = new
+
+
+def _track_cut(text: str, cut: int, view: _Shown) -> int:
+    vis, vcut = view.text, view.shown(cut)
+    start = vcut
+    if (t := _tail_start(vis)) is not None:
+        vcut = min(vcut, t)
+    while vcut < len(vis):
+        was = vcut
+        base, end = max(0, vcut - _TRACK_SPAN), min(len(vis), vcut + _TRACK_SPAN)
         for rx, mark in ((_TRACK1, "^"), (_TRACK2, "=")):
-            if text.find(mark, base, end) < 0:
+            if vis.find(mark, base, end) < 0:
                 continue
             pos = base
-            while (t := rx.search(text, pos, end)) is not None and t.start() < cut:  # overlapping ones too
-                if cut < t.end():
-                    cut = t.start()
+            while (m := rx.search(vis, pos, end)) is not None and m.start() < vcut:  # overlapping ones too
+                if vcut < m.end():
+                    vcut = m.start()
                     break
-                pos = t.start() + 1
-        if cut < len(text) and text[cut] in RUN_CHARS:
-            cut = _run_start(text[:cut])
-        if cut == start:
+                pos = m.start() + 1
+        if vis[vcut] in RUN_CHARS:
+            vcut = _run_start(vis[:vcut])
+        if vcut == was:
             break
-    return cut
+    if vcut >= start:
+        return cut
+    raw = view.back(vcut)
+    if vis[vcut] in RUN_CHARS:  # a run that began before the window
+        raw = _run_start(text[:raw])
+    return min(raw, cut)
 
 
 def _mask_raw(masker: Masker, text: str) -> str:
@@ -155,10 +237,12 @@ def _star_track_head(held: str, masked: str) -> str:
     """``masked`` (``held`` masked) with a track still growing at its end starred from where it starts, once
     its PAN and field separator have arrived: the screen is not shown a name or expiry date before the track
     ends (when the track's own rule masks it whole)."""
-    for m in _TRACK_HEAD.finditer(held):
+    pos = 0
+    while (m := _TRACK_HEAD.search(held, pos)) is not None:  # overlapping: 16 valid digits of 17
         digits = (m.group(1) or m.group(2)).replace(" ", "")
         if luhn_ok(digits.encode()) and _TRACK_TAIL.match(held, m.start()):
             return masked[: m.start()] + "*" * (len(held) - m.start())
+        pos = m.start() + 1
     return masked
 
 
@@ -217,7 +301,9 @@ class StreamMasker:
         if self._track:
             cut = _track_start(text, cut)
         if len(text) - cut > self.max_hold:
-            cut = len(text)
+            cut = len(text)  # masked as it stands, but for track data not complete yet at the very end
+            if self._track and (t := _tail_start(text)) is not None:
+                cut = t
         self._held = text[cut:]
         return mask_terminal(self._masker, text[:cut]) if cut else ""
 

@@ -250,6 +250,11 @@ def test_two_tracks_glued_together_are_both_masked() -> None:
     assert Masker(MaskingPolicy()).mask_text(t1 + t1) == "*" * (2 * len(t1))
 
 
+def test_a_track_whose_valid_pan_is_a_suffix_of_its_digits_is_masked() -> None:
+    """17 digits before ``=`` fail Luhn; the last 16 are a card: the shorter track inside is found too."""
+    assert Masker(MaskingPolicy()).mask_text("14111111111111111=2512101?") == "1" + "*" * 25
+
+
 def test_mask_text_keeps_the_number_of_characters() -> None:
     """Track data is masked byte by byte; a multi-byte name still becomes one ``*`` per character."""
     track = "%B4111111111111111^NGUYỄN/THỊ^2512101000000000000?"

@@ -64,15 +64,40 @@ def test_track_data_split_anywhere_masks_like_the_whole(parts: list[str], cuts: 
        st.lists(st.integers(min_value=0, max_value=300), max_size=8))
 def test_track_data_with_colours_split_anywhere_masks_at_least_the_raw_text(
         parts: list[str], cuts: list[int]) -> None:
-    """With control sequences among track data the pieces are cut where the raw stream allows (a track's
-    tail that continues across a colour change on the screen may be cut there): at least everything masking
-    the raw text as a whole masks is masked."""
+    """With control sequences among track data (grep --color highlighting part of a card swipe) the pieces
+    are cut where neither the text as the screen shows it nor the raw stream splits a track: at least
+    everything that masking the whole masks either way is masked."""
     text = "".join(parts)
     sm = StreamMasker(TRACK_MASKER)
     out = "".join(sm.feed(c) for c in _split(text, cuts)) + sm.flush()
     assert len(out) == len(text)
     raw = _no_designation_digits(text)
     assert _covers(out, raw, TRACK_MASKER.mask_text(raw))
+    visible = [i for i in range(len(text)) if not _in_csi(text, i)]
+    assert _covers("".join(out[i] for i in visible), "".join(text[i] for i in visible),
+                   TRACK_MASKER.mask_text("".join(text[i] for i in visible)))
+
+
+def test_a_forced_release_keeps_an_unfinished_track_back() -> None:
+    """Past max_hold what is held goes out masked as it stands, but not a track still arriving at its end."""
+    sm = StreamMasker(TRACK_MASKER, max_hold=64)
+    first = sm.feed("1 " * 40 + "4111111111111111=25")
+    assert first.startswith("1 1 ")
+    out = first + sm.feed("121010000000000?\n") + sm.flush()
+    assert out.endswith("*" * len("4111111111111111=25121010000000000?") + "\n")
+
+
+def test_a_card_swipe_grep_colours_is_masked_whole_however_split() -> None:
+    """grep --color 4111 (or 2512) inside track 1 data: a read ending after the colour code no longer lets
+    the name and expiry date out (found in review)."""
+    hl, end = "\x1b[01;31m\x1b[K", "\x1b[m\x1b[K"
+    for line in (f"%B{hl}4111{end}111111111111^DOE/JOHN^2512101000000000000?\n",
+                 f"%B4111111111111111^DOE/JOHN^{hl}2512{end}101000000000000?\n"):
+        whole = mask_terminal(TRACK_MASKER, line)
+        assert "DOE" not in whole
+        for cut in range(len(line) + 1):
+            sm = StreamMasker(TRACK_MASKER)
+            assert sm.feed(line[:cut]) + sm.feed(line[cut:]) + sm.flush() == whole
 
 
 @settings(max_examples=300)
