@@ -236,14 +236,20 @@ def _mask_raw(masker: Masker, text: str) -> str:
 def _star_track_head(held: str, masked: str) -> str:
     """``masked`` (``held`` masked) with a track still growing at its end starred from where it starts, once
     its PAN and field separator have arrived: the screen is not shown a name or expiry date before the track
-    ends (when the track's own rule masks it whole)."""
-    pos = 0
-    while (m := _TRACK_HEAD.search(held, pos)) is not None:  # overlapping: 16 valid digits of 17
-        digits = (m.group(1) or m.group(2)).replace(" ", "")
-        if luhn_ok(digits.encode()) and _TRACK_TAIL.match(held, m.start()):
-            return masked[: m.start()] + "*" * (len(held) - m.start())
-        pos = m.start() + 1
-    return masked
+    ends (when the track's own rule masks it whole). Found as the screen shows ``held`` or as it reads."""
+    views = [_Shown(held, 0, hide=False)]
+    if "\x1b" in held:
+        views.append(_Shown(held, 0))
+    first = len(held)
+    for view in views:
+        vis, pos = view.text, 0
+        while (m := _TRACK_HEAD.search(vis, pos)) is not None:  # overlapping: 16 valid digits of 17
+            digits = (m.group(1) or m.group(2)).replace(" ", "")
+            if luhn_ok(digits.encode()) and _TRACK_TAIL.match(vis, m.start()):
+                first = min(first, view.back(m.start()))
+                break
+            pos = m.start() + 1
+    return masked if first == len(held) else masked[:first] + "*" * (len(held) - first)
 
 
 def _run_start(text: str) -> int:

@@ -124,6 +124,13 @@ def test_a_pause_inside_a_track_shows_the_screen_no_name() -> None:
     assert "".join(screen) == "log: " + "*" * len(TRACK) + "\n"
 
 
+def test_a_pause_inside_a_coloured_track_shows_the_screen_no_name() -> None:
+    sm = StreamMasker(TRACK_MASKER)
+    head = "%B\x1b[01;31m\x1b[K4111\x1b[m\x1b[K111111111111^DOE/"
+    assert sm.screen(sm.feed(head)) == ""
+    assert "DOE" not in sm.peek()
+
+
 def test_a_track_split_between_reads_is_masked_whole() -> None:
     line = f"log: {TRACK} done\n"
     want = f"log: {'*' * len(TRACK)} done\n"
