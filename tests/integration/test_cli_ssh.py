@@ -31,6 +31,8 @@ from tests.stack.cli import last_session as _last_session
 from tests.stack.cli import pcigate_bin
 from tests.stack.stack import Stack
 
+from pcigate.echogate import NOT_ECHOED
+
 PAN = "4111111111111111"
 MASKED = "411111******1111"
 
@@ -156,6 +158,10 @@ def test_interactive_session_masks_records_and_returns_the_exit_status(
     term.expect(r"card \S+ end\s+webops")
     term.type(f"echo typed {PAN}\r")  # typed one key at a time: echoed back digit by digit
     term.expect(r"typed 411111\*+1111")
+    term.send("read -rs -p 'secret: ' S; echo; echo got ${#S}\r")  # a prompt that does not echo
+    term.expect(r"secret: ")
+    term.type("hunter2\r")
+    term.expect(r"got 7")
     term.send("stty size\r")
     term.expect(r"\b30 100\b")
     term.resize(120, 40)
@@ -187,6 +193,9 @@ def test_interactive_session_masks_records_and_returns_the_exit_status(
     typed = "".join(e[2] for e in events if e[1] == "i")
     assert f"card {MASKED} end" in out
     assert f"echo typed {MASKED}" in typed  # keystrokes are recorded masked too
+    assert "read -rs -p 'secret: ' S" in typed
+    assert "hunter" not in typed  # what the prompt did not echo is not recorded, a marker instead
+    assert ["m", NOT_ECHOED] in [e[1:3] for e in events]
     assert ["r", "120x40"] in [e[1:3] for e in events]
     assert {"e": "exit", "status": 7} in [e[2] for e in events if e[1] == "x"]
     assert events[-1][1:3] == ["x", {"e": "end", "reason": "client"}]

@@ -28,6 +28,7 @@ import tty
 from collections.abc import Callable
 from typing import Any
 
+from pcigate.echogate import EchoGate
 from pcigate.masking import Masker
 from pcigate.session import end_child, exit_status
 from pcigate.termmask import StreamMasker
@@ -85,6 +86,7 @@ class TerminalRelay:
         self._open = 0
         self._eof: asyncio.Event | None = None
         self._flush_at: dict[int, asyncio.TimerHandle] = {}  # per output stream: stdout's and stderr's own
+        self._gate: EchoGate | None = None  # keys for the recording, as far as they were echoed
 
     # -- recording
     def _cast(self, code: str, data: object) -> None:
@@ -119,6 +121,7 @@ class TerminalRelay:
             master = -1
         maskers = {src: StreamMasker(self.masker) for src, _ in outputs}
         typed = StreamMasker(self.masker)
+        self._gate = EchoGate() if self.interactive else None
         try:
             for src, dst in outputs:
                 self._watch(loop, src, dst, maskers[src])
@@ -151,7 +154,9 @@ class TerminalRelay:
                 released = maskers[src].flush()
                 self._show(dst, maskers[src].screen(released))
                 self._record("o", released)
-            self._record("i", typed.flush())
+            self._keys(typed.flush(), loop.time())
+            if self._gate is not None:
+                self._events(self._gate.flush())
             if master >= 0:
                 os.close(master)
             for pipe in (proc.stdout, proc.stderr):
@@ -169,6 +174,17 @@ class TerminalRelay:
     def _record(self, code: str, text: str) -> None:
         if text:
             self._cast(code, text)
+        if code == "o" and self._gate is not None:
+            self._events(self._gate.shown(text, asyncio.get_running_loop().time()))
+
+    def _keys(self, text: str, now: float) -> None:
+        """Typed keys (masked) go to the recording through the echo gate: not what a prompt did not echo."""
+        if self._gate is not None:
+            self._events(self._gate.typed(text, now))
+
+    def _events(self, events: list[tuple[str, str]]) -> None:
+        for code, data in events:
+            self._cast(code, data)
 
     def _show(self, fd: int, text: str) -> None:
         if text:
@@ -214,7 +230,7 @@ class TerminalRelay:
                 self._readers.remove(src)
                 return
             if _write_all(master, data):
-                self._record("i", typed.feed_bytes(data))
+                self._keys(typed.feed_bytes(data), loop.time())
 
         loop.add_reader(src, readable)
         self._readers.append(src)
