@@ -177,7 +177,16 @@ class RecordingWriter:
         # Queued events, oldest first: encoded lines (bytes) or, when deferred, a stmt's values (a tuple) or
         # an event's encoder and arguments (_Pending). deque.append/popleft are atomic, so the owner's
         # thread never takes a lock.
-        self._q: deque[bytes | tuple[Any, ...] | _Pending] = deque((canonical(hdr) + b"\n",))
+        self._q: deque[bytes | tuple[Any, ...] | _Pending] = deque()
+        # The header is written now, not by the first group commit: a CLI killed within the first interval
+        # (SIGKILL, no clean-up) leaves a recording that verifies and uploads, not an empty file.
+        line = canonical(hdr) + b"\n"
+        try:
+            self._write(line)
+        except OSError as e:
+            os.close(self._fd)
+            raise RecordingError(f"cannot write recording {self.path}: {e.strerror}") from e
+        self._digest.update(line)
         self.deferred = _crec is not None and header.kind == "pg"
         # Deferred recordings: the tunnel's one-call way to record a statement (see stmt_sink's doc below).
         self.stmt_sink: Callable[[tuple[Any, ...]], None] | None = self._q.append if self.deferred else None

@@ -331,6 +331,21 @@ def test_seal_completes_a_crashed_recording(tmp_path: Path, torn: bytes) -> None
     assert path.read_bytes() == data
 
 
+def test_a_cli_killed_before_the_first_group_commit_leaves_a_sealable_recording(tmp_path: Path) -> None:
+    """The header is on disk when the writer is made (CI once killed the CLI within the first 0.1 s and the
+    spooled file was empty: it could never be uploaded)."""
+    from pcigate.recording import RecordingHeader, RecordingWriter, seal_recording
+
+    path = tmp_path / "killed.rec"
+    RecordingWriter(path, RecordingHeader("s1", "alice", "prod-db", "read", "lease/1", "d" * 64,
+                                          datetime.now(UTC)), fsync_interval=3600)
+    data = path.read_bytes()  # as SIGKILL leaves it: nothing flushed by the writer
+    assert data.endswith(b"\n")
+    assert verify_recording(data).truncated
+    assert seal_recording(path, reason="client_lost") is True
+    assert verify_recording(path.read_bytes()).ok
+
+
 def test_seal_leaves_a_tampered_recording_alone(tmp_path: Path) -> None:
     from pcigate.recording import seal_recording
 
