@@ -169,7 +169,12 @@ def settle(
         result.ended = True
     rec, _, _ = _paths(entry.session_id)
     receipt: RecordingReceipt | None = None
-    if rec.exists():
+    if rec.exists() and entry.sha256 is None and rec.stat().st_size == 0:
+        # Killed between creating the file and writing its header (a few µs): nothing was recorded, so
+        # there is nothing to upload or keep; kept, it would fail every sync for good.
+        rec.unlink()
+        result.error = "nothing was recorded (the CLI was stopped before its recording had a header)"
+    elif rec.exists():
         if entry.sha256 is None:
             # Never closed: its writer died (we hold the session lock, so no live process owns it). Seal it
             # so what was recorded before the crash verifies and is not lost.

@@ -147,6 +147,25 @@ def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
     assert not list(spool.glob("*.rec"))
 
 
+def test_an_empty_spooled_recording_is_reported_not_kept_forever(fstack: Stack, env: dict[str, str]) -> None:
+    """A CLI killed between creating its recording and writing the header (microseconds; simulated here by
+    emptying the file after a real SIGKILL, since the window cannot be hit on purpose): sync ends the
+    session, says nothing was recorded, and the spool is empty (before: every sync failed with exit 13)."""
+    cli = CliProcess(["connect", "prod-db", "--", "-c", "select pg_sleep(60)"], env)
+    wait_sleeping_backend(fstack)
+    os.kill(cli.proc.pid, signal.SIGKILL)
+    cli.wait(10)
+    spool = Path(env["PCIGATE_STATE_DIR"]) / "spool"
+    (rec,) = spool.glob("*.rec")
+    rec.write_bytes(b"")
+    r = run_cli(["sessions", "sync"], env=env)
+    assert r.code == 0, r.stderr
+    assert f"session {rec.stem}: nothing was recorded" in r.stderr
+    assert not list(spool.glob("*.rec"))
+    assert not list(spool.glob("*.json"))
+    assert session_json(env, rec.stem)["status"] != "active"
+
+
 def test_recording_disk_full_ends_the_session(fstack: Stack, env: dict[str, str], tmp_path: Path) -> None:
     """Fail closed: when the recording cannot be written (a real 64 KiB tmpfs fills up), the session is
     ended at once rather than left running unrecorded, and its lease is revoked."""

@@ -106,6 +106,8 @@ def sync(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
                 out.info(f"session {r.session_id}: ended")
             if r.kept:
                 out.warn(f"session {r.session_id}: kept in the spool: {r.error}")
+            elif r.error:
+                out.warn(f"session {r.session_id}: {r.error}")
     if any(r.kept for r in results):
         raise RecordingError("some recordings could not be uploaded; they stay in the spool")
 
