@@ -155,9 +155,9 @@ def test_interactive_session_masks_records_and_returns_the_exit_status(
     term.send("export PS1='rea''dy> '\r")
     term.expect(r"ready> ")
     term.send(f"echo card {PAN} end; whoami\r")
-    term.expect(r"card \S+ end\s+webops")
+    term.expect(r"card \S+ end\s+webops\s+\S*ready> ")  # typing goes on at the prompt, as a person would
     term.type(f"echo typed {PAN}\r")  # typed one key at a time: echoed back digit by digit
-    term.expect(r"typed 411111\*+1111")
+    term.expect(r"typed 411111\*+1111\s+\S*ready> ")
     term.send("read -rs -p 'secret: ' S; echo; echo got ${#S}\r")  # a prompt that does not echo
     term.expect(r"secret: ")
     term.type("hunter2\r")
