@@ -187,8 +187,13 @@ def test_tampering_with_events_is_found_and_located(stack: Stack, tmp_path: Path
         assert result["first_bad_seq"] == want, result
         assert words in result["error"], result
     finally:
-        # events the broker wrote meanwhile (the verify calls' own) chained onto the tampered log: drop them
+        # events the broker wrote meanwhile (the verify calls' own) chained onto the tampered log: drop them.
+        # SQLite gives a new row max(id) + 1, so after the newest rows were deleted (truncate) the broker's
+        # rows can take their ids: those go too before the originals are put back (CI saw the clash once)
         conn.execute("DELETE FROM audit_events WHERE id > ?", (max_id,))
+        for sql, args in undo:
+            if sql.startswith("INSERT"):
+                conn.execute("DELETE FROM audit_events WHERE id = ?", (args[cols.index("id")],))
         conn.execute("DELETE FROM audit_checkpoints WHERE seq > ?", (rows[-1][cols.index("seq")],))
         for sql, args in undo:
             conn.execute(sql, args)
