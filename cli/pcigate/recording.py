@@ -322,27 +322,23 @@ class RecordingWriter:
                     self.events += stop - i
                     i = stop
                     continue
-            if isinstance(item, _Pending | tuple):
-                try:
-                    if type(item) is tuple:
-                        # values the C encoder does not take (not plain): the Python encoder, as stmt() would
-                        item = _Pending(_encode_stmt, _cooked(item, self.t0_pc))
-                    assert isinstance(item, _Pending)
-                    args = item.args
-                    if args[0] < last_t:  # every encoder's first argument is the event's t
-                        args = (last_t, *args[1:])
-                    line, h = item.encode(h, *args)
-                except Exception as exc:  # left out, the chain intact; close() and flush() report it
-                    if self._error is None:
-                        self._error = exc
-                    i += 1
-                    continue
-                last_t = args[0]
-                out.append(line)
-                self.events += 1
-            else:
-                assert isinstance(item, bytes)
-                out.append(item)  # the header's line
+            try:
+                if type(item) is tuple:
+                    # values the C encoder does not take (not plain): the Python encoder, as stmt() would
+                    item = _Pending(_encode_stmt, _cooked(item, self.t0_pc))
+                assert isinstance(item, _Pending)  # a deferred recording queues nothing else
+                args = item.args
+                if args[0] < last_t:  # every encoder's first argument is the event's t
+                    args = (last_t, *args[1:])
+                line, h = item.encode(h, *args)
+            except Exception as exc:  # left out, the chain intact; close() and flush() report it
+                if self._error is None:
+                    self._error = exc
+                i += 1
+                continue
+            last_t = args[0]
+            out.append(line)
+            self.events += 1
             i += 1
         self._h = h
         self._wlast_t = last_t

@@ -30,6 +30,8 @@ import bisect
 import codecs
 import re
 
+from pcigate.masking import _TRACK1 as _TRACK1_BYTES
+from pcigate.masking import _TRACK2 as _TRACK2_BYTES
 from pcigate.masking import Masker, luhn_ok
 
 RUN_CHARS = frozenset("0123456789 -")
@@ -84,10 +86,10 @@ _TRACK_TAIL = re.compile(
     r"|;?[0-9]{1,19}=[0-9]{0,44}\??"
     r"|;[0-9]{0,19})\Z"
 )
-# Whole tracks as masking.py matches them (in characters here: a name of up to 26 characters is at least as
+# Whole tracks: masking.py's own patterns, on characters here (a name of up to 26 characters is at least as
 # many bytes, so these match at least where masking does).
-_TRACK1 = re.compile(r"%?B[0-9][0-9 ]{11,21}[0-9]\^[^^\x00\r\n]{1,26}\^[0-9]{4}[0-9A-Za-z]{0,60}\??")
-_TRACK2 = re.compile(r";?[0-9]{13,19}=[0-9]{4}[0-9]{0,40}\??")
+_TRACK1 = re.compile(_TRACK1_BYTES.pattern.decode("ascii"))
+_TRACK2 = re.compile(_TRACK2_BYTES.pattern.decode("ascii"))
 # The start of a track once its PAN and field separator are there.
 _TRACK_HEAD = re.compile(r"%?B([0-9][0-9 ]{11,21}[0-9])\^|;?([0-9]{13,19})=")
 _TRACK_TAIL_MAX = 120  # longer than any text _TRACK_TAIL matches
@@ -259,7 +261,7 @@ def _run_start(text: str) -> int:
     cut = esc if esc >= 0 and _CSI_TAIL.match(text, esc) else len(text)
     while cut > 0:
         if text[cut - 1] in RUN_CHARS:
-            if cut >= 3 and text[cut - 3] == "\x1b" and text[cut - 2] in "()*+":
+            if cut >= 3 and _DESIG_DIGIT.match(text, cut - 3):
                 cut -= 3  # a designation ending in a digit (ESC ( 0: line drawing), not part of the run
             else:
                 cut -= 1
