@@ -153,7 +153,7 @@ class TerminalRelay:
             for src, dst in outputs:
                 released = maskers[src].flush()
                 self._show(dst, maskers[src].screen(released))
-                self._record("o", released)
+                self._output(released)
             self._keys(typed.flush(), loop.time())
             if self._gate is not None:
                 self._events(self._gate.flush())
@@ -171,10 +171,11 @@ class TerminalRelay:
         return status
 
     # -- streams
-    def _record(self, code: str, text: str) -> None:
+    def _output(self, text: str) -> None:
+        """Released (masked) output to the recording; the echo gate sees it too."""
         if text:
-            self._cast(code, text)
-        if code == "o" and self._gate is not None:
+            self._cast("o", text)
+        if self._gate is not None:
             self._events(self._gate.shown(text, asyncio.get_running_loop().time()))
 
     def _keys(self, text: str, now: float) -> None:
@@ -207,7 +208,7 @@ class TerminalRelay:
                 return
             released = masker.feed_bytes(data)
             self._show(dst, masker.screen(released))
-            self._record("o", released)
+            self._output(released)
             if masker.pending:
                 if (timer := self._flush_at.get(src)) is not None:
                     timer.cancel()
