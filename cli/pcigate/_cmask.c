@@ -9,6 +9,8 @@
  *     maximal run of 13-19 ASCII digits that passes Luhn gets '*' over all but the first `head` and last
  *     `tail` digits (Masker._mask_value's separator-free branch);
  *   - a redacted field (ops REDACT_*): '*' over the value, keeping JSON quotes (Masker.redact_value);
+ *   - a binary int8 or numeric field (ops INT8, NUMERIC) is read as its text form (int8out, numeric_out):
+ *     when that text would be masked, the row goes to the Python path (which sends the value as NULL);
  *   - every other field is left alone.
  *
  * A field the fast path cannot decide alone -- digit groups joined by separators that add up to 13+
@@ -23,7 +25,8 @@
  *
  * mask_datarows(buf, pos, ops, head, tail, track) -> (bytearray | None, stop)
  *   buf:  bytes-like holding whole protocol messages from offset pos (a partial one may follow);
- *   ops:  one byte per column: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON text, 4 redact jsonb binary;
+ *   ops:  one byte per column: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON text, 4 redact jsonb binary,
+ *         5 binary int8, 6 binary numeric;
  *   returns the masked copy of buf[pos:stop] (None when nothing changed) and stop, the offset of the first
  *   message not handled: not a DataRow, incomplete, or a row for the Python path.
  */
@@ -36,7 +39,9 @@
 #define MAX_PAN 19
 #define MAX_MESSAGE (1u << 30) /* pcigate.wire.pg.MAX_MESSAGE */
 
-enum { OP_SKIP = 0, OP_PAN = 1, OP_REDACT_TEXT = 2, OP_REDACT_JSON = 3, OP_REDACT_JSONB = 4 };
+enum { OP_SKIP = 0, OP_PAN = 1, OP_REDACT_TEXT = 2, OP_REDACT_JSON = 3, OP_REDACT_JSONB = 4, OP_INT8 = 5,
+       OP_NUMERIC = 6 };
+#define NUMBER_TEXT_MAX 256 /* longer numeric texts are left to Python */
 enum { V_NONE = 0, V_MASK = 1, V_SLOW = 2 };
 
 static inline int is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
@@ -86,6 +91,85 @@ static int classify_value(const uint8_t *v, Py_ssize_t n, int track) {
     if (!long_run) return V_NONE;
     if (track && has_track) return V_SLOW;
     return V_MASK;
+}
+
+/* The text of a binary int8 (int8out) into out; its length. */
+static Py_ssize_t int8_text(const uint8_t *v, uint8_t *out) {
+    uint64_t u = ((uint64_t)be32(v) << 32) | be32(v + 4);
+    int neg = (u >> 63) != 0;
+    if (neg) u = ~u + 1; /* the magnitude; INT64_MIN's is 2^63, still exact in uint64 */
+    uint8_t tmp[20];
+    Py_ssize_t k = 0, n = 0;
+    do {
+        tmp[k++] = (uint8_t)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (neg) out[n++] = '-';
+    while (k) out[n++] = tmp[--k];
+    return n;
+}
+
+/* The text of a binary numeric (numeric_out) into out[NUMBER_TEXT_MAX]; its length, 0 for NaN and the
+   infinities, -1 when malformed or longer than NUMBER_TEXT_MAX (the Python path decides then). */
+static Py_ssize_t numeric_text(const uint8_t *v, Py_ssize_t n, uint8_t *out) {
+    if (n < 8) return -1;
+    int ndigits = (int16_t)((v[0] << 8) | v[1]);
+    int weight = (int16_t)((v[2] << 8) | v[3]);
+    unsigned sign = (unsigned)((v[4] << 8) | v[5]);
+    int dscale = (int16_t)((v[6] << 8) | v[7]);
+    if (sign == 0xC000 || sign == 0xD000 || sign == 0xF000) return 0;
+    if (ndigits < 0 || n != 8 + 2 * (Py_ssize_t)ndigits || (sign != 0 && sign != 0x4000) || dscale < 0) return -1;
+    Py_ssize_t len = (sign ? 1 : 0) + (weight < 0 ? 1 : 4 * ((Py_ssize_t)weight + 1)) + (dscale ? 1 + dscale : 0);
+    if (len > NUMBER_TEXT_MAX) return -1;
+    for (int d = 0; d < ndigits; d++) {
+        int g = (int16_t)((v[8 + 2 * d] << 8) | v[9 + 2 * d]);
+        if (g < 0 || g > 9999) return -1;
+    }
+    Py_ssize_t k = 0;
+    if (sign) out[k++] = '-';
+    if (weight < 0) {
+        out[k++] = '0';
+    } else {
+        for (int d = 0; d <= weight; d++) {
+            int g = d < ndigits ? (int16_t)((v[8 + 2 * d] << 8) | v[9 + 2 * d]) : 0;
+            uint8_t q[4] = {(uint8_t)('0' + g / 1000), (uint8_t)('0' + g / 100 % 10), (uint8_t)('0' + g / 10 % 10),
+                            (uint8_t)('0' + g % 10)};
+            int first = 0;
+            if (d == 0) while (first < 3 && q[first] == '0') first++; /* the first group without leading zeros */
+            for (int i = first; i < 4; i++) out[k++] = q[i];
+        }
+    }
+    if (dscale > 0) {
+        out[k++] = '.';
+        int left = dscale;
+        for (int d = weight + 1; left > 0; d++) {
+            int g = (d >= 0 && d < ndigits) ? (int16_t)((v[8 + 2 * d] << 8) | v[9 + 2 * d]) : 0;
+            uint8_t q[4] = {(uint8_t)('0' + g / 1000), (uint8_t)('0' + g / 100 % 10), (uint8_t)('0' + g / 10 % 10),
+                            (uint8_t)('0' + g % 10)};
+            for (int i = 0; i < 4 && left > 0; i++, left--) out[k++] = q[i];
+        }
+    }
+    return k;
+}
+
+static int mask_runs(const uint8_t *src, uint8_t *dst, Py_ssize_t n, int head, int tail);
+
+/* Whether a binary int8/numeric value's text would be masked: 0 no, 1 yes or undecided (Python's). */
+static int number_needs_python(const uint8_t *v, Py_ssize_t n, int op) {
+    uint8_t text[NUMBER_TEXT_MAX];
+    Py_ssize_t len;
+    if (op == OP_INT8) {
+        if (n != 8) return 1;
+        len = int8_text(v, text);
+    } else {
+        len = numeric_text(v, n, text);
+        if (len < 0) return 1;
+    }
+    if (len < MIN_PAN) return 0;
+    int c = classify_value(text, len, 0);
+    if (c == V_NONE) return 0;
+    if (c == V_SLOW) return 1;
+    return mask_runs(text, NULL, len, 0, 0);
 }
 
 /* Mask every maximal digit run of 13-19 that passes Luhn (read from src, written to dst). */
@@ -199,6 +283,8 @@ static PyObject *mask_datarows(PyObject *self, PyObject *args) {
                     if (c == V_SLOW) { slow = 1; break; }
                     if (c == V_MASK) work = 1;
                 }
+            } else if (op[f] == OP_INT8 || op[f] == OP_NUMERIC) {
+                if (number_needs_python(src + p, flen, op[f])) { slow = 1; break; }
             } else if (op[f] != OP_SKIP) {
                 if (redact_changes(src + p, flen, op[f])) work = 1;
             }
@@ -215,7 +301,7 @@ static PyObject *mask_datarows(PyObject *self, PyObject *args) {
                 if (op[f] == OP_PAN) {
                     if (flen >= MIN_PAN && classify_value(src + p, flen, track) == V_MASK)
                         mask_runs(src + p, dst + p, flen, head, tail);
-                } else if (op[f] != OP_SKIP) {
+                } else if (op[f] != OP_SKIP && op[f] != OP_INT8 && op[f] != OP_NUMERIC) {
                     if (redact_changes(src + p, flen, op[f])) redact(dst + p, flen, op[f]);
                 }
                 p += flen;

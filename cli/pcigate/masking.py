@@ -35,6 +35,12 @@ Limits (documented choices)
   and PANs spelled with other separators (``4111.1111…``, ``4111/1111…``) are not looked for.
 * Masking a PAN stored as a JSON *number* or in a numeric column (text format) yields a value the client's
   type parser may refuse (``411111******1111`` is no number): the card is never shown, which is the point.
+* Binary-format results (drivers such as asyncpg, psycopg's binary cursors, pgjdbc for int8): an int8 or
+  numeric value, or such an element of an int8[]/numeric[] array, is read as the number it is and judged by
+  its text form (what ``psql`` would show); one that text masking would change is sent as NULL, since no
+  masked stand-in exists in those formats. Other binary number types cannot hold a card number as digits
+  (int2/int4 are too short; a float8 PAN prints with an exponent, as in text format). A binary COPY carries
+  no types, so its int8/numeric fields are not recognised as numbers.
 * Masking is applied until nothing changes, so it is idempotent and no Luhn-valid 13–19 digit window is
   left in the output, even one formed by digits that the first pass left next to each other.
 """
@@ -92,6 +98,13 @@ JSON_OIDS: Final = frozenset({OID_JSON, OID_JSONB})
 # Arrays of text-like types (name[], text[], json[], xml[], bpchar[], varchar[], jsonb[]): in binary format
 # their elements are walked (each is int32 length + text), never scanned as one blob.
 BINARY_ARRAY_OIDS: Final = frozenset({1003, 1009, 199, 143, 1014, 1015, 3807})
+# Numbers wide enough to hold a PAN, in binary format: int8 (8 bytes, two's complement) and numeric
+# (base-10000 digits). Their binary values are read as the number they are and judged by their text form
+# (int8out, numeric_out); int2/int4 (at most 10 digits) cannot hold one. Arrays of them element by element.
+OID_INT8: Final = 20
+OID_NUMERIC: Final = 1700
+BINARY_NUMBER_OIDS: Final = frozenset({OID_INT8, OID_NUMERIC})
+BINARY_NUMBER_ARRAY_OIDS: Final = {1016: OID_INT8, 1231: OID_NUMERIC}
 
 HASH_HEX_CHARS: Final = 16
 MIN_PAN: Final = 13
@@ -219,12 +232,16 @@ class ColumnInfo(NamedTuple):
     format: int = 0  # 0 text, 1 binary
 
 
-# internal per-column codes of a RowPlan
-_SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH = 0, 1, 2, 3, 4
-# value kinds for redact/hash output
-_K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE = 0, 1, 2, 3
-# _cmask's redact op per kind (its ops: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON, 4 redact jsonb)
+# internal per-column codes of a RowPlan (_PAN_NUMBER, _PAN_NUMBER_ARRAY: binary int8/numeric, see
+# BINARY_NUMBER_OIDS; their kind says which)
+_SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH, _PAN_NUMBER, _PAN_NUMBER_ARRAY = 0, 1, 2, 3, 4, 5, 6
+# value kinds for redact/hash output; for the number codes, the number's type
+_K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE, _K_INT8, _K_NUMERIC = 0, 1, 2, 3, 4, 5
+_NUMBER_KIND: Final = {OID_INT8: _K_INT8, OID_NUMERIC: _K_NUMERIC}
+# _cmask's redact op per kind (its ops: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON, 4 redact jsonb,
+# 5 binary int8, 6 binary numeric)
 _NATIVE_REDACT: Final = {_K_TEXT: 2, _K_JSON: 3, _K_JSONB_BIN: 4}
+_NATIVE_NUMBER: Final = {_K_INT8: 5, _K_NUMERIC: 6}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +251,7 @@ class RowPlan:
 
     codes: tuple[int, ...]
     kinds: tuple[int, ...]
-    forced: bool  # some column is redacted/hashed whatever its content: walk every row
+    forced: bool  # some column is redacted/hashed whatever its content, or a binary number: walk every row
     scans: bool  # some column is scanned for PANs
     # per column, the op code of pcigate._cmask.mask_datarows; None when some column needs what only the
     # Python code does (hash, NULL for an opaque redacted value, binary arrays)
@@ -247,6 +264,8 @@ class RowPlan:
                 ops.append(code)
             elif code == _REDACT and kind != _K_OPAQUE:
                 ops.append(_NATIVE_REDACT[kind])
+            elif code == _PAN_NUMBER:
+                ops.append(_NATIVE_NUMBER[kind])
             else:
                 object.__setattr__(self, "native", None)
                 return
@@ -262,8 +281,57 @@ class RowPlan:
     @property
     def actions(self) -> tuple[ColumnAction, ...]:
         names: dict[int, ColumnAction] = {_SKIP: "skip", _PAN: "pan", _PAN_ARRAY: "pan", _REDACT: "redact",
-                                          _HASH: "hash"}
+                                          _HASH: "hash", _PAN_NUMBER: "pan", _PAN_NUMBER_ARRAY: "pan"}
         return tuple(names[c] for c in self.codes)
+
+
+_NULL_FIELD: Final = b"\xff\xff\xff\xff"  # int32 -1: a NULL field or array element
+_NUMERIC_HEAD = struct.Struct("!hhHh")  # ndigits, weight, sign, dscale
+_PAN_MIN_VALUE: Final = 10 ** (MIN_PAN - 1)  # the smallest number of MIN_PAN digits
+_NUMERIC_POS, _NUMERIC_NEG = 0x0000, 0x4000
+_NUMERIC_SPECIAL = frozenset({0xC000, 0xD000, 0xF000})  # NaN, +Infinity, -Infinity
+
+
+def _numeric_parts(value: bytes) -> tuple[int, bool, int, tuple[int, ...]] | None:
+    """A binary numeric's (weight, negative, dscale, base-10000 digits); None for NaN and the infinities.
+    Raises ValueError for a malformed value."""
+    if len(value) < 8:
+        raise ValueError("malformed numeric")
+    ndigits, weight, sign, dscale = _NUMERIC_HEAD.unpack_from(value)
+    if sign in _NUMERIC_SPECIAL:
+        return None
+    if ndigits < 0 or len(value) != 8 + 2 * ndigits or sign not in (_NUMERIC_POS, _NUMERIC_NEG) or dscale < 0:
+        raise ValueError("malformed numeric")
+    digits = struct.unpack_from(f"!{ndigits}h", value, 8)
+    if ndigits and (min(digits) < 0 or max(digits) > 9999):
+        raise ValueError("malformed numeric")
+    return weight, sign == _NUMERIC_NEG, dscale, digits
+
+
+def binary_number_text(value: bytes, kind: int) -> bytes | None:
+    """The text PostgreSQL sends for a binary int8 (``kind`` _K_INT8: int8out) or numeric (_K_NUMERIC:
+    numeric_out) value; None for NaN and the infinities. Raises ValueError for a malformed value."""
+    if kind == _K_INT8:
+        if len(value) != 8:
+            raise ValueError("malformed int8")
+        return str(int.from_bytes(value, "big", signed=True)).encode()
+    parts = _numeric_parts(value)
+    if parts is None:
+        return None
+    weight, neg, dscale, digits = parts
+    ndigits = len(digits)
+    out = ["-"] if neg else []
+    if weight < 0:
+        out.append("0")
+    else:
+        for d in range(weight + 1):
+            g = digits[d] if d < ndigits else 0
+            out.append(f"{g:04d}" if d else str(g))
+    if dscale > 0:
+        frac = "".join(f"{digits[d] if 0 <= d < ndigits else 0:04d}"
+                       for d in range(weight + 1, weight + 1 + (dscale + 3) // 4))
+        out.append("." + frac[:dscale])
+    return "".join(out).encode()
 
 
 def _table_matches(rule_table: str | None, table: str | None) -> int:
@@ -418,8 +486,10 @@ class Masker:
 
     def row_plan(self, columns: Sequence[ColumnInfo]) -> RowPlan:
         """The plan for one RowDescription. Binary-format fields are scanned only for text-like types
-        (:data:`TEXT_LIKE_OIDS`, and arrays of them element by element); others pass through, and a redacted
-        or hashed binary field of a non-text type becomes NULL (no well-formed stand-in exists for it)."""
+        (:data:`TEXT_LIKE_OIDS`, and arrays of them element by element) and judged for numbers that can hold
+        a PAN (:data:`BINARY_NUMBER_OIDS`, and arrays of them): such a number whose text form would be masked
+        becomes NULL. Others pass through, and a redacted or hashed binary field of a non-text type becomes
+        NULL (no well-formed stand-in exists for it)."""
         codes: list[int] = []
         kinds: list[int] = []
         for c in columns:
@@ -441,6 +511,10 @@ class Masker:
                 code = _PAN
             elif c.type_oid in BINARY_ARRAY_OIDS:
                 code = _PAN_ARRAY
+            elif c.type_oid in BINARY_NUMBER_OIDS:
+                code, kind = _PAN_NUMBER, _NUMBER_KIND[c.type_oid]
+            elif c.type_oid in BINARY_NUMBER_ARRAY_OIDS:
+                code, kind = _PAN_NUMBER_ARRAY, _NUMBER_KIND[BINARY_NUMBER_ARRAY_OIDS[c.type_oid]]
             else:
                 code = _SKIP
             codes.append(code)
@@ -551,6 +625,15 @@ class Masker:
                     arr = self._mask_binary_array(v)
                     if arr is not None:
                         edits.append((pos, flen, arr))
+            elif code == _PAN_NUMBER:
+                if self.number_is_pan(body[pos:end], kinds[i]):
+                    edits.append((pos, flen, None))
+                    same_len = False
+            elif code == _PAN_NUMBER_ARRAY:
+                narr = self._mask_number_array(body[pos:end], kinds[i])
+                if narr is not None:
+                    edits.append((pos, flen, narr))
+                    same_len = False
             pos = end
         if pos != n:
             raise ValueError("trailing bytes in DataRow")
@@ -604,6 +687,60 @@ class Masker:
                 out[pos : pos + ln] = m
             pos += ln
         return out
+
+    def number_is_pan(self, value: bytes, kind: int) -> bool:
+        """Whether a binary int8 (``kind`` _K_INT8) or numeric (_K_NUMERIC) value's text form would be masked
+        (then the value goes out as NULL). Raises ValueError for a malformed value."""
+        if kind == _K_INT8:
+            if len(value) == 8 and abs(int.from_bytes(value, "big", signed=True)) < _PAN_MIN_VALUE:
+                return False  # fewer than 13 digits
+        else:
+            parts = _numeric_parts(value)
+            if parts is None:
+                return False  # NaN, ±Infinity
+            weight, _neg, dscale, _digits = parts
+            if 4 * (weight + 1) < MIN_PAN and dscale < MIN_PAN:  # no run of 13 digits before or after a point
+                return False
+        text = binary_number_text(value, kind)
+        return text is not None and len(text) >= MIN_PAN and self._mask_value(text) is not None
+
+    def _mask_number_array(self, v: bytes, kind: int) -> bytes | None:
+        """A binary array of int8 or numeric (header: ndim, has-null flag, element type, per dimension size
+        and lower bound; then per element int32 length (-1: NULL) + value): elements that are PANs become
+        NULL. None when no element is."""
+        n = len(v)
+        if n < 12:
+            raise ValueError("malformed binary array")
+        ndim = _I32.unpack_from(v, 0)[0]
+        if not 0 <= ndim <= 6 or n < 12 + 8 * ndim:
+            raise ValueError("malformed binary array")
+        count = 1 if ndim else 0
+        for d in range(ndim):
+            count *= max(_I32.unpack_from(v, 12 + 8 * d)[0], 0)
+        pos = head_end = 12 + 8 * ndim
+        parts: list[bytes] = []
+        last = head_end
+        for _ in range(count):
+            if pos + 4 > n:
+                raise ValueError("malformed binary array")
+            (ln,) = _I32.unpack_from(v, pos)
+            if ln < 0:
+                pos += 4
+                continue
+            if pos + 4 + ln > n:
+                raise ValueError("malformed binary array")
+            if self.number_is_pan(v[pos + 4 : pos + 4 + ln], kind):
+                parts.append(v[last:pos])
+                parts.append(_NULL_FIELD)
+                last = pos + 4 + ln
+            pos += 4 + ln
+        if pos != n:
+            raise ValueError("trailing bytes in binary array")
+        if not parts:
+            return None
+        parts.append(v[last:])
+        # the header's has-null flag (int32 at offset 4) must say so now
+        return v[:4] + _I32.pack(1) + v[8:head_end] + b"".join(parts)
 
     def mask_copydatas(self, buf: bytes, pos: int) -> tuple[bytearray | None, int] | None:
         """:meth:`mask_datarows` for a run of CopyData messages of a text/CSV COPY OUT (each payload as

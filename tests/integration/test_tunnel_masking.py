@@ -12,6 +12,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -363,19 +364,33 @@ def test_copy_line_with_track_and_overlapping_pan_windows(make_session: Any) -> 
 # -- extended protocol: rows whose columns were not described in the same exchange -------------------------
 
 
-def _undescribed_rows(s: Session) -> list[tuple[int, bytes]]:
+def _undescribed_rows(s: Session, describe: bool = False) -> list[tuple[int, bytes]]:
     sock = raw_login(s.port, s.secret)
     try:
         q = f"SELECT pan, cvv FROM {TABLE} WHERE id = 1".encode()
         sync = pg.message(b"S")
-        sock.sendall(pg.message(b"P", b"s1\0" + q + b"\0\0\0") + pg.message(b"D", b"Ss1\0") + sync)
-        assert any(t == ord("T") for t, _ in read_until(sock, b"Z"))
+        # with ``describe``, the statement is described in this first exchange (as asyncpg and pgjdbc do)
+        sock.sendall(pg.message(b"P", b"s1\0" + q + b"\0\0\0")
+                     + (pg.message(b"D", b"Ss1\0") if describe else b"") + sync)
+        assert any(t == ord("T") for t, _ in read_until(sock, b"Z")) is describe
         # Bind + Execute without Describe: the rows come with no RowDescription in this exchange
         bind = pg.message(b"B", b"\0s1\0" + struct.pack("!hhh", 0, 0, 0))
         sock.sendall(bind + pg.message(b"E", b"\0\0\0\0\0") + sync)
         return read_until(sock, b"Z")
     finally:
         sock.close()
+
+
+def test_rows_of_a_statement_described_earlier_use_its_columns(make_session: Any) -> None:
+    """The statement was described (Describe S) in an earlier exchange: its rows are masked by those
+    columns, column rules included."""
+    s = make_session(MASKING)
+    got = _undescribed_rows(s, describe=True)
+    rows = [b for t, b in got if t == ord("D")]
+    assert len(rows) == 1
+    assert rows[0] == (struct.pack("!hi", 2, 16) + truncated(PANS[0][1]).encode()
+                       + struct.pack("!i", 3) + b"***")
+    assert s.tunnel.errors == []
 
 
 def test_undescribed_rows_fail_closed_with_column_rules(make_session: Any) -> None:
@@ -433,3 +448,133 @@ def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
     other = make_session(pol, "origins3", b"z" * 32).psql("-At", "-c", "SELECT email FROM mk_people")
     assert other.stdout.strip().startswith("h:")
     assert other.stdout.strip() != hashed[1]
+
+
+def test_binary_results_of_a_driver_masked(make_session: Any) -> None:
+    """Drivers that ask for binary results (psycopg's binary cursors, asyncpg, pgjdbc for int8) get a PAN
+    stored as a number as 8 raw bytes (bigint) or base-10000 digits (numeric), where no digit pattern shows.
+    The tunnel reads such values as the number they are: a Luhn-valid 13-19 digit number arrives as NULL
+    (no masked stand-in exists in those formats), any other number unchanged; text columns are masked as
+    in text format."""
+    import psycopg
+
+    s = make_session(MASKING)
+    sql = (f"SELECT id, pan::bigint AS n, pan::numeric AS m, ('0.' || pan)::numeric AS frac, "
+           f"(-pan::numeric)::numeric(30, 2) AS neg, ARRAY[pan::bigint, id] AS arr, pan AS t, "
+           f"(id * 1000000000000000)::bigint AS big FROM {TABLE} ORDER BY id")
+    conninfo = f"host=127.0.0.1 port={s.port} dbname=prod passfile={s.passfile} connect_timeout=10"
+    with psycopg.connect(conninfo) as conn:
+        binary = conn.execute(sql, binary=True).fetchall()
+    assert len(binary) == len(PANS) + 1
+    for (brand, p), row in zip(PANS, binary, strict=False):
+        assert row[1:5] == (None, None, None, None), brand  # bigint, numeric; behind a point or a sign too
+        assert row[5] == [None, row[0]], brand  # an array element, the rest of the array kept
+        assert row[6] == truncated(p), brand
+        assert row[7] == row[0] * 10**15  # 16 digits, Luhn-invalid: a number like any other
+    last = binary[-1]
+    assert (last[1], str(last[2]), last[5]) == (int(NOT_A_PAN), NOT_A_PAN, [int(NOT_A_PAN), 100])
+    # in text format (psql) the same numbers are masked by pattern, as ever
+    text = s.psql("-At", "-F", "|", "-c", sql).stdout.splitlines()
+    for (brand, p), line in zip(PANS, text, strict=False):
+        assert line.split("|")[1:5] == [truncated(p), truncated(p), "0." + truncated(p),
+                                        "-" + truncated(p) + ".00"], brand
+    assert_no_clear_pan(repr(binary) + "\n".join(text))
+    assert s.tunnel.errors == []
+
+
+def test_asyncpg_prepared_binary_results_masked(make_session: Any) -> None:
+    """asyncpg describes a statement once (Parse, Describe S, Flush) and then runs it with Bind + Execute and
+    binary results, with no RowDescription in that exchange: the tunnel masks those rows by the statement's
+    columns in the formats of the Bind, column rules included, on every run of the statement."""
+    import asyncio
+
+    import asyncpg
+
+    s = make_session(MASKING)
+    sql = f"SELECT id, pan, pan::bigint AS n, pan::numeric AS m, cvv, doc FROM {TABLE} ORDER BY id"
+
+    async def run() -> list[list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(host="127.0.0.1", port=s.port, database="prod", user="any",
+                                     passfile=str(s.passfile), ssl=False, timeout=10)
+        try:
+            stmt = await conn.prepare(sql)
+            return [[tuple(r) for r in await stmt.fetch()] for _ in range(3)]
+        finally:
+            await conn.close()
+
+    runs = asyncio.run(run())
+    for rows in runs:
+        assert len(rows) == len(PANS) + 1
+        for (brand, p), row in zip(PANS, rows, strict=False):
+            assert row[1] == truncated(p), brand
+            assert row[2:4] == (None, None), brand  # bigint, numeric: NULL
+            assert row[4] == "***", brand  # cvv: a sensitive column (a column rule)
+            assert json.loads(row[5])["card"] == truncated(dashed(p)), brand  # jsonb in binary
+        assert rows[-1][1:5] == (NOT_A_PAN, int(NOT_A_PAN), Decimal(NOT_A_PAN), "***")
+    assert_no_clear_pan(repr(runs))
+    assert s.tunnel.errors == []
+
+
+def _bind(stmt: bytes, portal: bytes = b"", result_formats: tuple[int, ...] = ()) -> bytes:
+    return pg.message(b"B", portal + b"\0" + stmt + b"\0" + struct.pack("!hh", 0, 0)
+                      + struct.pack(f"!h{len(result_formats)}h", len(result_formats), *result_formats))
+
+
+def _execute(portal: bytes = b"", limit: int = 0) -> bytes:
+    return pg.message(b"E", portal + b"\0" + struct.pack("!i", limit))
+
+
+def _fields(body: bytes) -> list[bytes | None]:
+    (n,) = struct.unpack_from("!h", body)
+    pos, out = 2, []
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        out.append(None if ln < 0 else body[pos : pos + ln])
+        pos += max(ln, 0)
+    return out
+
+
+def test_pipelined_statements_keep_their_own_columns(make_session: Any) -> None:
+    """Several prepared statements described in one exchange and run interleaved in the next, an error that
+    makes the server skip the rest of its batch, and a portal run in pieces (PortalSuspended): each result is
+    masked by its own statement's columns and formats."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    sync = pg.message(b"S")
+    a = f"SELECT pan, cvv FROM {TABLE} WHERE id <= 2 ORDER BY id".encode()
+    b = f"SELECT id, pan::bigint FROM {TABLE} WHERE id <= 2 ORDER BY id".encode()
+    pan1, pan2 = PANS[0][1].encode(), PANS[1][1].encode()
+    try:
+        # a batch that fails at its first message: its Describe is never answered
+        sock.sendall(pg.message(b"P", b"bad\0SELEC nonsense\0\0\0") + pg.message(b"D", b"Sbad\0") + sync)
+        got = read_until(sock, b"Z")
+        assert [chr(t) for t, _ in got] == ["E", "Z"]
+        # describe two statements in one exchange ...
+        sock.sendall(pg.message(b"P", b"a\0" + a + b"\0\0\0") + pg.message(b"P", b"b\0" + b + b"\0\0\0")
+                     + pg.message(b"D", b"Sa\0") + pg.message(b"D", b"Sb\0") + sync)
+        got = read_until(sock, b"Z")
+        assert [chr(t) for t, _ in got] == ["1", "1", "t", "T", "t", "T", "Z"]
+        # ... and run them interleaved, b in binary, a's portal in pieces of one row
+        sock.sendall(_bind(b"b", b"pb", (1,)) + _bind(b"a", b"pa") + _execute(b"pa", 1) + _execute(b"pb")
+                     + _execute(b"pa", 1) + sync)
+        got = read_until(sock, b"Z")
+        assert [chr(t) for t, _ in got] == ["2", "2", "D", "s", "D", "D", "C", "D", "s", "Z"]
+        rows = [_fields(body) for t, body in got if t == ord("D")]
+        assert rows[0] == [truncated(PANS[0][1]).encode(), b"***"]  # a, first piece
+        assert rows[1] == [struct.pack("!i", 1), None]  # b: int4 id, the bigint PAN as NULL
+        assert rows[2] == [struct.pack("!i", 2), None]
+        assert rows[3] == [truncated(PANS[1][1]).encode(), b"***"]  # a, second piece
+        # an error inside a batch: the server skips the Execute after it; the next batch is still right
+        sock.sendall(_bind(b"b", b"", (1,)) + _execute(b"", 1) + _bind(b"nonesuch") + _execute()
+                     + _bind(b"a") + _execute() + sync + _bind(b"b", b"", (1,)) + _execute() + sync)
+        got = read_until(sock, b"Z", 2)
+        assert [chr(t) for t, _ in got] == ["2", "D", "s", "E", "Z", "2", "D", "D", "C", "Z"]
+        rows = [_fields(body) for t, body in got if t == ord("D")]
+        one, two = struct.pack("!i", 1), struct.pack("!i", 2)
+        assert rows == [[one, None], [one, None], [two, None]]
+        assert pan1 not in b"".join(body for _, body in got)
+        assert pan2 not in b"".join(body for _, body in got)
+    finally:
+        sock.close()
+    assert s.tunnel.errors == []

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.types.numeric import DecimalBinaryDumper
 
 from pcigate import masking
 from pcigate.masking import ColumnInfo, Masker, RowPlan, frame
@@ -156,10 +158,21 @@ PIECES = st.sampled_from(
     [*PANS, "4111 1111 1111 1111", "4111-1111-1111-1111", "3782 822463 10005", "12345678901234567890",
      "1234567890123", "%B4111111111111111^DOE/JOHN^2512101?", ";4111111111111111=2512101?", "=", "^", " ",
      "-", "--", "  ", "x", "é", '"', "{", "}", ",", "0", "7", "41111111", "11111111", "*", "\x00", "\x01"])
+# binary int8 / numeric values, PANs among them (a column of those types reads them as numbers)
+_NUMBER_DIGITS = st.one_of(st.sampled_from(PANS), st.integers(0, 10**19).map(str))
+INT8 = st.one_of(_NUMBER_DIGITS.map(int), st.integers(-(2**63), 2**63 - 1)).filter(
+    lambda x: -(2**63) <= x < 2**63).map(lambda x: struct.pack("!q", x))
+NUMERIC = st.one_of(
+    st.tuples(st.sampled_from(["", "-"]), _NUMBER_DIGITS, st.sampled_from(["", ".00", "E+4", "E-4"]))
+    .map("".join),
+    _NUMBER_DIGITS.map(lambda d: "0." + d),
+    st.decimals(places=None, allow_nan=True, allow_infinity=True).filter(
+        lambda d: not d.is_finite() or abs(d.adjusted()) < 100).map(str),
+).map(lambda s: bytes(DecimalBinaryDumper(Decimal).dump(Decimal(s))))
 VALUE = st.one_of(st.none(), st.lists(PIECES, max_size=8).map("".join).map(str.encode),
-                  st.binary(max_size=40))
+                  st.binary(max_size=40), INT8, NUMERIC)
 COLUMN = st.tuples(st.sampled_from(["id", "card", "note", "cvv", "security_code", "pin"]),
-                   st.sampled_from([25, 114, 3802, 1043, 23]), st.sampled_from([0, 1]))
+                   st.sampled_from([25, 114, 3802, 1043, 23, 20, 1700]), st.sampled_from([0, 1]))
 
 
 @settings(max_examples=500, deadline=None)

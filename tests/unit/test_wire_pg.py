@@ -145,7 +145,17 @@ def test_parse_bind_execute_bodies() -> None:
     assert pg.parse_parse(p[0].body) == pg.Parse("s1", "select $1, $2", 2)
     bind = b"portal\x00s1\x00" + b"\x00\x01\x00\x00" + b"\x00\x02"
     bind += b"\x00\x00\x00\x011" + b"\xff\xff\xff\xff"
-    assert pg.parse_bind(bind + b"\x00\x00") == pg.Bind("portal", "s1", 2)
+    assert pg.parse_bind(bind + b"\x00\x00") == pg.Bind("portal", "s1", 2, ())
+    assert pg.parse_bind(bind + b"\x00\x01\x00\x01") == pg.Bind("portal", "s1", 2, (1,))
+    assert pg.parse_bind(bind + b"\x00\x02\x00\x01\x00\x00") == pg.Bind("portal", "s1", 2, (1, 0))
+    # cut short (the scanner keeps the head of a large Bind): the result formats are not known
+    assert pg.parse_bind(bind[:-3]) == pg.Bind("portal", "s1", 2, None)
+    assert pg.parse_bind(bind + b"\x00\x02\x00\x01") == pg.Bind("portal", "s1", 2, None)
+    assert pg.parse_bind(b"p\x00s\x00\x00\x00\x00\x00") == pg.Bind("p", "s", 0, None)
+    assert pg.parse_describe(b"Ss1\x00") == ("S", "s1")
+    assert pg.parse_describe(b"P\x00") == ("P", "")
+    with pytest.raises(ProtocolError):
+        pg.parse_describe(b"X\x00")
     assert pg.parse_execute(b"portal\x00\x00\x00\x00\x00") == "portal"
     assert pg.parse_close(b"Ss1\x00") == ("S", "s1")
     assert pg.parse_parse(b"\x00select very lo") == pg.Parse("", "select very lo", None)  # truncated

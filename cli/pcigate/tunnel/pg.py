@@ -38,9 +38,13 @@ message is held until the rest arrives) and each chunk is rewritten, then writte
   table created later) is judged by the name it is sent under with its table unknown, where a table-scoped
   rule applies (fail closed); a DataRow is masked with :meth:`~pcigate.masking.Masker.mask_datarow` and
   re-framed when its length changes. The plan ends with CommandComplete / EmptyQuery / ErrorResponse /
-  ReadyForQuery. A DataRow without a plan (an extended-protocol Execute whose rows were not described in the
-  same exchange) is masked by pattern when the policy has no column rules; with column rules (the default
-  CVV/PIN list) the connection is failed instead, since the columns cannot be told.
+  ReadyForQuery / PortalSuspended. The rows of an extended-protocol Execute get the plan of the columns the
+  server gave for their portal (Describe P) or statement (Describe S, perhaps in an earlier exchange, as
+  asyncpg and pgjdbc do), in the result formats their Bind asked for (``_mq``: which answer belongs to which
+  forwarded message). A DataRow whose portal and statement were never described is masked by pattern when
+  the policy has no column rules; with column rules (the default CVV/PIN list) the connection is failed
+  instead, since the columns cannot be told. A Bind larger than the client scanner keeps (~257 KiB of
+  parameters) has its result formats unread: its rows are read in the formats the description gave.
 * COPY OUT (``H`` … ``d`` … ``c``): text/CSV payloads by pattern; binary payloads tuple by tuple, every field
   by pattern (COPY has no column names, so column rules cannot apply to COPY data).
 * ErrorResponse / NoticeResponse: :meth:`~pcigate.masking.Masker.mask_error_fields` (so the recording's
@@ -89,6 +93,9 @@ _BATCH_TYPES = frozenset(b"PBDEC")  # extended-protocol messages that open a bat
 _SYNC_MSG = pg.message(b"S")
 # server message types the masking layer looks at
 _T, _D, _N, _c = (ord(c) for c in "TDNc")
+_NO_DATA, _F = ord("n"), ord("F")  # server NoData; client FunctionCall
+# masking: what the server's next row-related answers belong to (_Conn._mq), in the client's order
+_MQ_Q, _MQ_SYNC, _MQ_DS, _MQ_DP, _MQ_E = range(5)  # Query/FunctionCall, Sync, Describe S/P, Execute
 _EMPTY_Q = ord("I")
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -414,6 +421,27 @@ class _Sync:
         self.swallow = swallow  # a Sync the tunnel sent itself: its ReadyForQuery is not the client's
 
 
+class _StmtDesc:
+    """Masking: a prepared statement's result columns, once the server has described it (Describe S)."""
+
+    __slots__ = ("cols",)
+
+    def __init__(self) -> None:
+        self.cols: list[ColumnInfo] | None = None
+
+
+class _PortalDesc:
+    """Masking: a bound portal: its statement, the result formats its Bind asked for (None: not read, a
+    Bind too large for the scanner to keep whole), and its columns once described (Describe P)."""
+
+    __slots__ = ("cols", "formats", "stmt")
+
+    def __init__(self, stmt: _StmtDesc | None, formats: tuple[int, ...] | None) -> None:
+        self.stmt = stmt
+        self.formats = formats
+        self.cols: list[ColumnInfo] | None = None
+
+
 class _Synth:
     """A response the tunnel makes up for a blocked message, sent when all earlier responses have been."""
 
@@ -488,8 +516,17 @@ class _Conn(asyncio.Protocol):
         self._plan: RowPlan | None = None  # the plan of the current result set (from its RowDescription)
         self._copy_out = 0  # 0: no COPY OUT; 1: text/CSV; 2: binary
         self._copy_plan: RowPlan | None = None
+        # Rows of an extended-protocol Execute come without a RowDescription: their columns are the ones the
+        # server gave for the portal or its statement (Describe P / S, maybe in an earlier exchange), in the
+        # formats the Bind asked for. _mq holds, in the client's order, the forwarded messages whose answers
+        # say which (see _mask_server); _m_stmts / _m_portals what was described.
+        self._mq: deque[tuple[int, Any]] | None = None
+        self._m_stmts: dict[str, _StmtDesc] = {}
+        self._m_portals: dict[str, _PortalDesc] = {}
         if self.masker is not None:  # without masking, from_server is the plain relay (no extra call)
             self.from_server = self._from_server_masked  # type: ignore[method-assign]
+            self._mq = deque()
+            self.cscan = pg.MessageScanner(_CLIENT_WANTED + b"DF", pg.FRONTEND_TYPES, keep=SQL_CAP * 4 + 1024)
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -796,13 +833,13 @@ class _Conn(asyncio.Protocol):
                 if nxt > end:
                     break
                 if t == _D:
+                    if plan is None:  # rows of an Execute (described earlier, or not at all)
+                        plan = self._plan = self._execute_plan(buf[pos + 5 : nxt])
+                        if plan is None:
+                            return None
+                        work = cand or plan.forced
                     if work:
                         body = buf[pos + 5 : nxt]
-                        if plan is None:
-                            plan = self._plan = self._rowless_plan(body)
-                            if plan is None:
-                                return None
-                            work = cand or plan.forced
                         if pos != python_row:
                             # the run of DataRows from here in C, when built and the plan allows
                             got = mk.mask_datarows(buf, pos, plan)
@@ -824,10 +861,6 @@ class _Conn(asyncio.Protocol):
                             parts.append(_HDR.pack(_D, len(new) + 4) + new)
                             seg = nxt
                             shift += len(new) + 5 - (nxt - pos)
-                    elif plan is None:  # nothing to find by pattern; column rules still need a plan
-                        plan = self._plan = self._rowless_plan(buf[pos + 5 : nxt])
-                        if plan is None:
-                            return None
                 elif t == _COPY_DATA:
                     if cand and self._copy_out == 1 and pos != python_row:
                         got = mk.mask_copydatas(buf, pos)  # the run of text COPY rows from here, in C
@@ -854,8 +887,20 @@ class _Conn(asyncio.Protocol):
                             shift += len(new) + 5 - (nxt - pos)
                 elif t == _T:
                     cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins)
-                    plan = self._plan = mk.row_plan(cols)
-                    work = cand or plan.forced
+                    mq = self._mq
+                    if mq and mq[0][0] in (_MQ_DS, _MQ_DP):  # describes a statement or portal for later
+                        desc = mq.popleft()[1]
+                        if desc is not None:
+                            desc.cols = cols
+                    else:  # a simple Query's result set: its rows follow
+                        plan = self._plan = mk.row_plan(cols)
+                        work = cand or plan.forced
+                elif t == _NO_DATA:
+                    mq = self._mq
+                    if mq and mq[0][0] in (_MQ_DS, _MQ_DP):
+                        desc = mq.popleft()[1]
+                        if desc is not None:
+                            desc.cols = []
                 elif t in (_ERR, _N):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
                     if new is not None:
@@ -867,10 +912,21 @@ class _Conn(asyncio.Protocol):
                         plan = self._plan = None
                         work = cand
                         self._copy_out = 0
-                elif t in (_CMD, _Z, _EMPTY_Q):
+                        mq = self._mq
+                        # in the extended protocol the server skips to the Sync: nothing before it is answered
+                        while mq and mq[0][0] not in (_MQ_Q, _MQ_SYNC):
+                            mq.popleft()
+                elif t in (_CMD, _Z, _EMPTY_Q, _s):
                     plan = self._plan = None
                     work = cand
                     self._copy_out = 0
+                    mq = self._mq
+                    if mq:
+                        if t == _Z:  # ends a Query, FunctionCall or Sync (and what went unanswered before it)
+                            while mq and mq.popleft()[0] not in (_MQ_Q, _MQ_SYNC):
+                                pass
+                        elif mq[0][0] == _MQ_E:  # an Execute's last answer
+                            mq.popleft()
                 elif t == _H:
                     if mk.policy.sensitive_columns or mk.policy.columns:
                         # COPY output carries no column names: a cvv column could not be told apart, so
@@ -904,6 +960,29 @@ class _Conn(asyncio.Protocol):
         parts.append(buf[seg:pos])
         return b"".join(parts)
 
+    def _execute_plan(self, body: bytes) -> RowPlan | None:
+        """The plan for rows that arrived without a RowDescription in their exchange: an Execute's, whose
+        portal or statement the server described (Describe P / S, perhaps long before), in the result formats
+        its Bind asked for; else :meth:`_rowless_plan`. None: the connection failed."""
+        mq = self._mq
+        portal = mq[0][1] if mq and mq[0][0] == _MQ_E else None
+        if portal is not None:
+            cols = portal.cols
+            if cols is None and portal.stmt is not None:
+                cols = portal.stmt.cols
+            if cols is not None:
+                fmts = portal.formats
+                if fmts is not None:  # None: a Bind too large to keep whole; the described formats stand
+                    if len(fmts) <= 1:
+                        fmts = (fmts[0] if fmts else 0,) * len(cols)
+                    elif len(fmts) != len(cols):
+                        raise ValueError("result formats do not match the row description")
+                    cols = [c._replace(format=f) for c, f in zip(cols, fmts, strict=True)]
+                mk = self.masker
+                assert mk is not None
+                return mk.row_plan(cols)
+        return self._rowless_plan(body)
+
     def _rowless_plan(self, body: bytes) -> RowPlan | None:
         """A DataRow arrived without a RowDescription in this exchange (an extended-protocol Execute whose
         statement was described earlier). Without column rules: scan every field by pattern. With them the
@@ -928,35 +1007,58 @@ class _Conn(asyncio.Protocol):
     def _client_msgs(self, msgs: list[pg.Message]) -> None:
         now = time.perf_counter()
         pending = self.pending
+        mq = self._mq  # None without masking
         for m in msgs:
             t = m.type
             if t == _Q:
                 sql, trunc = _sql_text(m.body, m.truncated, pg.parse_query(m.body), self.masker)
                 pending.append(_Stmt(sql, trunc or m.truncated, "simple", 0, now))
+                if mq is not None:
+                    mq.append((_MQ_Q, None))
             elif t == _P:
                 p = pg.parse_parse(m.body)
                 entry = _sql_text(m.body, m.truncated, p.query, self.masker)
                 entry = (entry[0], entry[1] or m.truncated)
                 self.statements[p.name] = entry
                 self.batch_parse = entry
+                if mq is not None:
+                    self._m_stmts[p.name] = _StmtDesc()
             elif t == _B:
                 b = pg.parse_bind(m.body)
                 sql, trunc = self.statements.get(b.statement, ("", False))
                 self.portals[b.portal] = (sql, trunc, b.nparams)
+                if mq is not None:
+                    self._m_portals[b.portal] = _PortalDesc(self._m_stmts.get(b.statement), b.result_formats)
             elif t == _E:
-                sql, trunc, nparams = self.portals.get(pg.parse_execute(m.body), ("", False, None))
+                portal = pg.parse_execute(m.body)
+                sql, trunc, nparams = self.portals.get(portal, ("", False, None))
                 pending.append(_Stmt(sql, trunc, "extended", nparams, now))
+                if mq is not None:
+                    mq.append((_MQ_E, self._m_portals.get(portal)))
             elif t == _S:
                 pending.append(_Sync(self.batch_parse))
                 self.batch_parse = None
+                if mq is not None:
+                    mq.append((_MQ_SYNC, None))
             elif t == _C:
                 kind, name = pg.parse_close(m.body)
                 if kind == "S":
                     self.statements.pop(name, None)
+                    self._m_stmts.pop(name, None)
                 else:
                     self.portals.pop(name, None)
+                    self._m_portals.pop(name, None)
             elif t == _X:
                 self.terminated = True
+            elif mq is not None:  # Describe and FunctionCall: wanted only with masking
+                if t == _D:
+                    kind, name = pg.parse_describe(m.body)
+                    if kind == "S":
+                        mq.append((_MQ_DS, self._m_stmts.get(name)))
+                    else:
+                        mq.append((_MQ_DP, self._m_portals.get(name)))
+                elif t == _F:
+                    mq.append((_MQ_Q, None))  # answered by its own ReadyForQuery, as a Query
 
     def _server_msgs(self, msgs: list[pg.Message]) -> None:
         pending = self.pending
@@ -1257,6 +1359,8 @@ class _Conn(asyncio.Protocol):
             assert up is not None
             assert up.transport is not None
             up.transport.write(_SYNC_MSG)
+            if self._mq is not None:
+                self._mq.append((_MQ_SYNC, None))
             self.pending.append(_Sync(self.batch_parse, swallow=True))
             self.batch_parse = None
             self._in_batch = False

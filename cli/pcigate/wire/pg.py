@@ -426,20 +426,47 @@ class Bind:
     portal: str
     statement: str
     nparams: int | None
+    # the result-column format codes (empty: all text; one: all columns; else one per column); None when
+    # the body ends before them (truncated by the scanner's keep limit: large parameter values)
+    result_formats: tuple[int, ...] | None = None
 
 
 def parse_bind(body: bytes) -> Bind:
     portal, pos = _cstr(body, 0)
     stmt, pos = _cstr(body, pos)
     nparams: int | None = None
-    if len(body) >= pos + 2:
+    n = len(body)
+    if n >= pos + 2:
         (nfmt,) = _I16.unpack_from(body, pos)
         if nfmt < 0:
             raise ProtocolError("negative format count in Bind")
         pos += 2 + 2 * nfmt
-        if len(body) >= pos + 2:
+        if n >= pos + 2:
             (nparams,) = _I16.unpack_from(body, pos)
-    return Bind(portal, stmt, nparams)
+    if nparams is None:
+        return Bind(portal, stmt, None)
+    # What follows is read leniently: a bad value here is the server's to refuse (it answers with an error)
+    pos += 2
+    for _ in range(nparams):
+        if n < pos + 4:
+            return Bind(portal, stmt, nparams)
+        (vlen,) = _I32.unpack_from(body, pos)
+        if vlen < -1:
+            return Bind(portal, stmt, nparams)
+        pos += 4 + max(vlen, 0)
+    if n < pos + 2:
+        return Bind(portal, stmt, nparams)
+    (nres,) = _I16.unpack_from(body, pos)
+    if nres < 0 or n < pos + 2 + 2 * nres:
+        return Bind(portal, stmt, nparams)
+    return Bind(portal, stmt, nparams, struct.unpack_from(f"!{nres}h", body, pos + 2))
+
+
+def parse_describe(body: bytes) -> tuple[str, str]:
+    """'D' Describe (frontend): ('S' or 'P', name)."""
+    if not body or body[:1] not in (b"S", b"P"):
+        raise ProtocolError("invalid Describe message")
+    return chr(body[0]), _cstr(body, 1)[0]
 
 
 def parse_execute(body: bytes) -> str:

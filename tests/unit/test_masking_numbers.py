@@ -1,0 +1,150 @@
+"""Binary int8 and numeric result values (what drivers such as psycopg's binary cursors, asyncpg or pgjdbc ask
+for): read as the number they are, and sent as NULL when their text form would be masked."""
+
+from __future__ import annotations
+
+import struct
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from psycopg.types.numeric import DecimalBinaryDumper
+
+from pcigate.masking import (
+    _K_INT8,
+    _K_NUMERIC,
+    ColumnInfo,
+    Masker,
+    binary_number_text,
+)
+from pcigate.models import MaskingPolicy
+
+PAN = 4111111111111111
+NOT_PAN = 4111111111111112  # fails Luhn
+_dump = DecimalBinaryDumper(Decimal).dump
+
+
+def numeric(x: str) -> bytes:
+    return bytes(_dump(Decimal(x)))
+
+
+def int8(x: int) -> bytes:
+    return struct.pack("!q", x)
+
+
+def body(fields: list[bytes | None]) -> bytes:
+    return struct.pack("!h", len(fields)) + b"".join(
+        struct.pack("!i", -1) if f is None else struct.pack("!i", len(f)) + f for f in fields)
+
+
+def fields_of(b: bytes) -> list[bytes | None]:
+    (n,) = struct.unpack_from("!h", b)
+    pos, out = 2, []
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", b, pos)
+        pos += 4
+        out.append(None if ln < 0 else b[pos : pos + ln])
+        pos += max(ln, 0)
+    assert pos == len(b)
+    return out
+
+
+def int8_array(values: list[int | None]) -> bytes:
+    head = struct.pack("!iiIii", 1, int(None in values), 20, len(values), 1)
+    return head + b"".join(struct.pack("!i", -1) if v is None else struct.pack("!i", 8) + int8(v)
+                           for v in values)
+
+
+MK = Masker(MaskingPolicy())
+COLS = [ColumnInfo("id", type_oid=20, format=1), ColumnInfo("amount", type_oid=1700, format=1),
+        ColumnInfo("ids", type_oid=1016, format=1)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.decimals(allow_nan=True, allow_infinity=True, places=None).filter(
+    lambda d: not d.is_finite() or abs(d.adjusted()) < 200))
+def test_numeric_text_is_what_postgres_prints(d: Decimal) -> None:
+    """numeric_out's text, as Decimal prints the same value in fixed point (NaN and infinities: none)."""
+    text = binary_number_text(bytes(_dump(d)), _K_NUMERIC)
+    if not d.is_finite():
+        assert text is None
+    else:
+        assert text is not None
+        expect = format(d, "f")
+        assert text.decode() == (expect[1:] if d.is_zero() and expect.startswith("-") else expect)
+
+
+@given(st.integers(-(2**63), 2**63 - 1))
+def test_int8_text(x: int) -> None:
+    assert binary_number_text(int8(x), _K_INT8) == str(x).encode()
+
+
+def test_row_plan_reads_binary_numbers_only() -> None:
+    plan = MK.row_plan(COLS)
+    assert plan.forced  # no digit pattern shows in such bytes: every row is looked at
+    assert plan.native is None  # an int8[] column: Python's
+    assert MK.row_plan(COLS[:2]).native == bytes([5, 6])  # int8 and numeric: the C walk's ops
+    text = MK.row_plan([ColumnInfo("id", type_oid=20, format=0)])
+    assert text.native == bytes([1])  # text format: the digit scan, as ever
+    small = MK.row_plan([ColumnInfo("n", type_oid=23, format=1)])  # int4: no PAN fits
+    assert small.actions == ("skip",)
+    assert plan.actions == ("pan", "pan", "pan")
+
+
+@pytest.mark.parametrize(("value", "kind", "is_pan"), [
+    (int8(PAN), _K_INT8, True),
+    (int8(-PAN), _K_INT8, True),
+    (int8(NOT_PAN), _K_INT8, False),
+    (int8(1234), _K_INT8, False),
+    (int8(-(2**63)), _K_INT8, False),
+    (numeric(str(PAN)), _K_NUMERIC, True),
+    (numeric(f"{PAN}.00"), _K_NUMERIC, True),
+    (numeric(f"-{PAN}"), _K_NUMERIC, True),
+    (numeric(f"0.{PAN}"), _K_NUMERIC, True),  # the digits after the point are a run of their own
+    (numeric(f"{PAN}E+4"), _K_NUMERIC, False),  # 4111111111111111 0000: 20 digits, no card
+    (numeric(f"{PAN}E-4"), _K_NUMERIC, False),  # 411111111111.1111: the point splits it, as in text
+    (numeric("NaN"), _K_NUMERIC, False),
+    (numeric("-Infinity"), _K_NUMERIC, False),
+    (numeric("12.5"), _K_NUMERIC, False),
+])
+def test_number_is_pan_as_its_text_would_be_masked(value: bytes, kind: int, is_pan: bool) -> None:
+    assert MK.number_is_pan(value, kind) is is_pan
+    text = binary_number_text(value, kind)
+    assert (text is not None and MK.scan(text) is not None) is is_pan
+
+
+def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:
+    plan = MK.row_plan(COLS)
+    row = body([int8(PAN), numeric(f"-{PAN}.50"), int8_array([7, PAN, None, NOT_PAN])])
+    new = MK.mask_datarow(row, plan)
+    assert new is not None
+    got = fields_of(new)
+    assert got[:2] == [None, None]
+    assert got[2] == int8_array([7, None, None, NOT_PAN])  # the element only, the has-null flag set
+    clean = body([int8(NOT_PAN), numeric("12.50"), int8_array([1, 2])])
+    assert MK.mask_datarow(clean, plan) is None
+    assert MK.mask_datarow(body([None, None, int8_array([])]), plan) is None
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x00" * 7,  # int8 of 7 bytes
+    b"\x00\x01\x00\x00\x00\x00\x00\x00",  # numeric: one digit announced, none there
+    b"\x00\x01\x00\x00\x00\x00\x00\x00\x27\x10",  # a base-10000 digit of 10000
+    b"\x00\x00\x00\x00\x12\x34\x00\x00",  # an unknown sign
+])
+def test_malformed_numbers_raise(bad: bytes) -> None:
+    plan = MK.row_plan([ColumnInfo("n", type_oid=20 if len(bad) == 7 else 1700, format=1)])
+    with pytest.raises(ValueError):
+        MK.mask_datarow(body([bad]), plan)
+    row = body([bad])
+    message = b"D" + struct.pack("!I", 4 + len(row)) + row
+    assert MK.mask_datarows(message, 0, plan) == (None, 0)  # the C walk leaves it to that Python path
+
+
+def test_malformed_number_array_raises() -> None:
+    plan = MK.row_plan([ColumnInfo("ids", type_oid=1016, format=1)])
+    whole = int8_array([PAN])
+    for cut in (4, 11, len(whole) - 1):
+        with pytest.raises(ValueError):
+            MK.mask_datarow(body([whole[:cut]]), plan)
