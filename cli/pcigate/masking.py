@@ -292,6 +292,19 @@ _NUMERIC_POS, _NUMERIC_NEG = 0x0000, 0x4000
 _NUMERIC_SPECIAL = frozenset({0xC000, 0xD000, 0xF000})  # NaN, +Infinity, -Infinity
 
 
+def _array_header(v: bytes) -> tuple[int, int]:
+    """A binary array value (``array_send``: int32 ndim, has-null flag, element type; per dimension int32
+    size and lower bound; then the elements): (element count, offset of the first element). Raises
+    ValueError for a malformed header."""
+    ndim = _I32.unpack_from(v, 0)[0]
+    if not 0 <= ndim <= 6 or len(v) < 12 + 8 * ndim:
+        raise ValueError("malformed binary array")
+    count = 1 if ndim else 0
+    for d in range(ndim):
+        count *= max(_I32.unpack_from(v, 12 + 8 * d)[0], 0)
+    return count, 12 + 8 * ndim
+
+
 def _numeric_parts(value: bytes) -> tuple[int, bool, int, tuple[int, ...]] | None:
     """A binary numeric's (weight, negative, dscale, base-10000 digits); None for NaN and the infinities.
     Raises ValueError for a malformed value."""
@@ -663,13 +676,7 @@ class Masker:
         n = len(v)
         if n < 12:
             return None
-        ndim = _I32.unpack_from(v, 0)[0]
-        if not 0 <= ndim <= 6 or n < 12 + 8 * ndim:
-            raise ValueError("malformed binary array")
-        count = 1 if ndim else 0
-        for d in range(ndim):
-            count *= max(_I32.unpack_from(v, 12 + 8 * d)[0], 0)
-        pos = 12 + 8 * ndim
+        count, pos = _array_header(v)
         out: bytearray | None = None
         for _ in range(count):
             if pos + 4 > n:
@@ -711,13 +718,8 @@ class Masker:
         n = len(v)
         if n < 12:
             raise ValueError("malformed binary array")
-        ndim = _I32.unpack_from(v, 0)[0]
-        if not 0 <= ndim <= 6 or n < 12 + 8 * ndim:
-            raise ValueError("malformed binary array")
-        count = 1 if ndim else 0
-        for d in range(ndim):
-            count *= max(_I32.unpack_from(v, 12 + 8 * d)[0], 0)
-        pos = head_end = 12 + 8 * ndim
+        count, head_end = _array_header(v)
+        pos = head_end
         parts: list[bytes] = []
         last = head_end
         for _ in range(count):
