@@ -498,11 +498,23 @@ def test_asyncpg_prepared_binary_results_masked(make_session: Any) -> None:
                                      passfile=str(s.passfile), ssl=False, timeout=10)
         try:
             stmt = await conn.prepare(sql)
-            return [[tuple(r) for r in await stmt.fetch()] for _ in range(3)]
+            runs = [[tuple(r) for r in await stmt.fetch()] for _ in range(3)]
+            # a server-side cursor fetched 3 rows at a time (Execute with a row limit: PortalSuspended),
+            # after a failed statement and a pipelined executemany
+            with pytest.raises(asyncpg.DivisionByZeroError):
+                await conn.fetch("SELECT 1/0")
+            await conn.execute("CREATE TEMP TABLE t (id int, pan text)")
+            await conn.executemany("INSERT INTO t VALUES ($1, $2)", [(i, p) for i, (_, p) in enumerate(PANS)])
+            async with conn.transaction():
+                cursor = conn.cursor("SELECT id, pan, pan::bigint AS n FROM t ORDER BY id", prefetch=3)
+                runs.append([(r["id"], r["pan"], r["n"]) async for r in cursor])
+            return runs
         finally:
             await conn.close()
 
     runs = asyncio.run(run())
+    cursor_rows = runs.pop()
+    assert cursor_rows == [(i, truncated(p), None) for i, (_, p) in enumerate(PANS)]
     for rows in runs:
         assert len(rows) == len(PANS) + 1
         for (brand, p), row in zip(PANS, rows, strict=False):
