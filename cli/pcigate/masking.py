@@ -38,9 +38,11 @@ Limits (documented choices)
 * Binary-format results (drivers such as asyncpg, psycopg's binary cursors, pgjdbc for int8): an int8 or
   numeric value, or such an element of an int8[]/numeric[] array, is read as the number it is and judged by
   its text form (what ``psql`` would show); one that text masking would change is sent as NULL, since no
-  masked stand-in exists in those formats. Other binary number types cannot hold a card number as digits
-  (int2/int4 are too short; a float8 PAN prints with an exponent, as in text format). A binary COPY carries
-  no types, so its int8/numeric fields are not recognised as numbers.
+  masked stand-in exists in those formats. int2/int4 are too short to hold a card number. Not read as
+  numbers (their bytes pass as they are): binary float8 (a 13-15 digit PAN stored as float8 prints in plain
+  digits in text format, where it is masked, but not in binary), binary composite/record values (``row(pan,
+  cvv)`` with binary results: their fields are neither scanned nor matched to column rules), and binary
+  COPY (it carries no types, so its int8/numeric fields are not recognised as numbers).
 * Masking is applied until nothing changes, so it is idempotent and no Luhn-valid 13–19 digit window is
   left in the output, even one formed by digits that the first pass left next to each other.
 """

@@ -590,3 +590,149 @@ def test_pipelined_statements_keep_their_own_columns(make_session: Any) -> None:
     finally:
         sock.close()
     assert s.tunnel.errors == []
+
+
+def _parse(name: bytes, sql: str) -> bytes:
+    return pg.message(b"P", name + b"\0" + sql.encode() + b"\0\0\0")
+
+
+def _query(sql: str) -> bytes:
+    return pg.message(b"Q", sql.encode() + b"\0")
+
+
+_SYNC = pg.message(b"S")
+_PAN_INT8 = struct.pack("!q", int(PANS[0][1]))
+
+
+def _described_then_run(sock: Any) -> list[tuple[int, bytes]]:
+    """asyncpg's way: the statement described and run in one batch, results in binary."""
+    sock.sendall(_parse(b"probe", f"SELECT pan::bigint AS n, cvv FROM {TABLE} WHERE id = 1")
+                 + pg.message(b"D", b"Sprobe\0") + _bind(b"probe", b"", (1,)) + _execute() + _SYNC)
+    return read_until(sock, b"Z")
+
+
+def _copy_in_extended(sock: Any) -> None:
+    """libpq's PQexecParams("COPY ... FROM STDIN"): P B D E S, then the data, CopyDone, Sync. The server
+    ignores the first Sync (it is in COPY IN then): one ReadyForQuery for two Syncs."""
+    sock.sendall(_query("CREATE TEMP TABLE ci (x text)"))
+    read_until(sock, b"Z")
+    sock.sendall(_parse(b"", "COPY ci FROM STDIN") + _bind(b"") + pg.message(b"D", b"P\0") + _execute()
+                 + _SYNC)
+    read_until(sock, b"G")
+    sock.sendall(pg.message(b"d", b"a\n") + pg.message(b"c") + _SYNC)
+    assert [chr(t) for t, _ in read_until(sock, b"Z")][-2:] == ["C", "Z"]
+
+
+def _query_skipped_after_error(sock: Any) -> None:
+    """A Query inside an extended batch whose Parse fails: the server skips it up to the Sync."""
+    sock.sendall(_parse(b"", "SELEC bad") + _query("SELECT 1") + _SYNC)
+    assert [chr(t) for t, _ in read_until(sock, b"Z")] == ["E", "Z"]
+
+
+def _statement_replaced_by_sql(sock: Any) -> None:
+    """A described statement replaced through SQL (DEALLOCATE + PREPARE) behind the protocol's back."""
+    sock.sendall(_parse(b"probe", "SELECT 1::int8 AS n, 2::int4 AS cvv") + pg.message(b"D", b"Sprobe\0")
+                 + _SYNC)
+    read_until(sock, b"Z")
+    sock.sendall(_query(f"DEALLOCATE probe; PREPARE probe AS SELECT pan AS n, cvv FROM {TABLE} WHERE id = 1"))
+    read_until(sock, b"Z")
+
+
+@pytest.mark.parametrize("before", [_copy_in_extended, _query_skipped_after_error], ids=lambda f: f.__name__)
+def test_answers_stay_matched_to_their_messages(make_session: Any, before: Any) -> None:
+    """The tunnel matches each server answer to the client message it answers (_mq): exchanges where the
+    server answers fewer messages than were sent leave no stale entry that would shift later plans."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    try:
+        before(sock)
+        got = _described_then_run(sock)
+    finally:
+        sock.close()
+    assert [_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
+    assert s.tunnel.errors == []
+
+
+def _run_replaced(sock: Any) -> list[tuple[int, bytes]]:
+    sock.sendall(_bind(b"probe", b"", (1,)) + _execute() + _SYNC)
+    return read_until(sock, b"Z")
+
+
+def _run_big_bind(sock: Any) -> list[tuple[int, bytes]]:
+    """A Bind too large for the tunnel to keep whole (a 400 KB parameter): its result formats are unread."""
+    sock.sendall(_parse(b"big", f"SELECT pan::bigint AS n FROM {TABLE} WHERE id = 1 AND $1::text <> ''")
+                 + pg.message(b"D", b"Sbig\0") + _SYNC)
+    read_until(sock, b"Z")
+    big = b"x" * 400_000
+    sock.sendall(pg.message(b"B", b"\0big\0" + struct.pack("!hhi", 0, 1, len(big)) + big
+                            + struct.pack("!hh", 1, 1)) + _execute() + _SYNC)
+    return read_until(sock, b"Z")
+
+
+def _run_never_described(sock: Any) -> list[tuple[int, bytes]]:
+    sock.sendall(_parse(b"", f"SELECT pan::bigint AS n FROM {TABLE} WHERE id = 1") + _bind(b"", b"", (1,))
+                 + _execute() + _SYNC)
+    return read_until(sock, b"Z")
+
+
+@pytest.mark.parametrize(("policy", "before", "run"), [
+    (MASKING, _statement_replaced_by_sql, _run_replaced),
+    (MASKING, None, _run_big_bind),
+    (PATTERN_ONLY, None, _run_never_described),
+], ids=["statement-replaced-by-sql", "bind-too-large-to-read", "binary-rows-never-described"])
+def test_rows_masking_cannot_read_fail_closed(make_session: Any, policy: DataPathPolicy, before: Any,
+                                              run: Any) -> None:
+    """Where the tunnel cannot know the columns or formats of rows (a statement replaced through SQL, a Bind
+    whose result formats it did not read, binary rows never described) the connection is failed before a
+    row is passed on."""
+    s = make_session(policy)
+    sock = raw_login(s.port, s.secret)
+    try:
+        if before is not None:
+            before(sock)
+        got = run(sock)
+    finally:
+        sock.close()
+    assert not any(t == ord("D") for t, _ in got)
+    data = b"".join(b for _, b in got)
+    assert PANS[0][1].encode() not in data
+    assert _PAN_INT8 not in data
+    errs = [pg.parse_error_fields(b) for t, b in got if t == ord("E")]
+    assert [e["C"] for e in errs] == ["0A000"]
+
+
+def test_statement_names_are_told_apart_by_their_bytes(make_session: Any) -> None:
+    """Two statement names that differ only in bytes that are not UTF-8 (client_encoding LATIN1) are two
+    statements: the rows of one are never read by the other's description."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret, params={"client_encoding": "LATIN1"})
+    try:
+        sock.sendall(_parse(b"a\xfe", f"SELECT pan AS a, cvv AS b FROM {TABLE} WHERE id = 1")
+                     + _parse(b"a\xff", "SELECT 1::int4 AS a, 2::int4 AS b") + pg.message(b"D", b"Sa\xff\0")
+                     + _SYNC)
+        read_until(sock, b"Z")
+        sock.sendall(_bind(b"a\xfe", b"", (1,)) + _execute() + _SYNC)
+        got = read_until(sock, b"Z")
+    finally:
+        sock.close()
+    assert PANS[0][1].encode() not in b"".join(b for _, b in got)
+    assert [pg.parse_error_fields(b)["C"] for t, b in got if t == ord("E")] == ["0A000"]  # never described
+
+
+def test_bookkeeping_does_not_grow_with_portals_of_ended_transactions(make_session: Any) -> None:
+    """Portals end with their transaction: a client binding a new named portal in every autocommit
+    exchange (pgjdbc's fetch-size cursors are named C_1, C_2, ...) leaves the tunnel's bookkeeping small."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    try:
+        sock.sendall(_parse(b"st", "SELECT 1") + pg.message(b"D", b"Sst\0") + _SYNC)
+        read_until(sock, b"Z")
+        for i in range(300):
+            sock.sendall(_bind(b"st", f"C_{i}".encode()) + _execute(f"C_{i}".encode()) + _SYNC)
+        got = read_until(sock, b"Z", 300)
+        assert sum(t == ord("D") for t, _ in got) == 300
+        (conn,) = s.tunnel._conns
+        assert len(conn._m_portals) <= 1
+        assert len(conn._mq or ()) == 0
+    finally:
+        sock.close()

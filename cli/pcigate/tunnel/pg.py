@@ -41,10 +41,18 @@ message is held until the rest arrives) and each chunk is rewritten, then writte
   ReadyForQuery / PortalSuspended. The rows of an extended-protocol Execute get the plan of the columns the
   server gave for their portal (Describe P) or statement (Describe S, perhaps in an earlier exchange, as
   asyncpg and pgjdbc do), in the result formats their Bind asked for (``_mq``: which answer belongs to which
-  forwarded message). A DataRow whose portal and statement were never described is masked by pattern when
-  the policy has no column rules; with column rules (the default CVV/PIN list) the connection is failed
-  instead, since the columns cannot be told. A Bind larger than the client scanner keeps (~257 KiB of
-  parameters) has its result formats unread: its rows are read in the formats the description gave.
+  forwarded message: every Parse/Bind/Close/Describe/Execute/Query/Sync until its answer, so that errors
+  that skip to the Sync and Syncs ignored during COPY IN keep the two sides matched; capped at
+  ``_MQ_CAP``). Statements and portals are told apart by their raw names; portals are forgotten when a
+  transaction ends. Fail closed (the connection, before any row of it): text-format rows whose portal and
+  statement were never described, under column rules (the default CVV/PIN list); binary rows never
+  described; rows of a statement described only by Describe S whose Bind was too large for the client
+  scanner to keep whole (~257 KiB of parameters: its result formats are unread) when a column's binary
+  format matters; rows of a statement described before SQL that may have replaced it (``PREPARE``,
+  ``DEALLOCATE``, ``DISCARD``, also inside a ``DO`` block) until it is described again. Without column
+  rules, undescribed text rows are masked by pattern. A statement replaced through SQL that names none of
+  those words (a function that prepares it) would still be read by its old description: pattern masking
+  protects against showing card data by accident, not against a user crafting protocol messages.
 * COPY OUT (``H`` … ``d`` … ``c``): text/CSV payloads by pattern; binary payloads tuple by tuple, every field
   by pattern (COPY has no column names, so column rules cannot apply to COPY data).
 * ErrorResponse / NoticeResponse: :meth:`~pcigate.masking.Masker.mask_error_fields` (so the recording's
@@ -58,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import ssl
 import struct
@@ -68,7 +77,14 @@ from typing import Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.guardrails import Guardrails, StatementInfo
-from pcigate.masking import ColumnInfo, Masker, RowPlan
+from pcigate.masking import (
+    BINARY_ARRAY_OIDS,
+    BINARY_NUMBER_ARRAY_OIDS,
+    BINARY_NUMBER_OIDS,
+    ColumnInfo,
+    Masker,
+    RowPlan,
+)
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
@@ -94,8 +110,21 @@ _SYNC_MSG = pg.message(b"S")
 # server message types the masking layer looks at
 _T, _D, _N, _c = (ord(c) for c in "TDNc")
 _NO_DATA, _F = ord("n"), ord("F")  # server NoData; client FunctionCall
-# masking: what the server's next row-related answers belong to (_Conn._mq), in the client's order
-_MQ_Q, _MQ_SYNC, _MQ_DS, _MQ_DP, _MQ_E = range(5)  # Query/FunctionCall, Sync, Describe S/P, Execute
+_COPY_IN, _COPY_FAIL = ord("G"), ord("f")  # server CopyInResponse; client CopyFail (CopyDone: _c)
+_DONE_123 = frozenset(b"123")  # server ParseComplete, BindComplete, CloseComplete
+# masking: the forwarded client messages still to be answered (_Conn._mq), in order: Query or FunctionCall
+# and Sync (answered by ReadyForQuery; the entry holds its sequence number), Parse/Bind/Close (1/2/3),
+# Describe S/P (ParameterDescription, then RowDescription or NoData), Execute (its last answer: C/s/I/E),
+# and a CopyDone/CopyFail sent before the server's CopyInResponse was seen
+_MQ_Q, _MQ_SYNC, _MQ_DS, _MQ_DP, _MQ_E, _MQ_X, _MQ_COPYEND = range(7)
+_MQ_CAP = 200_000  # unanswered messages per connection: past it the connection is failed
+# SQL that may replace a prepared statement behind the protocol's back (PREPARE after DEALLOCATE, DISCARD
+# ALL; also inside a DO block): the statements' descriptions are then forgotten, so their rows fail closed
+# until described again instead of being read by a stale description
+_SQL_PREPARE = re.compile(rb"(?i)\b(?:prepare|deallocate|discard)\s")
+# column types whose binary format masking must know (a Bind whose result formats were not read fails
+# closed when its rows have one): numbers that can hold a PAN, arrays of them and of text-like types
+_FORMAT_SENSITIVE = BINARY_NUMBER_OIDS | BINARY_NUMBER_ARRAY_OIDS.keys() | BINARY_ARRAY_OIDS
 _EMPTY_Q = ord("I")
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -431,15 +460,26 @@ class _StmtDesc:
 
 
 class _PortalDesc:
-    """Masking: a bound portal: its statement, the result formats its Bind asked for (None: not read, a
-    Bind too large for the scanner to keep whole), and its columns once described (Describe P)."""
+    """Masking: a bound portal: its statement, the result formats its Bind asked for (one byte each, 1:
+    binary; None: not read, a Bind too large for the scanner to keep whole), its columns once described
+    (Describe P), and the sequence number of the next Sync or Query after its Bind (``_Conn._m_seq``)."""
 
-    __slots__ = ("cols", "formats", "stmt")
+    __slots__ = ("cols", "formats", "seq", "stmt")
 
-    def __init__(self, stmt: _StmtDesc | None, formats: tuple[int, ...] | None) -> None:
+    def __init__(self, stmt: _StmtDesc | None, formats: bytes | None, seq: int) -> None:
         self.stmt = stmt
         self.formats = formats
+        self.seq = seq
         self.cols: list[ColumnInfo] | None = None
+
+
+def _cname(body: bytes, pos: int = 0) -> tuple[bytes, int]:
+    """A NUL-terminated name in a message body, as raw bytes (two names that decode alike stay apart), and
+    the offset after it."""
+    z = body.find(b"\x00", pos)
+    if z < 0:
+        raise ProtocolError("unterminated name")
+    return body[pos:z], z + 1
 
 
 class _Synth:
@@ -521,12 +561,15 @@ class _Conn(asyncio.Protocol):
         # formats the Bind asked for. _mq holds, in the client's order, the forwarded messages whose answers
         # say which (see _mask_server); _m_stmts / _m_portals what was described.
         self._mq: deque[tuple[int, Any]] | None = None
-        self._m_stmts: dict[str, _StmtDesc] = {}
-        self._m_portals: dict[str, _PortalDesc] = {}
+        self._m_stmts: dict[bytes, _StmtDesc] = {}
+        self._m_portals: dict[bytes, _PortalDesc] = {}
+        self._m_seq = 0  # Syncs, Queries and FunctionCalls forwarded (each answered by one ReadyForQuery)
+        self._m_copyin = False  # the server is in COPY IN: it ignores Syncs until CopyDone/CopyFail
         if self.masker is not None:  # without masking, from_server is the plain relay (no extra call)
             self.from_server = self._from_server_masked  # type: ignore[method-assign]
             self._mq = deque()
-            self.cscan = pg.MessageScanner(_CLIENT_WANTED + b"DF", pg.FRONTEND_TYPES, keep=SQL_CAP * 4 + 1024)
+            self.cscan = pg.MessageScanner(_CLIENT_WANTED + b"DFHcf", pg.FRONTEND_TYPES,
+                                           keep=SQL_CAP * 4 + 1024)
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -901,6 +944,12 @@ class _Conn(asyncio.Protocol):
                         desc = mq.popleft()[1]
                         if desc is not None:
                             desc.cols = []
+                elif t in _DONE_123:
+                    mq = self._mq
+                    if mq and mq[0][0] == _MQ_X:
+                        mq.popleft()
+                elif t == _COPY_IN:
+                    self._copy_in_started()
                 elif t in (_ERR, _N):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
                     if new is not None:
@@ -912,10 +961,13 @@ class _Conn(asyncio.Protocol):
                         plan = self._plan = None
                         work = cand
                         self._copy_out = 0
+                        self._m_copyin = False  # an error ends COPY IN
                         mq = self._mq
-                        # in the extended protocol the server skips to the Sync: nothing before it is answered
-                        while mq and mq[0][0] not in (_MQ_Q, _MQ_SYNC):
-                            mq.popleft()
+                        # an extended-protocol message failed: the server skips everything up to the next
+                        # Sync, a Query in between included (a Query's own error skips nothing)
+                        if mq and mq[0][0] != _MQ_Q:
+                            while mq and mq[0][0] != _MQ_SYNC:
+                                mq.popleft()
                 elif t in (_CMD, _Z, _EMPTY_Q, _s):
                     plan = self._plan = None
                     work = cand
@@ -923,8 +975,7 @@ class _Conn(asyncio.Protocol):
                     mq = self._mq
                     if mq:
                         if t == _Z:  # ends a Query, FunctionCall or Sync (and what went unanswered before it)
-                            while mq and mq.popleft()[0] not in (_MQ_Q, _MQ_SYNC):
-                                pass
+                            self._ready(buf[pos + 5 : nxt])
                         elif mq[0][0] == _MQ_E:  # an Execute's last answer
                             mq.popleft()
                 elif t == _H:
@@ -960,6 +1011,43 @@ class _Conn(asyncio.Protocol):
         parts.append(buf[seg:pos])
         return b"".join(parts)
 
+    def _ready(self, status: bytes) -> None:
+        """A ReadyForQuery: it answers the oldest unanswered Sync/Query/FunctionCall; entries before that
+        one went unanswered (skipped after an error). Idle (no transaction): the portals bound before it are
+        gone at the server, so their descriptions go too."""
+        mq = self._mq
+        assert mq is not None
+        while mq:
+            kind, seq = mq.popleft()
+            if kind in (_MQ_Q, _MQ_SYNC):
+                if status == b"I" and self._m_portals:
+                    self._m_portals = {k: v for k, v in self._m_portals.items() if v.seq > seq}
+                return
+
+    def _copy_in_started(self) -> None:
+        """CopyInResponse: until CopyDone/CopyFail the server ignores Sync, so Syncs the client sent after the
+        message that started the COPY (libpq's PQexecParams sends one at once) get no answer of their own."""
+        mq = self._mq
+        assert mq is not None
+        if not mq:
+            self._m_copyin = True
+            return
+        head = mq.popleft()
+        rest: list[tuple[int, Any]] = []
+        ended = False
+        while mq:
+            e = mq.popleft()
+            if e[0] == _MQ_COPYEND:
+                ended = True
+                break
+            if e[0] != _MQ_SYNC:
+                rest.append(e)
+        rest.extend(mq)
+        mq.clear()
+        mq.append(head)
+        mq.extend(rest)
+        self._m_copyin = not ended
+
     def _execute_plan(self, body: bytes) -> RowPlan | None:
         """The plan for rows that arrived without a RowDescription in their exchange: an Execute's, whose
         portal or statement the server described (Describe P / S, perhaps long before), in the result formats
@@ -970,18 +1058,34 @@ class _Conn(asyncio.Protocol):
             cols = portal.cols
             if cols is None and portal.stmt is not None:
                 cols = portal.stmt.cols
+                if portal.formats is None and any(c.type_oid in _FORMAT_SENSITIVE for c in cols):
+                    # a statement's description has no formats, and this Bind's were not read
+                    return self._undescribed(
+                        "pcigate: cannot tell the result formats of a Bind larger than the tunnel reads "
+                        "whole, so the masking policy cannot be applied to its rows; describe the portal "
+                        "(libpq does) to use this session")
             if cols is not None:
                 fmts = portal.formats
                 if fmts is not None:  # None: a Bind too large to keep whole; the described formats stand
                     if len(fmts) <= 1:
-                        fmts = (fmts[0] if fmts else 0,) * len(cols)
+                        fmts = (fmts[0] if fmts else 0).to_bytes(1, "big") * len(cols)
                     elif len(fmts) != len(cols):
                         raise ValueError("result formats do not match the row description")
                     cols = [c._replace(format=f) for c, f in zip(cols, fmts, strict=True)]
                 mk = self.masker
                 assert mk is not None
                 return mk.row_plan(cols)
+            if portal.formats is None or any(portal.formats):
+                return self._undescribed(
+                    "pcigate: result rows in binary format arrived without a row description, so masking "
+                    "cannot read them; describe the portal (libpq does) to use this session")
         return self._rowless_plan(body)
+
+    def _undescribed(self, msg: str) -> RowPlan | None:
+        """Fail the connection: rows the masking policy cannot be applied to. None (no plan)."""
+        self.tunnel._error(f"connection {self.n}: {msg}")
+        self.fail("protocol_error: masking: undescribed rows", "0A000", msg)
+        return None
 
     def _rowless_plan(self, body: bytes) -> RowPlan | None:
         """A DataRow arrived without a RowDescription in this exchange (an extended-protocol Execute whose
@@ -991,11 +1095,9 @@ class _Conn(asyncio.Protocol):
         assert mk is not None
         pol = mk.policy
         if pol.sensitive_columns or pol.columns:
-            msg = ("pcigate: result rows arrived without a row description, so the masking policy's column "
-                   "rules cannot be applied; describe the portal (libpq does) to use this session")
-            self.tunnel._error(f"connection {self.n}: {msg}")
-            self.fail("protocol_error: masking: undescribed rows", "0A000", msg)
-            return None
+            return self._undescribed(
+                "pcigate: result rows arrived without a row description, so the masking policy's column "
+                "rules cannot be applied; describe the portal (libpq does) to use this session")
         if len(body) < 2:
             raise ValueError("short DataRow")
         return RowPlan.of(["pan"] * max(_I16.unpack_from(body, 0)[0], 0))
@@ -1007,58 +1109,97 @@ class _Conn(asyncio.Protocol):
     def _client_msgs(self, msgs: list[pg.Message]) -> None:
         now = time.perf_counter()
         pending = self.pending
-        mq = self._mq  # None without masking
+        track = self._mq is not None  # masking's bookkeeping
         for m in msgs:
             t = m.type
+            if track:
+                self._mask_track(m)
             if t == _Q:
                 sql, trunc = _sql_text(m.body, m.truncated, pg.parse_query(m.body), self.masker)
                 pending.append(_Stmt(sql, trunc or m.truncated, "simple", 0, now))
-                if mq is not None:
-                    mq.append((_MQ_Q, None))
             elif t == _P:
                 p = pg.parse_parse(m.body)
                 entry = _sql_text(m.body, m.truncated, p.query, self.masker)
                 entry = (entry[0], entry[1] or m.truncated)
                 self.statements[p.name] = entry
                 self.batch_parse = entry
-                if mq is not None:
-                    self._m_stmts[p.name] = _StmtDesc()
             elif t == _B:
                 b = pg.parse_bind(m.body)
                 sql, trunc = self.statements.get(b.statement, ("", False))
                 self.portals[b.portal] = (sql, trunc, b.nparams)
-                if mq is not None:
-                    self._m_portals[b.portal] = _PortalDesc(self._m_stmts.get(b.statement), b.result_formats)
             elif t == _E:
-                portal = pg.parse_execute(m.body)
-                sql, trunc, nparams = self.portals.get(portal, ("", False, None))
+                sql, trunc, nparams = self.portals.get(pg.parse_execute(m.body), ("", False, None))
                 pending.append(_Stmt(sql, trunc, "extended", nparams, now))
-                if mq is not None:
-                    mq.append((_MQ_E, self._m_portals.get(portal)))
             elif t == _S:
                 pending.append(_Sync(self.batch_parse))
                 self.batch_parse = None
-                if mq is not None:
-                    mq.append((_MQ_SYNC, None))
             elif t == _C:
                 kind, name = pg.parse_close(m.body)
                 if kind == "S":
                     self.statements.pop(name, None)
-                    self._m_stmts.pop(name, None)
                 else:
                     self.portals.pop(name, None)
-                    self._m_portals.pop(name, None)
             elif t == _X:
                 self.terminated = True
-            elif mq is not None:  # Describe and FunctionCall: wanted only with masking
-                if t == _D:
-                    kind, name = pg.parse_describe(m.body)
-                    if kind == "S":
-                        mq.append((_MQ_DS, self._m_stmts.get(name)))
-                    else:
-                        mq.append((_MQ_DP, self._m_portals.get(name)))
-                elif t == _F:
-                    mq.append((_MQ_Q, None))  # answered by its own ReadyForQuery, as a Query
+
+    def _mask_track(self, m: pg.Message) -> None:
+        """Masking's bookkeeping of one forwarded client message: what the server will answer, in order
+        (``_mq``), and the prepared statements and portals (by their raw names). See :meth:`_mask_server`."""
+        mq = self._mq
+        assert mq is not None
+        t, body = m.type, m.body
+        if t == _E:
+            mq.append((_MQ_E, self._m_portals.get(_cname(body)[0])))
+        elif t == _B:
+            portal, pos = _cname(body)
+            stmt, _ = _cname(body, pos)
+            fmts = pg.parse_bind(body).result_formats
+            self._m_portals[portal] = _PortalDesc(self._m_stmts.get(stmt),
+                                                  None if fmts is None else bytes(f != 0 for f in fmts),
+                                                  self._m_seq)
+            mq.append((_MQ_X, None))
+        elif t == _S:
+            if not self._m_copyin:  # during COPY IN the server ignores it
+                self._mq_sync()
+        elif t == _P:
+            name, pos = _cname(body)
+            if _SQL_PREPARE.search(body, pos):
+                self._forget_statements()
+            self._m_stmts[name] = _StmtDesc()
+            mq.append((_MQ_X, None))
+        elif t == _D:
+            kind, _ = pg.parse_describe(body)
+            name = _cname(body, 1)[0]
+            if kind == "S":
+                mq.append((_MQ_DS, self._m_stmts.get(name)))
+            else:
+                mq.append((_MQ_DP, self._m_portals.get(name)))
+        elif t in (_Q, _F):
+            if t == _Q and _SQL_PREPARE.search(body):
+                self._forget_statements()
+            mq.append((_MQ_Q, self._m_seq))  # answered by its own ReadyForQuery
+            self._m_seq += 1
+        elif t == _C:
+            kind, _ = pg.parse_close(body)
+            name = _cname(body, 1)[0]
+            (self._m_stmts if kind == "S" else self._m_portals).pop(name, None)
+            mq.append((_MQ_X, None))
+        elif t in (_c, _COPY_FAIL):
+            if self._m_copyin:
+                self._m_copyin = False
+            else:  # before the CopyInResponse reached us: the Syncs up to here are the ignored ones
+                mq.append((_MQ_COPYEND, None))
+        if len(mq) > _MQ_CAP:
+            raise ProtocolError(f"more than {_MQ_CAP} messages sent without reading the answers")
+
+    def _forget_statements(self) -> None:
+        for st in self._m_stmts.values():
+            st.cols = None
+
+    def _mq_sync(self) -> None:
+        assert self._mq is not None
+        self._mq.append((_MQ_SYNC, self._m_seq))
+        self._m_seq += 1
 
     def _server_msgs(self, msgs: list[pg.Message]) -> None:
         pending = self.pending
@@ -1360,7 +1501,7 @@ class _Conn(asyncio.Protocol):
             assert up.transport is not None
             up.transport.write(_SYNC_MSG)
             if self._mq is not None:
-                self._mq.append((_MQ_SYNC, None))
+                self._mq_sync()
             self.pending.append(_Sync(self.batch_parse, swallow=True))
             self.batch_parse = None
             self._in_batch = False
