@@ -498,7 +498,10 @@ def test_asyncpg_prepared_binary_results_masked(make_session: Any) -> None:
                                      passfile=str(s.passfile), ssl=False, timeout=10)
         try:
             stmt = await conn.prepare(sql)
-            runs = [[tuple(r) for r in await stmt.fetch()] for _ in range(3)]
+            runs = [[tuple(r) for r in await stmt.fetch()] for _ in range(2)]
+            # a literal that names PREPARE is no SQL that replaces a statement: the description stands
+            assert await conn.fetchval("SELECT 'please prepare the order'") == "please prepare the order"
+            runs.append([tuple(r) for r in await stmt.fetch()])
             # a server-side cursor fetched 3 rows at a time (Execute with a row limit: PortalSuspended),
             # after a failed statement and a pipelined executemany
             with pytest.raises(asyncpg.DivisionByZeroError):
@@ -623,6 +626,18 @@ def _copy_in_extended(sock: Any) -> None:
     assert [chr(t) for t, _ in read_until(sock, b"Z")][-2:] == ["C", "Z"]
 
 
+def _copy_in_failed_then_copydone(sock: Any) -> None:
+    """COPY FROM STDIN that the server aborts at a bad row while the client still sends to the end (psql's
+    \\copy, libpq): the client's CopyDone arrives after the server's error."""
+    sock.sendall(_query("CREATE TEMP TABLE cn (x int)"))
+    read_until(sock, b"Z")
+    sock.sendall(_query("COPY cn FROM STDIN"))
+    read_until(sock, b"G")
+    sock.sendall(pg.message(b"d", b"notanint\n"))
+    assert [chr(t) for t, _ in read_until(sock, b"Z")] == ["E", "Z"]
+    sock.sendall(pg.message(b"d", b"1\n") + pg.message(b"c"))
+
+
 def _query_skipped_after_error(sock: Any) -> None:
     """A Query inside an extended batch whose Parse fails: the server skips it up to the Sync."""
     sock.sendall(_parse(b"", "SELEC bad") + _query("SELECT 1") + _SYNC)
@@ -638,7 +653,9 @@ def _statement_replaced_by_sql(sock: Any) -> None:
     read_until(sock, b"Z")
 
 
-@pytest.mark.parametrize("before", [_copy_in_extended, _query_skipped_after_error], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("before",
+                         [_copy_in_extended, _copy_in_failed_then_copydone, _query_skipped_after_error],
+                         ids=lambda f: f.__name__)
 def test_answers_stay_matched_to_their_messages(make_session: Any, before: Any) -> None:
     """The tunnel matches each server answer to the client message it answers (_mq): exchanges where the
     server answers fewer messages than were sent leave no stale entry that would shift later plans."""
@@ -736,3 +753,61 @@ def test_bookkeeping_does_not_grow_with_portals_of_ended_transactions(make_sessi
         assert len(conn._mq or ()) == 0
     finally:
         sock.close()
+
+
+def test_pgjdbc_style_statement_described_through_its_portal(make_session: Any) -> None:
+    """pgjdbc describes a named statement's first portal (Describe P) and later binds it in binary without a
+    Describe: those rows are read by the columns the portal's description gave, in the new Bind's formats."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    try:
+        sock.sendall(_parse(b"S_1", f"SELECT id, pan::bigint AS n, cvv FROM {TABLE} WHERE id = 1")
+                     + _bind(b"S_1") + pg.message(b"D", b"P\0") + _execute() + _SYNC)
+        first = [_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
+        sock.sendall(_bind(b"S_1", b"", (1, 1, 0)) + _execute() + _SYNC)
+        again = [_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
+    finally:
+        sock.close()
+    assert first == [[b"1", truncated(PANS[0][1]).encode(), b"***"]]
+    assert again == [[struct.pack("!i", 1), None, b"***"]]
+    assert s.tunnel.errors == []
+
+
+def test_notify_payload_and_function_result_masked(make_session: Any) -> None:
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    try:
+        sock.sendall(_query(f"LISTEN c; SELECT pg_notify('c', 'card ' || pan) FROM {TABLE} WHERE id = 1"))
+        notified = [b for t, b in read_until(sock, b"Z") if t == ord("A")]
+        sock.sendall(_query("SELECT 'textcat(text,text)'::regprocedure::oid"))
+        oid = int(next(_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D"))[0] or b"0")
+        args = [b"card ", PANS[0][1].encode()]
+        body = struct.pack("!ihh", oid, 0, len(args)) + b"".join(struct.pack("!i", len(a)) + a for a in args)
+        sock.sendall(pg.message(b"F", body + struct.pack("!h", 0)))
+        result = [b for t, b in read_until(sock, b"Z") if t == ord("V")]
+        # and the connection goes on in step
+        got = _described_then_run(sock)
+    finally:
+        sock.close()
+    assert len(notified) == 1
+    assert notified[0].endswith(b"c\0card " + truncated(PANS[0][1]).encode() + b"\0")
+    assert result == [struct.pack("!i", 21) + b"card " + truncated(PANS[0][1]).encode()]
+    assert [_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
+
+
+def test_query_during_copy_in_fails_the_connection(make_session: Any) -> None:
+    """A client that sends a Query while the server is in COPY IN breaks the protocol (the server ends the
+    COPY and never answers that Query): the tunnel fails the connection rather than lose step."""
+    s = make_session(MASKING)
+    sock = raw_login(s.port, s.secret)
+    try:
+        sock.sendall(_query("CREATE TEMP TABLE ci (x int)"))
+        read_until(sock, b"Z")
+        sock.sendall(_query("COPY ci FROM STDIN"))
+        read_until(sock, b"G")
+        sock.sendall(_query("SELECT 1"))
+        got = read_until(sock, b"Z")
+    finally:
+        sock.close()
+    assert any(t == ord("E") and b"during COPY" in b for t, b in got)
+    assert any("during COPY" in e for e in s.tunnel.errors)

@@ -41,22 +41,26 @@ message is held until the rest arrives) and each chunk is rewritten, then writte
   ReadyForQuery / PortalSuspended. The rows of an extended-protocol Execute get the plan of the columns the
   server gave for their portal (Describe P) or statement (Describe S, perhaps in an earlier exchange, as
   asyncpg and pgjdbc do), in the result formats their Bind asked for (``_mq``: which answer belongs to which
-  forwarded message: every Parse/Bind/Close/Describe/Execute/Query/Sync until its answer, so that errors
-  that skip to the Sync and Syncs ignored during COPY IN keep the two sides matched; capped at
-  ``_MQ_CAP``). Statements and portals are told apart by their raw names; portals are forgotten when a
-  transaction ends. Fail closed (the connection, before any row of it): text-format rows whose portal and
-  statement were never described, under column rules (the default CVV/PIN list); binary rows never
-  described; rows of a statement described only by Describe S whose Bind was too large for the client
-  scanner to keep whole (~257 KiB of parameters: its result formats are unread) when a column's binary
-  format matters; rows of a statement described before SQL that may have replaced it (``PREPARE``,
-  ``DEALLOCATE``, ``DISCARD``, also inside a ``DO`` block) until it is described again. Without column
-  rules, undescribed text rows are masked by pattern. A statement replaced through SQL that names none of
-  those words (a function that prepares it) would still be read by its old description: pattern masking
-  protects against showing card data by accident, not against a user crafting protocol messages.
+  forwarded message: every Parse/Bind/Close/Describe/Execute/Query/Sync until its answer, so that errors that
+  skip to the Sync and Syncs ignored during COPY IN keep the two sides matched; capped at ``_MQ_CAP``; a
+  CopyDone that follows the server's error is dropped; a client message other than copy data during COPY IN
+  fails the connection, as the server never answers it). A Describe P also describes the portal's statement
+  (pgjdbc later binds it without a Describe). Statements and portals are told apart by their raw names;
+  portals are forgotten when a transaction ends. Fail closed (the connection, before any row of it):
+  text-format rows whose portal and statement were never described, under column rules (the default CVV/PIN
+  list); binary rows never described; rows of a statement described only by Describe S whose Bind was too
+  large for the client scanner to keep whole (~257 KiB of parameters: its result formats are unread) when a
+  column's binary format matters; rows of a statement described before SQL that may have replaced it (a
+  statement starting ``PREPARE``, ``DEALLOCATE`` or ``DISCARD``, or ``EXECUTE``-ing one in a ``DO`` block)
+  until it is described again. Without column rules, undescribed text rows are masked by pattern. A statement
+  replaced through SQL otherwise (a function that prepares it) would still be read by its old description:
+  pattern masking protects against showing card data by accident, not against a user crafting protocol
+  messages.
 * COPY OUT (``H`` … ``d`` … ``c``): text/CSV payloads by pattern; binary payloads tuple by tuple, every field
   by pattern (COPY has no column names, so column rules cannot apply to COPY data).
 * ErrorResponse / NoticeResponse: :meth:`~pcigate.masking.Masker.mask_error_fields` (so the recording's
-  ``error`` is masked too). SQL texts (and the client's application name) are masked before they are recorded.
+  ``error`` is masked too). NotificationResponse payloads and FunctionCallResponse values: by pattern. SQL
+  texts (and the client's application name) are masked before they are recorded.
 A chunk with no digit run that could be a PAN (:meth:`~pcigate.masking.Masker.has_candidate`) and no
 redacted column in play has only its headers walked. Column rules with ``action="hash"`` use the target's key
 that the broker sends with the session (``masking_key``); ``start()`` refuses such a policy without it.
@@ -111,17 +115,22 @@ _SYNC_MSG = pg.message(b"S")
 _T, _D, _N, _c = (ord(c) for c in "TDNc")
 _NO_DATA, _F = ord("n"), ord("F")  # server NoData; client FunctionCall
 _COPY_IN, _COPY_FAIL = ord("G"), ord("f")  # server CopyInResponse; client CopyFail (CopyDone: _c)
+_H_FLUSH = ord("H")  # client Flush (server: CopyOutResponse, _H)
+_NOTIFY, _FN_RESULT = ord("A"), ord("V")  # server NotificationResponse, FunctionCallResponse
 _DONE_123 = frozenset(b"123")  # server ParseComplete, BindComplete, CloseComplete
 # masking: the forwarded client messages still to be answered (_Conn._mq), in order: Query or FunctionCall
 # and Sync (answered by ReadyForQuery; the entry holds its sequence number), Parse/Bind/Close (1/2/3),
 # Describe S/P (ParameterDescription, then RowDescription or NoData), Execute (its last answer: C/s/I/E),
 # and a CopyDone/CopyFail sent before the server's CopyInResponse was seen
 _MQ_Q, _MQ_SYNC, _MQ_DS, _MQ_DP, _MQ_E, _MQ_X, _MQ_COPYEND = range(7)
-_MQ_CAP = 200_000  # unanswered messages per connection: past it the connection is failed
+# unanswered messages per connection, a guard against a bug: socket buffers and flow control bound what is
+# in flight (asyncpg's executemany of 400,000 rows peaked near 200,000); past it the connection is failed
+_MQ_CAP = 2_000_000
+_MQ_X_ENTRY = (_MQ_X, None)  # shared: Parse/Bind/Close entries cost one deque slot
 # SQL that may replace a prepared statement behind the protocol's back (PREPARE after DEALLOCATE, DISCARD
 # ALL; also inside a DO block): the statements' descriptions are then forgotten, so their rows fail closed
 # until described again instead of being read by a stale description
-_SQL_PREPARE = re.compile(rb"(?i)\b(?:prepare|deallocate|discard)\s")
+_SQL_PREPARE = re.compile(rb"(?i)(?:^|;|\bexecute\s+')\s*(?:prepare|deallocate|discard)\s")
 # column types whose binary format masking must know (a Bind whose result formats were not read fails
 # closed when its rows have one): numbers that can hold a PAN, arrays of them and of text-like types
 _FORMAT_SENSITIVE = BINARY_NUMBER_OIDS | BINARY_NUMBER_ARRAY_OIDS.keys() | BINARY_ARRAY_OIDS
@@ -930,26 +939,36 @@ class _Conn(asyncio.Protocol):
                             shift += len(new) + 5 - (nxt - pos)
                 elif t == _T:
                     cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins)
-                    mq = self._mq
+                    mq = self._mq_live()
                     if mq and mq[0][0] in (_MQ_DS, _MQ_DP):  # describes a statement or portal for later
-                        desc = mq.popleft()[1]
+                        kind, desc = mq.popleft()
                         if desc is not None:
                             desc.cols = cols
+                            if kind == _MQ_DP and desc.stmt is not None:
+                                # the portal's statement has these columns too: a later Bind of it that
+                                # is not described (pgjdbc) is read by them, in its own formats
+                                desc.stmt.cols = cols
                     else:  # a simple Query's result set: its rows follow
                         plan = self._plan = mk.row_plan(cols)
                         work = cand or plan.forced
                 elif t == _NO_DATA:
-                    mq = self._mq
+                    mq = self._mq_live()
                     if mq and mq[0][0] in (_MQ_DS, _MQ_DP):
                         desc = mq.popleft()[1]
                         if desc is not None:
                             desc.cols = []
                 elif t in _DONE_123:
-                    mq = self._mq
+                    mq = self._mq_live()
                     if mq and mq[0][0] == _MQ_X:
                         mq.popleft()
                 elif t == _COPY_IN:
                     self._copy_in_started()
+                elif t in (_NOTIFY, _FN_RESULT):  # a NOTIFY payload, a FunctionCall's result: by pattern
+                    new = mk.scan(buf[pos + 9 : nxt]) if nxt - pos > 9 else None
+                    if new is not None:  # same length
+                        parts.append(buf[seg : pos + 9])
+                        parts.append(new)
+                        seg = nxt
                 elif t in (_ERR, _N):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
                     if new is not None:
@@ -962,7 +981,7 @@ class _Conn(asyncio.Protocol):
                         work = cand
                         self._copy_out = 0
                         self._m_copyin = False  # an error ends COPY IN
-                        mq = self._mq
+                        mq = self._mq_live()
                         # an extended-protocol message failed: the server skips everything up to the next
                         # Sync, a Query in between included (a Query's own error skips nothing)
                         if mq and mq[0][0] != _MQ_Q:
@@ -972,7 +991,7 @@ class _Conn(asyncio.Protocol):
                     plan = self._plan = None
                     work = cand
                     self._copy_out = 0
-                    mq = self._mq
+                    mq = self._mq_live()
                     if mq:
                         if t == _Z:  # ends a Query, FunctionCall or Sync (and what went unanswered before it)
                             self._ready(buf[pos + 5 : nxt])
@@ -1011,11 +1030,20 @@ class _Conn(asyncio.Protocol):
         parts.append(buf[seg:pos])
         return b"".join(parts)
 
+    def _mq_live(self) -> deque[tuple[int, Any]] | None:
+        """``_mq`` without stale CopyDone/CopyFail markers at its head: a marker is only meaningful behind the
+        message that starts a COPY (until its CopyInResponse); at the head, that COPY was answered without
+        one (it failed before starting, or the client's CopyDone followed the server's error)."""
+        mq = self._mq
+        while mq and mq[0][0] == _MQ_COPYEND:
+            mq.popleft()
+        return mq
+
     def _ready(self, status: bytes) -> None:
         """A ReadyForQuery: it answers the oldest unanswered Sync/Query/FunctionCall; entries before that
         one went unanswered (skipped after an error). Idle (no transaction): the portals bound before it are
         gone at the server, so their descriptions go too."""
-        mq = self._mq
+        mq = self._mq_live()
         assert mq is not None
         while mq:
             kind, seq = mq.popleft()
@@ -1027,7 +1055,7 @@ class _Conn(asyncio.Protocol):
     def _copy_in_started(self) -> None:
         """CopyInResponse: until CopyDone/CopyFail the server ignores Sync, so Syncs the client sent after the
         message that started the COPY (libpq's PQexecParams sends one at once) get no answer of their own."""
-        mq = self._mq
+        mq = self._mq_live()
         assert mq is not None
         if not mq:
             self._m_copyin = True
@@ -1052,7 +1080,7 @@ class _Conn(asyncio.Protocol):
         """The plan for rows that arrived without a RowDescription in their exchange: an Execute's, whose
         portal or statement the server described (Describe P / S, perhaps long before), in the result formats
         its Bind asked for; else :meth:`_rowless_plan`. None: the connection failed."""
-        mq = self._mq
+        mq = self._mq_live()
         portal = mq[0][1] if mq and mq[0][0] == _MQ_E else None
         if portal is not None:
             cols = portal.cols
@@ -1148,6 +1176,9 @@ class _Conn(asyncio.Protocol):
         mq = self._mq
         assert mq is not None
         t, body = m.type, m.body
+        if self._m_copyin and t not in (_S, _H_FLUSH, _c, _COPY_FAIL):
+            # the server takes it as a protocol violation that ends the COPY, and never answers it
+            raise ProtocolError(f"message {chr(t)!r} during COPY FROM STDIN")
         if t == _E:
             mq.append((_MQ_E, self._m_portals.get(_cname(body)[0])))
         elif t == _B:
@@ -1157,16 +1188,16 @@ class _Conn(asyncio.Protocol):
             self._m_portals[portal] = _PortalDesc(self._m_stmts.get(stmt),
                                                   None if fmts is None else bytes(f != 0 for f in fmts),
                                                   self._m_seq)
-            mq.append((_MQ_X, None))
+            mq.append(_MQ_X_ENTRY)
         elif t == _S:
             if not self._m_copyin:  # during COPY IN the server ignores it
                 self._mq_sync()
         elif t == _P:
             name, pos = _cname(body)
-            if _SQL_PREPARE.search(body, pos):
+            if _SQL_PREPARE.search(body[pos:]):
                 self._forget_statements()
             self._m_stmts[name] = _StmtDesc()
-            mq.append((_MQ_X, None))
+            mq.append(_MQ_X_ENTRY)
         elif t == _D:
             kind, _ = pg.parse_describe(body)
             name = _cname(body, 1)[0]
@@ -1183,7 +1214,7 @@ class _Conn(asyncio.Protocol):
             kind, _ = pg.parse_close(body)
             name = _cname(body, 1)[0]
             (self._m_stmts if kind == "S" else self._m_portals).pop(name, None)
-            mq.append((_MQ_X, None))
+            mq.append(_MQ_X_ENTRY)
         elif t in (_c, _COPY_FAIL):
             if self._m_copyin:
                 self._m_copyin = False
