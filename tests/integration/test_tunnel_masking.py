@@ -811,3 +811,41 @@ def test_query_during_copy_in_fails_the_connection(make_session: Any) -> None:
         sock.close()
     assert any(t == ord("E") and b"during COPY" in b for t, b in got)
     assert any("during COPY" in e for e in s.tunnel.errors)
+
+
+def test_pipelined_executemany_paced_not_failed(make_session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg's executemany sends every row's Bind and Execute before one Sync; when too many messages are
+    unanswered the tunnel stops reading the client until the server catches up (the marks are lowered here
+    so 20,000 rows cross them), instead of failing the connection or queueing without bound."""
+    import asyncio
+
+    import asyncpg
+
+    from pcigate.tunnel import pg as tunnel_pg
+
+    monkeypatch.setattr(tunnel_pg, "_MQ_HIGH", 2_000)
+    monkeypatch.setattr(tunnel_pg, "_MQ_LOW", 1_000)
+    peak = [0]
+    track = tunnel_pg._Conn._mask_track
+
+    def tracked(self: Any, m: Any) -> None:
+        track(self, m)
+        peak[0] = max(peak[0], len(self._mq or ()))
+
+    monkeypatch.setattr(tunnel_pg._Conn, "_mask_track", tracked)
+    s = make_session(MASKING)
+
+    async def run() -> int:
+        conn = await asyncpg.connect(host="127.0.0.1", port=s.port, database="prod", user="any",
+                                     passfile=str(s.passfile), ssl=False, timeout=10)
+        try:
+            await conn.execute("CREATE TEMP TABLE many (id int)")
+            await asyncio.wait_for(conn.executemany("INSERT INTO many VALUES ($1)",
+                                                    [(i,) for i in range(20_000)]), 60)
+            return int(await conn.fetchval("SELECT count(*) FROM many"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == 20_000
+    assert s.tunnel.errors == []
+    assert 2_000 < peak[0] < 20_000  # paused above the mark: far from all 40,000 messages at once

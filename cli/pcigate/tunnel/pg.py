@@ -123,8 +123,10 @@ _DONE_123 = frozenset(b"123")  # server ParseComplete, BindComplete, CloseComple
 # Describe S/P (ParameterDescription, then RowDescription or NoData), Execute (its last answer: C/s/I/E),
 # and a CopyDone/CopyFail sent before the server's CopyInResponse was seen
 _MQ_Q, _MQ_SYNC, _MQ_DS, _MQ_DP, _MQ_E, _MQ_X, _MQ_COPYEND = range(7)
-# unanswered messages per connection, a guard against a bug: socket buffers and flow control bound what is
-# in flight (asyncpg's executemany of 400,000 rows peaked near 200,000); past it the connection is failed
+# unanswered messages per connection: above _MQ_HIGH the client is not read until the server's answers
+# bring it below _MQ_LOW (asyncpg's executemany pipelines every row's Bind and Execute before one Sync:
+# 400,000 rows left ~490,000 unanswered); _MQ_CAP guards against a bug (past it the connection fails)
+_MQ_HIGH, _MQ_LOW = 100_000, 50_000
 _MQ_CAP = 2_000_000
 _MQ_X_ENTRY = (_MQ_X, None)  # shared: Parse/Bind/Close entries cost one deque slot
 # SQL that may replace a prepared statement behind the protocol's back (PREPARE after DEALLOCATE, DISCARD
@@ -574,6 +576,7 @@ class _Conn(asyncio.Protocol):
         self._m_portals: dict[bytes, _PortalDesc] = {}
         self._m_seq = 0  # Syncs, Queries and FunctionCalls forwarded (each answered by one ReadyForQuery)
         self._m_copyin = False  # the server is in COPY IN: it ignores Syncs until CopyDone/CopyFail
+        self._mq_paused = False  # client reading paused: too many messages unanswered (_MQ_HIGH)
         if self.masker is not None:  # without masking, from_server is the plain relay (no extra call)
             self.from_server = self._from_server_masked  # type: ignore[method-assign]
             self._mq = deque()
@@ -634,7 +637,8 @@ class _Conn(asyncio.Protocol):
     def resume_client(self) -> None:
         if self.transport is not None and self._client_paused:
             self._client_paused = False
-            self.transport.resume_reading()
+            if not self._hold and not self._mq_paused:
+                self.transport.resume_reading()
 
     # ---- startup and local authentication --------------------------------------------------------------
 
@@ -807,6 +811,11 @@ class _Conn(asyncio.Protocol):
         assert mk is not None
         runs: list[tuple[int, int]] = []
         masked = self._mask_server(data, mk, runs)
+        if self._mq_paused and len(self._mq or ()) < _MQ_LOW:
+            self._mq_paused = False
+            if self.transport is not None and not self._client_paused and not self._hold \
+                    and self.phase == "relay":
+                self.transport.resume_reading()
         if not masked:
             return
         if not runs or self._swallow or not self.sscan.at_boundary:
@@ -1220,6 +1229,10 @@ class _Conn(asyncio.Protocol):
                 self._m_copyin = False
             else:  # before the CopyInResponse reached us: the Syncs up to here are the ignored ones
                 mq.append((_MQ_COPYEND, None))
+        if len(mq) > _MQ_HIGH and not self._mq_paused:
+            self._mq_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
         if len(mq) > _MQ_CAP:
             raise ProtocolError(f"more than {_MQ_CAP} messages sent without reading the answers")
 
@@ -1564,7 +1577,7 @@ class _Conn(asyncio.Protocol):
                 tr.pause_reading()
         elif not waiting and self._hold:
             self._hold = False
-            if tr is not None and not self._client_paused and self.phase == "relay":
+            if tr is not None and not self._client_paused and not self._mq_paused and self.phase == "relay":
                 tr.resume_reading()
             asyncio.get_running_loop().call_soon(self._judge_client)
 
