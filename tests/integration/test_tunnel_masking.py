@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from tests.stack.loopthread import LoopThread
-from tests.stack.pgraw import raw_login, read_until
+from tests.stack.pgraw import datarow_fields, raw_login, read_until
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
@@ -539,17 +539,6 @@ def _execute(portal: bytes = b"", limit: int = 0) -> bytes:
     return pg.message(b"E", portal + b"\0" + struct.pack("!i", limit))
 
 
-def _fields(body: bytes) -> list[bytes | None]:
-    (n,) = struct.unpack_from("!h", body)
-    pos, out = 2, []
-    for _ in range(n):
-        (ln,) = struct.unpack_from("!i", body, pos)
-        pos += 4
-        out.append(None if ln < 0 else body[pos : pos + ln])
-        pos += max(ln, 0)
-    return out
-
-
 def test_pipelined_statements_keep_their_own_columns(make_session: Any) -> None:
     """Several prepared statements described in one exchange and run interleaved in the next, an error that
     makes the server skip the rest of its batch, and a portal run in pieces (PortalSuspended): each result is
@@ -575,7 +564,7 @@ def test_pipelined_statements_keep_their_own_columns(make_session: Any) -> None:
                      + _execute(b"pa", 1) + sync)
         got = read_until(sock, b"Z")
         assert [chr(t) for t, _ in got] == ["2", "2", "D", "s", "D", "D", "C", "D", "s", "Z"]
-        rows = [_fields(body) for t, body in got if t == ord("D")]
+        rows = [datarow_fields(body) for t, body in got if t == ord("D")]
         assert rows[0] == [truncated(PANS[0][1]).encode(), b"***"]  # a, first piece
         assert rows[1] == [struct.pack("!i", 1), None]  # b: int4 id, the bigint PAN as NULL
         assert rows[2] == [struct.pack("!i", 2), None]
@@ -585,7 +574,7 @@ def test_pipelined_statements_keep_their_own_columns(make_session: Any) -> None:
                      + _bind(b"a") + _execute() + sync + _bind(b"b", b"", (1,)) + _execute() + sync)
         got = read_until(sock, b"Z", 2)
         assert [chr(t) for t, _ in got] == ["2", "D", "s", "E", "Z", "2", "D", "D", "C", "Z"]
-        rows = [_fields(body) for t, body in got if t == ord("D")]
+        rows = [datarow_fields(body) for t, body in got if t == ord("D")]
         one, two = struct.pack("!i", 1), struct.pack("!i", 2)
         assert rows == [[one, None], [one, None], [two, None]]
         assert pan1 not in b"".join(body for _, body in got)
@@ -666,7 +655,7 @@ def test_answers_stay_matched_to_their_messages(make_session: Any, before: Any) 
         got = _described_then_run(sock)
     finally:
         sock.close()
-    assert [_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
+    assert [datarow_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
     assert s.tunnel.errors == []
 
 
@@ -763,9 +752,9 @@ def test_pgjdbc_style_statement_described_through_its_portal(make_session: Any) 
     try:
         sock.sendall(_parse(b"S_1", f"SELECT id, pan::bigint AS n, cvv FROM {TABLE} WHERE id = 1")
                      + _bind(b"S_1") + pg.message(b"D", b"P\0") + _execute() + _SYNC)
-        first = [_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
+        first = [datarow_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
         sock.sendall(_bind(b"S_1", b"", (1, 1, 0)) + _execute() + _SYNC)
-        again = [_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
+        again = [datarow_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D")]
     finally:
         sock.close()
     assert first == [[b"1", truncated(PANS[0][1]).encode(), b"***"]]
@@ -780,7 +769,7 @@ def test_notify_payload_and_function_result_masked(make_session: Any) -> None:
         sock.sendall(_query(f"LISTEN c; SELECT pg_notify('c', 'card ' || pan) FROM {TABLE} WHERE id = 1"))
         notified = [b for t, b in read_until(sock, b"Z") if t == ord("A")]
         sock.sendall(_query("SELECT 'textcat(text,text)'::regprocedure::oid"))
-        oid = int(next(_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D"))[0] or b"0")
+        oid = int(next(datarow_fields(b) for t, b in read_until(sock, b"Z") if t == ord("D"))[0] or b"0")
         args = [b"card ", PANS[0][1].encode()]
         body = struct.pack("!ihh", oid, 0, len(args)) + b"".join(struct.pack("!i", len(a)) + a for a in args)
         sock.sendall(pg.message(b"F", body + struct.pack("!h", 0)))
@@ -792,7 +781,7 @@ def test_notify_payload_and_function_result_masked(make_session: Any) -> None:
     assert len(notified) == 1
     assert notified[0].endswith(b"c\0card " + truncated(PANS[0][1]).encode() + b"\0")
     assert result == [struct.pack("!i", 21) + b"card " + truncated(PANS[0][1]).encode()]
-    assert [_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
+    assert [datarow_fields(b) for t, b in got if t == ord("D")] == [[None, b"***"]]
 
 
 def test_query_during_copy_in_fails_the_connection(make_session: Any) -> None:

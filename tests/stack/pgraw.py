@@ -79,3 +79,29 @@ def read_until(s: socket.socket, t: bytes, count: int = 1, *, nothing_after: boo
                     if nothing_after:
                         assert not buf, f"unexpected bytes after the last message: {buf!r}"
                     return out
+
+
+def datarow_body(*fields: bytes | None) -> bytes:
+    """A DataRow message body: int16 count, then per field int32 length (-1: NULL) + bytes."""
+    b = struct.pack("!h", len(fields))
+    for f in fields:
+        b += struct.pack("!i", -1) if f is None else struct.pack("!i", len(f)) + f
+    return b
+
+
+def datarow_fields(body: bytes) -> list[bytes | None]:
+    """The fields of a DataRow message body (None: NULL); asserts it is well-formed."""
+    (n,) = struct.unpack_from("!h", body, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if ln == -1:
+            out.append(None)
+        else:
+            assert ln >= 0
+            assert pos + ln <= len(body)
+            out.append(body[pos : pos + ln])
+            pos += ln
+    assert pos == len(body), "trailing bytes"
+    return out

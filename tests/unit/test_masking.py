@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.stack.pgraw import datarow_body, datarow_fields
 
 from pcigate.masking import ColumnInfo, Masker, RowPlan, frame, has_candidate, luhn_ok
 from pcigate.models import ColumnMaskRule, MaskingPolicy
@@ -56,28 +57,6 @@ def luhn_windows(data: bytes) -> Iterator[bytes]:
                     yield digits
 
 
-def datarow(*fields: bytes | None) -> bytes:
-    b = struct.pack("!h", len(fields))
-    for f in fields:
-        b += struct.pack("!i", -1) if f is None else struct.pack("!i", len(f)) + f
-    return b
-
-
-def parse_datarow(body: bytes) -> list[bytes | None]:
-    (n,) = struct.unpack_from("!h", body, 0)
-    pos, out = 2, []
-    for _ in range(n):
-        (ln,) = struct.unpack_from("!i", body, pos)
-        pos += 4
-        if ln == -1:
-            out.append(None)
-        else:
-            assert ln >= 0
-            assert pos + ln <= len(body)
-            out.append(body[pos : pos + ln])
-            pos += ln
-    assert pos == len(body), "trailing bytes"
-    return out
 
 
 def scan_or_same(m: Masker, data: bytes) -> bytes:
@@ -305,10 +284,10 @@ def test_datarow_masking() -> None:
     m = Masker(MaskingPolicy(columns=[ColumnMaskRule(column="email", action="hash")]), KEY)
     plan = m.row_plan([ColumnInfo("id", "cards"), ColumnInfo("pan", "cards"), ColumnInfo("cvv", "cards"),
                        ColumnInfo("email", "cards"), ColumnInfo("note", "cards")])
-    body = datarow(b"1", b"4111111111111111", b"123", b"ann@example.com", None)
+    body = datarow_body(b"1", b"4111111111111111", b"123", b"ann@example.com", None)
     out = m.mask_datarow(body, plan)
     assert out is not None
-    fields = parse_datarow(out)
+    fields = datarow_fields(out)
     assert fields[0] == b"1"
     assert fields[1] == b"411111******1111"
     assert fields[2] == b"***"
@@ -322,14 +301,14 @@ def test_datarow_masking() -> None:
 
 def test_datarow_fast_paths(masker: Masker) -> None:
     plan = masker.row_plan([ColumnInfo("id"), ColumnInfo("name")])
-    assert masker.mask_datarow(datarow(b"1", b"Ann"), plan) is None
-    assert masker.mask_datarow(datarow(b"1", b"12345678901234"), plan) is None  # long run, not Luhn
+    assert masker.mask_datarow(datarow_body(b"1", b"Ann"), plan) is None
+    assert masker.mask_datarow(datarow_body(b"1", b"12345678901234"), plan) is None  # long run, not Luhn
     # same-length masking: only the field changes, lengths stay
-    body = datarow(b"1", b"pan 4111-1111-1111-1111")
+    body = datarow_body(b"1", b"pan 4111-1111-1111-1111")
     out = masker.mask_datarow(body, plan)
     assert out is not None
     assert len(out) == len(body)
-    assert parse_datarow(out) == [b"1", b"pan 4111-11**-****-1111"]
+    assert datarow_fields(out) == [b"1", b"pan 4111-11**-****-1111"]
 
 
 def test_datarow_length_bytes_do_not_hide_a_pan(masker: Masker) -> None:
@@ -338,9 +317,9 @@ def test_datarow_length_bytes_do_not_hide_a_pan(masker: Masker) -> None:
     value = b"4111111111111111" + b" " + b"x" * 32
     assert len(value) == 49
     plan = masker.row_plan([ColumnInfo("a")])
-    out = masker.mask_datarow(datarow(value), plan)
+    out = masker.mask_datarow(datarow_body(value), plan)
     assert out is not None
-    assert parse_datarow(out)[0] == masker.scan(value)
+    assert datarow_fields(out)[0] == masker.scan(value)
 
 
 def test_datarow_binary_formats() -> None:
@@ -356,10 +335,10 @@ def test_datarow_binary_formats() -> None:
     plan = m.row_plan(cols)
     assert plan.actions == ("pan", "pan", "pan", "skip", "redact", "hash", "pan")
     raw = b"4111111111111111"  # a bytea: binary, not text-like, passed through as the brief says
-    out = m.mask_datarow(datarow(int8, jsonb, text_arr, raw, struct.pack("!i", 123), b'\x01"x"',
+    out = m.mask_datarow(datarow_body(int8, jsonb, text_arr, raw, struct.pack("!i", 123), b'\x01"x"',
                                  b"4111111111111111"), plan)
     assert out is not None
-    f = parse_datarow(out)
+    f = datarow_fields(out)
     assert f[0] is None  # a binary int8 that is a PAN: NULL (tests/unit/test_masking_numbers.py)
     assert f[1] == b'\x01{"pan": "411111******1111"}'
     assert f[2] is not None
@@ -377,9 +356,9 @@ def test_json_columns_stay_json() -> None:
     m = Masker(MaskingPolicy(columns=[ColumnMaskRule(column="doc", action="redact"),
                                       ColumnMaskRule(column="h", action="hash")]), KEY)
     plan = m.row_plan([ColumnInfo("doc", type_oid=114), ColumnInfo("h", type_oid=3802)])
-    out = m.mask_datarow(datarow(b'{"a": 1}', b'{"b": 2}'), plan)
+    out = m.mask_datarow(datarow_body(b'{"a": 1}', b'{"b": 2}'), plan)
     assert out is not None
-    doc, h = parse_datarow(out)
+    doc, h = datarow_fields(out)
     assert doc is not None
     assert h is not None
     assert json.loads(doc) == "******"
@@ -410,11 +389,11 @@ def test_copy_binary(masker: Masker) -> None:
     plan = masker.row_plan([ColumnInfo("id", type_oid=23, format=1), ColumnInfo("pan", type_oid=25, format=1),
                             ColumnInfo("cvv", type_oid=25, format=1)])
     header = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
-    first = header + datarow(struct.pack("!i", 1), b"4111111111111111", b"123")
+    first = header + datarow_body(struct.pack("!i", 1), b"4111111111111111", b"123")
     out = masker.mask_copy_binary(first, plan)
     assert out is not None
     assert out.startswith(header)
-    assert parse_datarow(out[len(header):])[1:] == [b"411111******1111", b"***"]
+    assert datarow_fields(out[len(header):])[1:] == [b"411111******1111", b"***"]
     assert masker.mask_copy_binary(b"\xff\xff", plan) is None
 
 
@@ -559,9 +538,9 @@ def test_datarow_properties(fields: list[bytes | None], data: st.DataObject) -> 
     names = data.draw(st.lists(st.sampled_from(["a", "b", "cvv", "h"]), min_size=len(fields),
                                max_size=len(fields)))
     plan = m.row_plan([ColumnInfo(n) for n in names])
-    body = datarow(*fields)
+    body = datarow_body(*fields)
     out = m.mask_datarow(body, plan)
-    res = parse_datarow(body if out is None else out)
+    res = datarow_fields(body if out is None else out)
     assert len(res) == len(fields)
     for name, before, after in zip(names, fields, res, strict=True):
         if before is None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg.types.numeric import DecimalBinaryDumper
+from tests.stack.pgraw import datarow_body, datarow_fields
 
 from pcigate.masking import (
     _K_INT8,
@@ -31,23 +32,6 @@ def numeric(x: str) -> bytes:
 
 def int8(x: int) -> bytes:
     return struct.pack("!q", x)
-
-
-def body(fields: list[bytes | None]) -> bytes:
-    return struct.pack("!h", len(fields)) + b"".join(
-        struct.pack("!i", -1) if f is None else struct.pack("!i", len(f)) + f for f in fields)
-
-
-def fields_of(b: bytes) -> list[bytes | None]:
-    (n,) = struct.unpack_from("!h", b)
-    pos, out = 2, []
-    for _ in range(n):
-        (ln,) = struct.unpack_from("!i", b, pos)
-        pos += 4
-        out.append(None if ln < 0 else b[pos : pos + ln])
-        pos += max(ln, 0)
-    assert pos == len(b)
-    return out
 
 
 def int8_array(values: list[int | None]) -> bytes:
@@ -116,15 +100,15 @@ def test_number_is_pan_as_its_text_would_be_masked(value: bytes, kind: int, is_p
 
 def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:
     plan = MK.row_plan(COLS)
-    row = body([int8(PAN), numeric(f"-{PAN}.50"), int8_array([7, PAN, None, NOT_PAN])])
+    row = datarow_body(int8(PAN), numeric(f"-{PAN}.50"), int8_array([7, PAN, None, NOT_PAN]))
     new = MK.mask_datarow(row, plan)
     assert new is not None
-    got = fields_of(new)
+    got = datarow_fields(new)
     assert got[:2] == [None, None]
     assert got[2] == int8_array([7, None, None, NOT_PAN])  # the element only, the has-null flag set
-    clean = body([int8(NOT_PAN), numeric("12.50"), int8_array([1, 2])])
+    clean = datarow_body(int8(NOT_PAN), numeric("12.50"), int8_array([1, 2]))
     assert MK.mask_datarow(clean, plan) is None
-    assert MK.mask_datarow(body([None, None, int8_array([])]), plan) is None
+    assert MK.mask_datarow(datarow_body(None, None, int8_array([])), plan) is None
 
 
 @pytest.mark.parametrize("bad", [
@@ -136,8 +120,8 @@ def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:
 def test_malformed_numbers_raise(bad: bytes) -> None:
     plan = MK.row_plan([ColumnInfo("n", type_oid=20 if len(bad) == 7 else 1700, format=1)])
     with pytest.raises(ValueError):
-        MK.mask_datarow(body([bad]), plan)
-    row = body([bad])
+        MK.mask_datarow(datarow_body(bad), plan)
+    row = datarow_body(bad)
     message = b"D" + struct.pack("!I", 4 + len(row)) + row
     assert MK.mask_datarows(message, 0, plan) == (None, 0)  # the C walk leaves it to that Python path
 
@@ -147,4 +131,4 @@ def test_malformed_number_array_raises() -> None:
     whole = int8_array([PAN])
     for cut in (4, 11, len(whole) - 1):
         with pytest.raises(ValueError):
-            MK.mask_datarow(body([whole[:cut]]), plan)
+            MK.mask_datarow(datarow_body(whole[:cut]), plan)
