@@ -1105,7 +1105,7 @@ class _Conn(asyncio.Protocol):
                 fmts = portal.formats
                 if fmts is not None:  # None: a Bind too large to keep whole; the described formats stand
                     if len(fmts) <= 1:
-                        fmts = (fmts[0] if fmts else 0).to_bytes(1, "big") * len(cols)
+                        fmts = bytes([fmts[0] if fmts else 0]) * len(cols)
                     elif len(fmts) != len(cols):
                         raise ValueError("result formats do not match the row description")
                     cols = [c._replace(format=f) for c, f in zip(cols, fmts, strict=True)]
@@ -1149,8 +1149,7 @@ class _Conn(asyncio.Protocol):
         track = self._mq is not None  # masking's bookkeeping
         for m in msgs:
             t = m.type
-            if track:
-                self._mask_track(m)
+            bound = self._mask_track(m) if track else None  # a Bind it parsed
             if t == _Q:
                 sql, trunc = _sql_text(m.body, m.truncated, pg.parse_query(m.body), self.masker)
                 pending.append(_Stmt(sql, trunc or m.truncated, "simple", 0, now))
@@ -1161,7 +1160,7 @@ class _Conn(asyncio.Protocol):
                 self.statements[p.name] = entry
                 self.batch_parse = entry
             elif t == _B:
-                b = pg.parse_bind(m.body)
+                b = bound or pg.parse_bind(m.body)
                 sql, trunc = self.statements.get(b.statement, ("", False))
                 self.portals[b.portal] = (sql, trunc, b.nparams)
             elif t == _E:
@@ -1179,21 +1178,24 @@ class _Conn(asyncio.Protocol):
             elif t == _X:
                 self.terminated = True
 
-    def _mask_track(self, m: pg.Message) -> None:
+    def _mask_track(self, m: pg.Message) -> pg.Bind | None:
         """Masking's bookkeeping of one forwarded client message: what the server will answer, in order
-        (``_mq``), and the prepared statements and portals (by their raw names). See :meth:`_mask_server`."""
+        (``_mq``), and the prepared statements and portals (by their raw names). See :meth:`_mask_server`.
+        Returns the parsed Bind when ``m`` is one (the recording reads it too)."""
         mq = self._mq
         assert mq is not None
         t, body = m.type, m.body
         if self._m_copyin and t not in (_S, _H_FLUSH, _c, _COPY_FAIL):
             # the server takes it as a protocol violation that ends the COPY, and never answers it
             raise ProtocolError(f"message {chr(t)!r} during COPY FROM STDIN")
+        bind = None
         if t == _E:
             mq.append((_MQ_E, self._m_portals.get(_cname(body)[0])))
         elif t == _B:
             portal, pos = _cname(body)
             stmt, _ = _cname(body, pos)
-            fmts = pg.parse_bind(body).result_formats
+            bind = pg.parse_bind(body)
+            fmts = bind.result_formats
             self._m_portals[portal] = _PortalDesc(self._m_stmts.get(stmt),
                                                   None if fmts is None else bytes(f != 0 for f in fmts),
                                                   self._m_seq)
@@ -1235,6 +1237,7 @@ class _Conn(asyncio.Protocol):
                 self.transport.pause_reading()
         if len(mq) > _MQ_CAP:
             raise ProtocolError(f"more than {_MQ_CAP} messages sent without reading the answers")
+        return bind
 
     def _forget_statements(self) -> None:
         for st in self._m_stmts.values():
