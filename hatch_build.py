@@ -4,10 +4,13 @@
   headers (gcc and python3-dev on these machines).
 * ``pcigate._crec`` (cli/pcigate/_crec.c): a database recording's statement lines and hash chain, encoded
   in the writer thread. Also needs OpenSSL's libcrypto headers (libssl-dev), for SHA-256.
+* ``pcigate._crelay`` (cli/pcigate/_crelay.c): the PostgreSQL tunnel's relay thread for plain connections
+  (Linux: epoll, eventfd).
 
 When one cannot be built, the wheel is still made with a warning, and pcigate runs that part with the
 (slower) Python code, which is the reference implementation anyway. The test suite fails in that case
-(tests/unit/test_cmask.py, tests/unit/test_crec.py), so CI never runs without them unnoticed.
+(tests/unit/test_cmask.py, tests/unit/test_crec.py, tests/integration/test_tunnel_pg.py), so CI never runs
+without them unnoticed.
 
 An editable install builds the modules next to their sources (cli/pcigate/, git-ignored); a regular wheel
 carries them as ``pcigate/<name><EXT_SUFFIX>`` and gets a platform tag.
@@ -27,7 +30,9 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 # (module, extra linker arguments)
-EXTENSIONS: list[tuple[str, list[str]]] = [("_cmask", []), ("_crec", ["-lcrypto"])]
+EXTENSIONS: list[tuple[str, list[str]]] = [
+    ("_cmask", []), ("_crec", ["-lcrypto"]), ("_crelay", ["-pthread"]),
+]
 # -ffp-contract=off: no fused multiply-add, so _crec's arithmetic is bit for bit Python's (recording._q)
 CFLAGS = ["-O2", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11", "-Wall", "-Wextra",
           "-Werror=implicit-function-declaration"]

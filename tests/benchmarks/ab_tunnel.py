@@ -9,8 +9,10 @@ every variant runs ``pgbench -S -c 8 -j 2 -T SECONDS`` (the order rotates each r
 process's user and system CPU (/proc) is divided by the transactions. Variants:
 
 * ``socat``: the bare C relay;
-* ``tunnel``: the tunnel, recording on (as the CLI runs it);
+* ``tunnel``: the tunnel, recording on (as the CLI runs it: plain connections on the C relay thread);
 * ``norec``: recording off;
+* ``py`` / ``pynorec``: recording on / off, every connection on the asyncio relay
+  (PCIGATE_TUNNEL_RELAY=python);
 * ``recq``: recording on, but the writer thread discards what is queued (what recording costs the event
   loop, without the writer's share);
 * ``stmt``: recording on, statements through ``RecordingWriter.stmt()`` (time stamp and rounding on the
@@ -38,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks import bench_tunnel as bt  # noqa: E402
 from tests.stack.postgres import start_cluster  # noqa: E402
+
+from pcigate.tunnel.pg import RELAY_ENV  # noqa: E402
 
 STUB_FEED = r'''
 from pcigate.wire import pg as _pg
@@ -90,7 +94,7 @@ def main() -> int:
     ap.add_argument("--perf", action="store_true")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    unknown = set(variants) - {"socat", "tunnel", "norec", *PATCHES}
+    unknown = set(variants) - {"socat", "tunnel", "norec", "py", "pynorec", *PATCHES}
     if unknown:
         ap.error(f"unknown variants: {sorted(unknown)}")
 
@@ -108,10 +112,13 @@ def main() -> int:
                 running[v] = (s, s.port, direct_env, None)
                 continue
             bt.RUNNER = PATCHES.get(v, "") + runner
+            if v in ("py", "pynorec"):
+                os.environ[RELAY_ENV] = "python"
             try:
-                t = bt.Tunnel(cluster, user, password, work, record=v != "norec")
+                t = bt.Tunnel(cluster, user, password, work, record=v not in ("norec", "pynorec"))
             finally:
                 bt.RUNNER = runner
+                os.environ.pop(RELAY_ENV, None)
             running[v] = (t, t.port, base_env | {"PGPASSFILE": str(t.passfile)}, t.proc.pid)
         tps: dict[str, list[float]] = {v: [] for v in variants}
         cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}

@@ -4,7 +4,8 @@
         [--connects 30] [--no-write]
 
 Starts its own SCRAM cluster (tests.stack.postgres), runs ``pgbench -i -s 10``, then per round and per path
-(direct; socat; the tunnel with recording on, and with recording off; the order rotates each round):
+(direct; socat; the tunnel with recording on, with recording off, and with recording on but every connection
+on the asyncio relay (PCIGATE_TUNNEL_RELAY=python); the order rotates each round):
 
 * ``pgbench -S -c 8 -j 2 -T SECONDS`` (select-only, simple protocol) → tps;
 * ``psql -c "COPY (SELECT g, md5(g::text) FROM generate_series(1,ROWS) g) TO STDOUT" > /dev/null`` → MB/s;
@@ -34,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.stack.ports import free_port, wait_port  # noqa: E402
 from tests.stack.postgres import PgCluster, start_cluster  # noqa: E402
+
+from pcigate.tunnel.pg import RELAY_ENV  # noqa: E402
 
 RUNNER = r"""
 import asyncio, json, signal, sys
@@ -213,8 +216,15 @@ def main() -> int:
         tunnel_env = base_env | {"PGPASSFILE": str(tunnel.passfile)}
         norec = Tunnel(cluster, user, password, work, record=False)
         norec_env = base_env | {"PGPASSFILE": str(norec.passfile)}
+        os.environ[RELAY_ENV] = "python"  # the runner process inherits it
+        try:
+            pyrelay = Tunnel(cluster, user, password, work)
+        finally:
+            del os.environ[RELAY_ENV]
+        pyrelay_env = base_env | {"PGPASSFILE": str(pyrelay.passfile)}
         paths = {"direct": (cluster.port, direct_env), "socat": (socat.port, direct_env),
-                 "tunnel": (tunnel.port, tunnel_env), "tunnel, recording off": (norec.port, norec_env)}
+                 "tunnel": (tunnel.port, tunnel_env), "tunnel, recording off": (norec.port, norec_env),
+                 "tunnel, asyncio relay": (pyrelay.port, pyrelay_env)}
         results: dict[str, dict[str, list[float]]] = {p: {"tps": [], "copy": [], "conn": []} for p in paths}
         names = list(paths)
         for r in range(args.rounds):
@@ -237,6 +247,7 @@ def main() -> int:
                 print(f"round {r + 1} {p:22s} psql -c 'select 1': {ms:6.1f} ms", flush=True)
         hwm_kib, info = tunnel.stop()
         norec_hwm_kib, _ = norec.stop()
+        pyrelay_hwm_kib, _ = pyrelay.stop()
         socat.stop()
         rec_size = tunnel.recording.stat().st_size if tunnel.recording.exists() else 0
     finally:
@@ -249,8 +260,9 @@ def main() -> int:
         f"Measured {time.strftime('%Y-%m-%d')} by `tests/benchmarks/bench_tunnel.py` on this machine "
         f"({os.cpu_count()} cores, shared): its own SCRAM cluster, pgbench scale 10, {args.rounds} rounds "
         "(path order rotated each round), medians. The tunnel runs in its own process with uvloop and "
-        "recording on (one `stmt` event per statement, group-committed fsync); a second tunnel process with "
-        "recording off shows what recording costs.",
+        "recording on (one `stmt` event per statement, group-committed fsync), its plain connections on the "
+        "C relay thread (`pcigate._crelay`); a second tunnel process with recording off shows what recording "
+        "costs, a third (recording on) with `PCIGATE_TUNNEL_RELAY=python` the asyncio relay of before.",
         "",
         f"| path | pgbench -S -c 8 -j 2 -T {args.seconds} (tps) | COPY {args.rows:,} rows to psql (MB/s) "
         "| psql -c 'select 1' (ms, incl. process start) |",
@@ -260,16 +272,18 @@ def main() -> int:
         m = med[p]
         lines.append(f"| {p} | {m['tps']:,.0f} | {m['copy']:.1f} | {m['conn']:.1f} |")
     t, s, d, o = med["tunnel"], med["socat"], med["direct"], med["tunnel, recording off"]
+    a = med["tunnel, asyncio relay"]
     lines += [
         "",
         f"* pgbench select-only: tunnel / socat = **{t['tps'] / s['tps']:.2f}×** (goal ≥ 0.9×), "
         f"tunnel / direct = {t['tps'] / d['tps']:.2f}×; recording off / socat = {o['tps'] / s['tps']:.2f}× "
-        f"(recording costs {1 - t['tps'] / o['tps']:.0%} of the tunnel's rate).",
+        f"(recording costs {1 - t['tps'] / o['tps']:.0%} of the tunnel's rate); asyncio relay / socat = "
+        f"{a['tps'] / s['tps']:.2f}×.",
         f"* COPY out: tunnel / direct = **{t['copy'] / d['copy']:.2f}×** (goal ≥ 0.95×); recording off "
         f"{o['copy'] / d['copy']:.2f}×.",
         f"* New connection: tunnel − direct = **{t['conn'] - d['conn']:+.1f} ms** (goal ≤ +3 ms).",
         f"* Tunnel process peak RSS (VmHWM) over the whole run: **{hwm_kib / 1024:.0f} MiB** recording on, "
-        f"{norec_hwm_kib / 1024:.0f} MiB recording off; "
+        f"{norec_hwm_kib / 1024:.0f} MiB recording off, {pyrelay_hwm_kib / 1024:.0f} MiB asyncio relay; "
         f"statements recorded: {info.get('statements', '?')}, recording size {rec_size / 1e6:.1f} MB.",
         "",
         "Raw per-round values: " + json.dumps(results),

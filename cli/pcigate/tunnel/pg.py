@@ -12,7 +12,10 @@ One :class:`PgTunnel` listens on loopback. Per client connection it
 4. relays bytes both ways with one write per read, walking only message headers (bodies of DataRow/CopyData
    are never copied) and reading the few messages that make a statement record: client Q/P/B/E/S/C/X, server
    C/E/I/s/Z/G/H/W. Flow control is the transports' own: when one side's write buffer is over its high-water
-   mark, reading from the other side pauses.
+   mark, reading from the other side pauses. A *plain* connection (no guardrails, no masking, no TLS
+   upstream) is relayed instead by the tunnel's C thread (``pcigate._crelay``, see :meth:`_Conn._hand_over`):
+   it frames both directions by the same rules and hands those messages, stamped with when they were read,
+   to the same recording code in batches (:meth:`PgTunnel._relay_pump`).
 
 Recording choices: a simple-protocol Query string is one ``stmt`` event even when it holds several
 statements: ``rows`` is the sum over its CommandCompletes (null if none carried a count), ``tag`` is the last
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import ssl
@@ -95,6 +99,11 @@ from pcigate.recording import SQL_CAP, RecordingWriter
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
 
+try:  # the relay thread of plain connections (built with the package; without it they take the asyncio path)
+    from pcigate._crelay import Relay as _CRelay
+except ImportError:  # pragma: no cover - a source tree without the build hook's output
+    _CRelay = None  # type: ignore[assignment,misc]
+
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0  # from accept() to a verified local SCRAM proof
 SETUP_MESSAGE_CAP = 1 << 20  # messages during the upstream login are small
@@ -103,6 +112,12 @@ MAX_ERRORS_KEPT = 200
 WRITE_HIGH_WATER = 256 * 1024
 
 _CLIENT_WANTED = b"QPBESCX"
+_CLIENT_KEEP = SQL_CAP * 4 + 1024  # bytes of a client message's body the scanners keep (a Query's SQL)
+_SERVER_KEEP = 8192
+# the C relay also hands out CopyDone/CopyFail: their marks count the client's CopyData (_relay_event)
+_RELAY_CLIENT_WANTED = _CLIENT_WANTED + b"cf"
+# "python": plain connections take the asyncio relay too (diagnostics, A/B benchmarks)
+RELAY_ENV = "PCIGATE_TUNNEL_RELAY"
 _SERVER_WANTED = b"CEIsZGHW"
 _HDR = struct.Struct("!BI")
 _Q, _P, _B, _E, _S, _C, _X = (ord(c) for c in "QPBESCX")
@@ -528,8 +543,8 @@ class _Conn(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self.params: dict[str, str] = {}
         self.local_key = (0, 0)
-        self.cscan = pg.MessageScanner(_CLIENT_WANTED, pg.FRONTEND_TYPES, keep=SQL_CAP * 4 + 1024)
-        self.sscan = pg.MessageScanner(_SERVER_WANTED, pg.BACKEND_TYPES, keep=8192)
+        self.cscan = pg.MessageScanner(_CLIENT_WANTED, pg.FRONTEND_TYPES, keep=_CLIENT_KEEP)
+        self.sscan = pg.MessageScanner(_SERVER_WANTED, pg.BACKEND_TYPES, keep=_SERVER_KEEP)
         self.pending: deque[_Stmt | _Sync | _Synth] = deque()
         self.statements: dict[str, tuple[str, bool]] = {}
         self.portals: dict[str, tuple[str, bool, int | None]] = {}
@@ -545,7 +560,7 @@ class _Conn(asyncio.Protocol):
         g = tunnel.guard
         self.guard: Guardrails | None = g if g.enabled else None
         if self.guard is not None:
-            self.sscan = pg.MessageScanner(_SERVER_WANTED + b"S", pg.BACKEND_TYPES, keep=8192)
+            self.sscan = pg.MessageScanner(_SERVER_WANTED + b"S", pg.BACKEND_TYPES, keep=_SERVER_KEEP)
         self._cbuf = bytearray()  # client bytes not yet judged / forwarded
         self._cskip = 0  # bytes of a streamed CopyData still to pass
         self._hold = False  # a made-up response waits for the server: judge nothing more until it is sent
@@ -577,11 +592,14 @@ class _Conn(asyncio.Protocol):
         self._m_seq = 0  # Syncs, Queries and FunctionCalls forwarded (each answered by one ReadyForQuery)
         self._m_copyin = False  # the server is in COPY IN: it ignores Syncs until CopyDone/CopyFail
         self._mq_paused = False  # client reading paused: too many messages unanswered (_MQ_HIGH)
+        # the C relay thread (a plain connection, see _hand_over): its id there, and what to send the client
+        # when the tunnel ends the connection (an ErrorResponse)
+        self._rid: int | None = None
+        self._final = b""
         if self.masker is not None:  # without masking, from_server is the plain relay (no extra call)
             self.from_server = self._from_server_masked  # type: ignore[method-assign]
             self._mq = deque()
-            self.cscan = pg.MessageScanner(_CLIENT_WANTED + b"DFHcf", pg.FRONTEND_TYPES,
-                                           keep=SQL_CAP * 4 + 1024)
+            self.cscan = pg.MessageScanner(_CLIENT_WANTED + b"DFHcf", pg.FRONTEND_TYPES, keep=_CLIENT_KEEP)
 
     # ---- asyncio callbacks (client transport) -------------------------------------------------------------
 
@@ -613,6 +631,8 @@ class _Conn(asyncio.Protocol):
             self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._rid is not None:
+            return  # the transport let go of a socket the C relay now serves
         if self.phase == "closed":
             self.tunnel._conns.discard(self)
             return
@@ -778,12 +798,78 @@ class _Conn(asyncio.Protocol):
         if up.lost:
             self.server_lost(up.lost_exc)
             return
+        if self._hand_over(rest, leftover):
+            return
         if rest:
             self.from_server(rest)
         if leftover:
             self.from_client(leftover)
         if self.phase == "relay":
             self.transport.resume_reading()
+
+    def _hand_over(self, rest: bytes, leftover: bytes) -> bool:
+        """Give a plain connection (no guardrails, no masking, no TLS upstream) to the tunnel's C relay
+        thread: its two sockets leave the event loop, and what the relay reads is handed back in batches to
+        the same recording logic (_relay_event). False (the asyncio relay serves it) when the connection does
+        not qualify or the relay is unavailable."""
+        up, t = self.up, self.transport
+        if (self.guard is not None or self.masker is not None or up is None or up.tls or up.transport is None
+                or t is None or not self.tunnel.c_relay):
+            return False
+        if t.get_write_buffer_size() or up.transport.get_write_buffer_size():
+            return False  # the greeting did not fit the socket's buffer (rare): it stays with the transport
+        csock, ssock = t.get_extra_info("socket"), up.transport.get_extra_info("socket")
+        relay = self.tunnel._relay_thread()
+        if relay is None or csock is None or ssock is None:
+            return False
+        cfd = os.dup(csock.fileno())  # not inherited (psql is a child of this process)
+        try:
+            sfd = os.dup(ssock.fileno())
+        except OSError:
+            os.close(cfd)
+            return False
+        try:
+            rid = relay.add(cfd, sfd, leftover, rest)
+        except (OSError, RuntimeError) as e:
+            os.close(cfd)
+            os.close(sfd)
+            self.tunnel._error(f"connection {self.n}: the C relay refused it ({e}); the asyncio relay has it")
+            return False
+        self._rid = rid
+        self.tunnel._relay_conns[rid] = self
+        up.conn = None
+        t.abort()  # closes the loop's descriptors only: the relay holds its own
+        up.transport.abort()
+        return True
+
+    def _relay_event(self, kind: int, t: float, payload: Any) -> None:
+        """One batch from the C relay (see pcigate._crelay.Relay.drain): messages of one read, in order."""
+        if kind == 1:
+            try:
+                self._server_msgs(payload, t)
+            except ProtocolError as e:
+                self._server_malformed(e)
+        elif kind == 0:
+            # the client's CopyData bytes so far, as _server_msgs reads them at a COPY's end: a COPY IN is
+            # ended by the client's CopyDone/CopyFail (handed out by the relay with that count) before the
+            # server's CommandComplete, and the client sends no CopyData before the server's CopyInResponse
+            self.cscan.copy_bytes = payload[-1].mark
+            try:
+                self._client_msgs(payload, t)
+            except ProtocolError as e:
+                self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+        elif kind == 3:
+            side, msg = payload
+            if side == 0:
+                self.fail(f"protocol_error: {msg}", "08P01", f"invalid message from the client: {msg}")
+            else:
+                self._server_malformed(ProtocolError(msg))
+        else:
+            side, reason = payload
+            if side == 0:
+                self.close("client")
+            else:
+                self.server_lost(ConnectionError(reason) if reason else None)
 
     # ---- relay --------------------------------------------------------------------------------------------
 
@@ -1143,8 +1229,8 @@ class _Conn(asyncio.Protocol):
         self.tunnel._error(f"connection {self.n}: malformed data from the database: {e}")
         self.fail(f"protocol_error: server: {e}", "08P01", f"pcigate: malformed data from the database: {e}")
 
-    def _client_msgs(self, msgs: list[pg.Message]) -> None:
-        now = time.perf_counter()
+    def _client_msgs(self, msgs: list[pg.Message], now: float = 0.0) -> None:
+        now = now or time.perf_counter()
         pending = self.pending
         track = self._mq is not None  # masking's bookkeeping
         for m in msgs:
@@ -1248,9 +1334,9 @@ class _Conn(asyncio.Protocol):
         self._mq.append((_MQ_SYNC, self._m_seq))
         self._m_seq += 1
 
-    def _server_msgs(self, msgs: list[pg.Message]) -> None:
+    def _server_msgs(self, msgs: list[pg.Message], now: float = 0.0) -> None:
+        """``now``: when the messages were read, if known (the C relay's clock reading)."""
         pending = self.pending
-        now = 0.0
         for m in msgs:
             t = m.type
             head = pending[0] if pending else None
@@ -1722,13 +1808,19 @@ class _Conn(asyncio.Protocol):
             return
         if reason.startswith("protocol_error"):
             self.tunnel._error(f"connection {self.n or '?'}: {reason}")
-        if self.transport is not None and not self.transport.is_closing():
+        if self._rid is not None:
+            self._final = pg.error_response(sqlstate, message)  # the relay sends it before closing
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(pg.error_response(sqlstate, message))
         self.close(reason)
 
     def close(self, reason: str) -> None:
         if self.phase == "closed":
             return
+        if self._rid is not None:
+            self.tunnel._relay_pump()  # what the relay read before the end is this connection's history
+            if self.phase == "closed":
+                return
         self.phase = "closed"
         if self._deadline is not None:
             self._deadline.cancel()
@@ -1746,6 +1838,14 @@ class _Conn(asyncio.Protocol):
         self.tunnel._cancel_keys.pop(self.local_key, None)
         if self.transport is not None:
             self.transport.close()
+        if self._rid is not None:
+            relay = self.tunnel._relay
+            if relay is not None:
+                up, down = relay.close(self._rid, self._final, b"" if self.terminated else pg.terminate())
+                self.tunnel.stats.bytes_up += up
+                self.tunnel.stats.bytes_down += down
+            self.tunnel._relay_conns.pop(self._rid, None)
+            self.tunnel._conns.discard(self)
         if self.n and self.rec is not None:
             with contextlib.suppress(Exception):
                 self.rec.event("disconn", c=self.n, reason=reason)
@@ -1858,6 +1958,44 @@ class PgTunnel:
         # one per tunnel, shared by its connections (and so is its classification cache); set again by start()
         self.guard = Guardrails(policy.guardrails if policy is not None else [])
         self.masker: Masker | None = None  # set by start() when the policy asks for masking
+        # the C relay thread of plain connections (_Conn._hand_over), started with the first of them
+        self.c_relay = _CRelay is not None and os.environ.get(RELAY_ENV, "") != "python"
+        self._relay: _CRelay | None = None
+        self._relay_conns: dict[int, _Conn] = {}
+        self._relay_q: deque[tuple[int, int, float, Any]] = deque()
+
+    def _relay_thread(self) -> _CRelay | None:
+        if self._relay is None and self.c_relay:
+            try:
+                relay = _CRelay(pg.Message, pg.FRONTEND_TYPES, _RELAY_CLIENT_WANTED, _CLIENT_KEEP,
+                                pg.BACKEND_TYPES, _SERVER_WANTED, _SERVER_KEEP, pg.MAX_MESSAGE)
+                asyncio.get_running_loop().add_reader(relay.fileno(), self._relay_pump)
+            except (OSError, RuntimeError) as e:
+                self.c_relay = False
+                self._error(f"the C relay did not start ({e}); connections take the asyncio relay")
+                return None
+            self._relay = relay
+        return self._relay
+
+    def _relay_pump(self) -> None:
+        """Hand what the C relay read to its connections, in order. Re-entrant (a connection that closes
+        pumps first): events wait in one queue and are taken from its head."""
+        relay = self._relay
+        if relay is None:
+            return
+        q = self._relay_q
+        q.extend(relay.drain())
+        conns = self._relay_conns
+        while q:
+            rid, kind, t, payload = q.popleft()
+            conn = conns.get(rid)
+            if conn is None or conn.phase == "closed":
+                continue
+            try:
+                conn._relay_event(kind, t, payload)
+            except Exception as e:  # a bug costs that connection, not the events of the others
+                self._error(f"connection {conn.n}: internal error: {type(e).__name__}: {_one_line(str(e))}")
+                conn.close("internal_error")
 
     def _salted_cache(self) -> dict[tuple[bytes, int], bytes]:
         return self._salted.setdefault(self.upstream.password, {})
@@ -1945,9 +2083,15 @@ class PgTunnel:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._relay_pump()
         for conn in list(self._conns):
             conn.close("client" if conn.terminated else "shutdown")  # a sent Terminate was the client's end
         self._conns.clear()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(relay.fileno())
+            relay.shutdown()
         for t in list(self._tasks):
             t.cancel()
         if self._server is not None:
