@@ -27,9 +27,13 @@
  *               the connection is stopped.
  *   A stopped connection relays nothing more; its sockets stay open until close().
  * fileno() -> an eventfd that becomes readable when drain() has something (drain() resets it).
- * close(id, to_client, to_server) -> (bytes_up, bytes_down): writes what is left to write and the given bytes
- *   (best effort, without blocking), then closes both sockets.
+ * close(id, to_client, to_server) -> (bytes_up, bytes_down): the relay writes what is left to write, then
+ *   the given bytes, then closes both sockets; a side that does not read gets CLOSE_GRACE_S (2 s) for it,
+ *   in the relay thread (close() itself does not wait).
  * shutdown(): stops the thread and closes every socket still open (also done when the object goes away).
+ *
+ * A side that hangs up (or resets) while its last read is still being written to the other is read to its
+ * end once that write is done: nothing it sent before its end is lost (e.g. the server's FATAL error).
  *
  * Bounds: one 64 KiB read at a time per direction, read only when the previous one is fully written (the
  * slower side paces the faster, as in the Python relay); message bodies waiting for drain() above 16 MiB
@@ -39,6 +43,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -53,6 +58,8 @@
 #define NOTIFY_BYTES (256u << 10) /* queued bytes that wake Python at once */
 #define NOTIFY_DELAY_MS 5         /* otherwise messages wait at most this long for a wake-up */
 #define ERR_LEN 160
+#define CLOSE_GRACE_S 2.0 /* close(): how long the last bytes may take to leave */
+#define NOT_REGISTERED UINT32_MAX
 
 typedef struct ev {
     struct ev *next;
@@ -89,13 +96,21 @@ typedef struct {
     uint64_t total;
 } dir_t;
 
+/* A connection is running (relaying), stopped (by an end, an error or malformed bytes: out of the epoll set,
+ * waiting for close()), or closing (close() was called and the last bytes are still leaving, for at most
+ * CLOSE_GRACE_S; Python has forgotten it). A running connection's source that hung up while its last read
+ * was still being written is draining: out of the epoll set (EPOLLHUP cannot be masked), read again once
+ * that write is done, until its end. */
 typedef struct {
     uint64_t id;
     uint32_t gen;
-    int running;
+    int running, closing;
+    int draining[2];
+    double deadline;
     int fd[2];        /* 0 client, 1 server */
-    uint32_t want[2]; /* epoll interest registered per fd */
+    uint32_t want[2]; /* epoll interest registered per fd (NOT_REGISTERED: none) */
     dir_t dir[2];     /* 0 client -> server, 1 server -> client */
+    ev_t *stop_ev;    /* allocated with the connection: its stop is reported even out of memory */
 } conn_t;
 
 typedef struct {
@@ -107,8 +122,9 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t drained;
     pthread_t thread;
-    int thread_started, stopping;
+    int initialised, thread_started, stopping;
     int ep, efd, stopfd;
+    int nclosing;
     int notified;
     double first_unnotified; /* when the oldest event not yet signalled was queued (0: none) */
     evlist_t q;
@@ -137,7 +153,7 @@ static ev_t *ev_new(uint64_t id, uint8_t kind, double t, const void *body, size_
     e->kind = kind;
     e->t = t;
     e->blen = blen;
-    if (blen)
+    if (body != NULL && blen)
         memcpy(e->body, body, blen);
     e->body[blen] = 0;
     return e;
@@ -353,22 +369,30 @@ static uint64_t ep_key(size_t slot, uint32_t gen, int fdi) {
     return ((uint64_t)gen << 32) | ((uint64_t)slot << 1) | (uint64_t)fdi;
 }
 
+static void set_fd(Relay *R, size_t slot, conn_t *c, int i, uint32_t want) {
+    if (want == c->want[i])
+        return;
+    struct epoll_event ee;
+    ee.events = want;
+    ee.data.u64 = ep_key(slot, c->gen, i);
+    if (want == NOT_REGISTERED)
+        epoll_ctl(R->ep, EPOLL_CTL_DEL, c->fd[i], NULL);
+    else
+        epoll_ctl(R->ep, c->want[i] == NOT_REGISTERED ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, c->fd[i], &ee);
+    c->want[i] = want;
+}
+
 static void set_interest(Relay *R, size_t slot, conn_t *c) {
-    if (!c->running)
-        return; /* a stopped connection's sockets are out of the epoll set */
     for (int i = 0; i < 2; i++) {
-        uint32_t want = 0;
-        if (c->dir[i].out_len == 0)
-            want |= EPOLLIN; /* fd i is the source of direction i */
-        if (c->dir[1 - i].out_len)
-            want |= EPOLLOUT; /* and the destination of the other */
-        if (want != c->want[i]) {
-            struct epoll_event ee;
-            ee.events = want;
-            ee.data.u64 = ep_key(slot, c->gen, i);
-            epoll_ctl(R->ep, EPOLL_CTL_MOD, c->fd[i], &ee);
-            c->want[i] = want;
-        }
+        uint32_t want;
+        if (c->closing) /* only the last bytes to write */
+            want = c->dir[1 - i].out_len ? EPOLLOUT : NOT_REGISTERED;
+        else if (!c->running || c->draining[i])
+            want = NOT_REGISTERED;
+        else
+            want = (c->dir[i].out_len == 0 ? EPOLLIN : 0u) /* fd i is the source of direction i */
+                   | (c->dir[1 - i].out_len ? EPOLLOUT : 0u); /* and the destination of the other */
+        set_fd(R, slot, c, i, want);
     }
 }
 
@@ -376,13 +400,18 @@ static void stop_conn(Relay *R, size_t slot, conn_t *c, int side, const char *re
     if (!c->running)
         return;
     c->running = 0;
-    (void)slot;
-    for (int i = 0; i < 2; i++) /* also silences EPOLLHUP, which epoll reports whatever the interest */
-        epoll_ctl(R->ep, EPOLL_CTL_DEL, c->fd[i], NULL);
+    set_interest(R, slot, c); /* out of the epoll set: also silences EPOLLHUP */
+    ev_t *e = c->stop_ev;
+    c->stop_ev = NULL;
     size_t rl = strlen(reason);
-    ev_t *e = ev_new(c->id, kind, now_mono(), reason, rl);
-    if (e)
-        e->side = (uint8_t)side;
+    if (rl > ERR_LEN)
+        rl = ERR_LEN;
+    memcpy(e->body, reason, rl);
+    e->body[rl] = 0;
+    e->blen = rl;
+    e->kind = kind;
+    e->t = now_mono();
+    e->side = (uint8_t)side;
     queue_one(R, e);
 }
 
@@ -447,25 +476,37 @@ static void on_data(Relay *R, size_t slot, conn_t *c, int d, const uint8_t *p, s
     set_interest(R, slot, c);
 }
 
-static void on_readable(Relay *R, size_t slot, conn_t *c, int i) {
+/* one read from fd i: 1 data relayed, 0 nothing there now, -1 the connection stopped */
+static int on_readable(Relay *R, size_t slot, conn_t *c, int i) {
     if (c->dir[i].out_len)
-        return; /* the previous chunk is still being written */
+        return 0; /* the previous chunk is still being written */
     for (;;) {
         ssize_t n = recv(c->fd[i], R->buf, READ_SIZE, MSG_DONTWAIT);
         if (n > 0) {
             on_data(R, slot, c, i, R->buf, (size_t)n);
-            return;
+            return c->running ? 1 : -1;
         }
         if (n == 0) {
             stop_conn(R, slot, c, i, "", 2);
-            return;
+            return -1;
         }
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return;
+            return 0;
         stop_conn(R, slot, c, i, strerror(errno), 2);
-        return;
+        return -1;
+    }
+}
+
+/* a draining source whose last read has been written: read what it still holds, up to its end */
+static void drain_source(Relay *R, size_t slot, conn_t *c, int i) {
+    while (c->running && c->draining[i] && c->dir[i].out_len == 0) {
+        int r = on_readable(R, slot, c, i);
+        if (r == 0) { /* a hung-up socket always reads something, its end or its error */
+            stop_conn(R, slot, c, i, "", 2);
+            return;
+        }
     }
 }
 
@@ -476,8 +517,32 @@ static void free_conn(conn_t *c) {
         free(c->dir[i].out);
         free(c->dir[i].sc.body);
     }
+    free(c->stop_ev);
     free(c);
 }
+
+static void finish_close(Relay *R, size_t slot, conn_t *c) {
+    for (int i = 0; i < 2; i++)
+        set_fd(R, slot, c, i, NOT_REGISTERED);
+    if (c->closing)
+        R->nclosing--;
+    free_conn(c);
+    R->conns[slot] = NULL;
+}
+
+/* a closing connection: write what is left; done when nothing is, or a destination failed */
+static void closing_step(Relay *R, size_t slot, conn_t *c) {
+    for (int d = 0; d < 2; d++) {
+        int e = 0;
+        if (c->dir[d].out_len && flush_dir(c, d, &e) < 0)
+            c->dir[d].out_len = c->dir[d].out_off = 0; /* that side is gone: drop what was for it */
+    }
+    if (c->dir[0].out_len == 0 && c->dir[1].out_len == 0)
+        finish_close(R, slot, c);
+    else
+        set_interest(R, slot, c);
+}
+
 
 static void *relay_main(void *arg) {
     Relay *R = arg;
@@ -492,16 +557,26 @@ static void *relay_main(void *arg) {
         }
         for (int k = 0; k < n; k++) {
             uint64_t key = evs[k].data.u64;
-            if (key == UINT64_MAX)
-                continue; /* the stop fd */
+            if (key == UINT64_MAX) { /* the wake-up fd (shutdown, or a connection started closing) */
+                uint64_t junk;
+                ssize_t r = read(R->stopfd, &junk, sizeof junk);
+                (void)r;
+                continue;
+            }
             size_t slot = (size_t)((key & 0xffffffffu) >> 1);
             int i = (int)(key & 1);
             if (slot >= R->nconns)
                 continue;
             conn_t *c = R->conns[slot];
-            if (c == NULL || c->gen != (uint32_t)(key >> 32) || !c->running)
+            if (c == NULL || c->gen != (uint32_t)(key >> 32) || !(c->running || c->closing))
                 continue; /* closed or stopped since epoll_wait returned */
             uint32_t got = evs[k].events;
+            if (c->closing) {
+                if (got & (EPOLLHUP | EPOLLERR)) /* fd i is gone: nothing more reaches it */
+                    c->dir[1 - i].out_len = c->dir[1 - i].out_off = 0;
+                closing_step(R, slot, c);
+                continue;
+            }
             if ((got & EPOLLOUT) && c->dir[1 - i].out_len) {
                 int e = 0;
                 if (flush_dir(c, 1 - i, &e) < 0) {
@@ -509,21 +584,42 @@ static void *relay_main(void *arg) {
                     continue;
                 }
                 set_interest(R, slot, c);
+                if (c->dir[1 - i].out_len == 0 && c->draining[1 - i])
+                    drain_source(R, slot, c, 1 - i);
+                if (!c->running)
+                    continue;
             }
             if (got & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                if (c->dir[i].out_len == 0)
+                if (c->dir[i].out_len == 0) {
                     on_readable(R, slot, c, i);
-                else if (got & (EPOLLHUP | EPOLLERR))
-                    stop_conn(R, slot, c, i, (got & EPOLLERR) ? "socket error" : "", 2);
+                } else if (got & (EPOLLHUP | EPOLLERR)) {
+                    /* hung up while its last read is still being written: what it still holds (e.g. the
+                     * server's FATAL error before a reset) is read once that write is done */
+                    c->draining[i] = 1;
+                    set_interest(R, slot, c);
+                }
             }
         }
         timeout = -1;
+        if (R->nclosing) {
+            double now = now_mono();
+            for (size_t sl = 0; sl < R->nconns; sl++) {
+                conn_t *c = R->conns[sl];
+                if (c != NULL && c->closing && now >= c->deadline)
+                    finish_close(R, sl, c); /* a reader that does not read gets no more time */
+            }
+            if (R->nclosing)
+                timeout = 100;
+        }
         if (R->first_unnotified != 0) {
             double waited_ms = (now_mono() - R->first_unnotified) * 1e3;
-            if (waited_ms >= NOTIFY_DELAY_MS)
+            if (waited_ms >= NOTIFY_DELAY_MS) {
                 notify(R);
-            else
-                timeout = (int)(NOTIFY_DELAY_MS - waited_ms) + 1;
+            } else {
+                int wait = (int)(NOTIFY_DELAY_MS - waited_ms) + 1;
+                if (timeout < 0 || wait < timeout)
+                    timeout = wait;
+            }
         }
         while (R->q.bytes > QUEUE_HIGH && !R->stopping)
             pthread_cond_wait(&R->drained, &R->mu);
@@ -533,6 +629,22 @@ static void *relay_main(void *arg) {
 }
 
 /* ---- Python API ------------------------------------------------------------------------------------- */
+
+/* Python-side calls wait for the mutex without the GIL (the thread never takes the GIL, so this cannot
+ * deadlock, and other Python threads run meanwhile) */
+static void lock_nogil(Relay *R) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&R->mu);
+    Py_END_ALLOW_THREADS
+}
+
+static int ready(Relay *R) {
+    if (!R->initialised || !R->thread_started) {
+        PyErr_SetString(PyExc_RuntimeError, "the relay is not running");
+        return 0;
+    }
+    return 1;
+}
 
 static int kinds_from(uint8_t *kind, PyObject *allowed, PyObject *wanted) {
     char *a, *w;
@@ -552,7 +664,7 @@ static int Relay_init(Relay *R, PyObject *args, PyObject *kw) {
     unsigned int ckeep, skeep;
     unsigned long long max_len;
     (void)kw;
-    if (R->ep) {
+    if (R->initialised) {
         PyErr_SetString(PyExc_RuntimeError, "Relay already initialised");
         return -1;
     }
@@ -568,6 +680,9 @@ static int Relay_init(Relay *R, PyObject *args, PyObject *kw) {
     R->ep = epoll_create1(EPOLL_CLOEXEC);
     R->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     R->stopfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_init(&R->mu, NULL);
+    pthread_cond_init(&R->drained, NULL);
+    R->initialised = 1; /* from here on, dealloc closes what is open */
     if (R->ep < 0 || R->efd < 0 || R->stopfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -576,9 +691,12 @@ static int Relay_init(Relay *R, PyObject *args, PyObject *kw) {
     ee.events = EPOLLIN;
     ee.data.u64 = UINT64_MAX;
     epoll_ctl(R->ep, EPOLL_CTL_ADD, R->stopfd, &ee);
-    pthread_mutex_init(&R->mu, NULL);
-    pthread_cond_init(&R->drained, NULL);
-    if (pthread_create(&R->thread, NULL, relay_main, R) != 0) {
+    sigset_t all, old; /* signals are the main thread's business */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&R->thread, NULL, relay_main, R);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
         PyErr_SetString(PyExc_OSError, "cannot start the relay thread");
         return -1;
     }
@@ -589,17 +707,18 @@ static int Relay_init(Relay *R, PyObject *args, PyObject *kw) {
 static void relay_shutdown(Relay *R) {
     if (!R->thread_started)
         return;
-    pthread_mutex_lock(&R->mu);
+    R->thread_started = 0; /* (under the GIL: a second caller returns above) */
+    lock_nogil(R);
     R->stopping = 1;
     pthread_cond_broadcast(&R->drained);
     pthread_mutex_unlock(&R->mu);
     uint64_t one = 1;
     ssize_t w = write(R->stopfd, &one, sizeof one);
     (void)w;
+    pthread_t th = R->thread;
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(R->thread, NULL);
+    pthread_join(th, NULL);
     Py_END_ALLOW_THREADS
-    R->thread_started = 0;
     for (size_t s = 0; s < R->nconns; s++) {
         if (R->conns[s]) {
             free_conn(R->conns[s]);
@@ -617,17 +736,23 @@ static PyObject *Relay_shutdown(Relay *R, PyObject *Py_UNUSED(ignored)) {
 static void Relay_dealloc(Relay *R) {
     relay_shutdown(R);
     free(R->conns);
-    if (R->ep > 0)
-        close(R->ep);
-    if (R->efd > 0)
-        close(R->efd);
-    if (R->stopfd > 0)
-        close(R->stopfd);
+    if (R->initialised) {
+        if (R->ep >= 0)
+            close(R->ep);
+        if (R->efd >= 0)
+            close(R->efd);
+        if (R->stopfd >= 0)
+            close(R->stopfd);
+        pthread_mutex_destroy(&R->mu);
+        pthread_cond_destroy(&R->drained);
+    }
     Py_XDECREF(R->message_cls);
     Py_TYPE(R)->tp_free((PyObject *)R);
 }
 
 static PyObject *Relay_fileno(Relay *R, PyObject *Py_UNUSED(ignored)) {
+    if (!ready(R))
+        return NULL;
     return PyLong_FromLong(R->efd);
 }
 
@@ -637,15 +762,17 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiy*y*", &cfd, &sfd, &fc, &fs))
         return NULL;
     PyObject *ret = NULL;
-    if (!R->thread_started) {
-        PyErr_SetString(PyExc_RuntimeError, "the relay is shut down");
+    if (!ready(R))
         goto done;
-    }
     conn_t *c = calloc(1, sizeof(conn_t));
-    if (c == NULL) {
+    ev_t *stop_ev = ev_new(0, 2, 0, NULL, ERR_LEN);
+    if (c == NULL || stop_ev == NULL) {
+        free(c);
+        free(stop_ev);
         PyErr_NoMemory();
         goto done;
     }
+    c->stop_ev = stop_ev;
     c->fd[0] = cfd;
     c->fd[1] = sfd;
     for (int i = 0; i < 2; i++) {
@@ -653,7 +780,7 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
         c->dir[i].sc.keep = R->keep[i];
         c->dir[i].sc.btype = -1;
     }
-    pthread_mutex_lock(&R->mu);
+    lock_nogil(R);
     size_t slot = 0;
     while (slot < R->nconns && R->conns[slot] != NULL)
         slot++;
@@ -663,6 +790,7 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
         if (nt == NULL) {
             pthread_mutex_unlock(&R->mu);
             free(c);
+            free(stop_ev);
             PyErr_NoMemory();
             goto done;
         }
@@ -673,6 +801,7 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
     static uint32_t gen = 0;
     c->gen = ++gen;
     c->id = ++R->next_id;
+    stop_ev->id = c->id;
     c->running = 1;
     for (int i = 0; i < 2; i++) {
         struct epoll_event ee;
@@ -684,6 +813,7 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
                 epoll_ctl(R->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
             pthread_mutex_unlock(&R->mu);
             free(c);
+            free(stop_ev);
             errno = e;
             PyErr_SetFromErrno(PyExc_OSError);
             goto done;
@@ -696,8 +826,9 @@ static PyObject *Relay_add(Relay *R, PyObject *args) {
     set_interest(R, slot, c);
     if (R->first_unnotified != 0)
         notify(R); /* the thread may be asleep in epoll_wait without a timeout */
+    unsigned long long id = c->id;
     pthread_mutex_unlock(&R->mu);
-    ret = PyLong_FromUnsignedLongLong(c->id);
+    ret = PyLong_FromUnsignedLongLong(id);
 done:
     PyBuffer_Release(&fc);
     PyBuffer_Release(&fs);
@@ -710,26 +841,47 @@ static PyObject *Relay_close(Relay *R, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ky*y*", &id, &tc, &ts))
         return NULL;
     unsigned long long up = 0, down = 0;
-    pthread_mutex_lock(&R->mu);
+    if (!ready(R)) {
+        PyBuffer_Release(&tc);
+        PyBuffer_Release(&ts);
+        return NULL;
+    }
+    lock_nogil(R);
     for (size_t s = 0; s < R->nconns; s++) {
         conn_t *c = R->conns[s];
-        if (c == NULL || c->id != id)
+        if (c == NULL || c->id != id || c->closing)
             continue;
-        const Py_buffer *extra[2] = {&ts, &tc}; /* direction 0 ends at the server, 1 at the client */
-        for (int d = 0; d < 2; d++) {
-            int e = 0;
-            if (flush_dir(c, d, &e) == 0 && c->dir[d].out_len == 0 && extra[d]->len) {
-                ssize_t w = send(c->fd[1 - d], extra[d]->buf, (size_t)extra[d]->len, MSG_NOSIGNAL | MSG_DONTWAIT);
-                (void)w;
-            }
-        }
         up = c->dir[0].total;
         down = c->dir[1].total;
-        if (c->running)
-            for (int i = 0; i < 2; i++)
-                epoll_ctl(R->ep, EPOLL_CTL_DEL, c->fd[i], NULL);
-        free_conn(c);
-        R->conns[s] = NULL;
+        c->running = 0;
+        /* what is left to write, then the given bytes: direction 0 ends at the server, 1 at the client */
+        const Py_buffer *extra[2] = {&ts, &tc};
+        for (int d = 0; d < 2; d++) {
+            dir_t *D = &c->dir[d];
+            if (!extra[d]->len)
+                continue;
+            size_t left = D->out_len - D->out_off;
+            uint8_t *nb = malloc(left + (size_t)extra[d]->len);
+            if (nb == NULL)
+                continue; /* out of memory: the final bytes are dropped, the end still comes */
+            if (left)
+                memcpy(nb, D->out + D->out_off, left);
+            memcpy(nb + left, extra[d]->buf, (size_t)extra[d]->len);
+            free(D->out);
+            D->out = nb;
+            D->out_len = left + (size_t)extra[d]->len;
+            D->out_off = 0;
+        }
+        c->closing = 1;
+        c->draining[0] = c->draining[1] = 0;
+        c->deadline = now_mono() + CLOSE_GRACE_S;
+        R->nclosing++;
+        closing_step(R, s, c); /* done now, or the thread finishes it (at most CLOSE_GRACE_S) */
+        if (R->conns[s] != NULL) {
+            uint64_t one = 1; /* wake the thread: its epoll_wait may have no timeout */
+            ssize_t w = write(R->stopfd, &one, sizeof one);
+            (void)w;
+        }
         break;
     }
     pthread_mutex_unlock(&R->mu);
@@ -739,7 +891,9 @@ static PyObject *Relay_close(Relay *R, PyObject *args) {
 }
 
 static PyObject *Relay_drain(Relay *R, PyObject *Py_UNUSED(ignored)) {
-    pthread_mutex_lock(&R->mu);
+    if (!ready(R))
+        return NULL;
+    lock_nogil(R);
     uint64_t junk;
     ssize_t r = read(R->efd, &junk, sizeof junk);
     (void)r;

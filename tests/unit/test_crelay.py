@@ -5,6 +5,7 @@ both sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import struct
@@ -254,3 +255,79 @@ def test_a_slow_reader_paces_the_writer(pair: Pair) -> None:
     while got < sent:
         got += len(pair.server.recv(1 << 20))
     assert got == sent
+
+
+def _send_until_blocked(s: socket.socket, data: bytes) -> int:
+    s.setblocking(False)
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += s.send(data[sent:sent + 65536])
+    except BlockingIOError:
+        pass
+    return sent
+
+
+def _read_to_end(s: socket.socket) -> bytes:
+    s.settimeout(5)
+    out = b""
+    while chunk := s.recv(1 << 16):
+        out += chunk
+    return out
+
+
+def test_a_side_that_hangs_up_while_the_other_reads_slowly_loses_nothing(pair: Pair) -> None:
+    """The server sends more than the client takes at once, then hangs up (a socket pair's close raises
+    EPOLLHUP at once): what it sent, to its last byte (typically a FATAL error), still reaches the client,
+    and then the end is reported."""
+    rows = pg.message(b"D", b"x" * 1000) * 3000 + pg.error_response("57P01", "terminating connection")
+    sent = _send_until_blocked(pair.server, rows)
+    pair.server.close()
+    time.sleep(0.1)
+    got = b""
+    pair.client.settimeout(5)
+    while len(got) < sent:
+        chunk = pair.client.recv(1 << 16)
+        assert chunk
+        got += chunk
+    assert got == rows[:sent]
+    pair.collect(lambda ev: any(k == 2 for _, k, _, _ in ev))
+    assert [(k, payload) for _, k, _, payload in pair.events if k >= 2] == [(2, (1, ""))]
+
+
+def test_close_delivers_the_last_bytes_to_a_slow_reader() -> None:
+    """close() while the client has not read what the relay holds: that, then the final ErrorResponse, reach
+    it in full before its end (and the Terminate reaches the server)."""
+    p = Pair()
+    try:
+        data = pg.message(b"D", b"y" * 3_000_000)
+        sent = _send_until_blocked(p.server, data)
+        time.sleep(0.1)
+        final = pg.error_response("08P01", "pcigate: bye")
+        up, down = p.relay.close(p.id, final, pg.terminate())
+        assert up == 0
+        assert 0 < down <= sent
+        got = _read_to_end(p.client)
+        assert got == data[:down] + final
+        p.server.settimeout(5)
+        assert p.server.recv(100) == pg.terminate()
+    finally:
+        p.close()
+
+
+def test_close_gives_a_reader_that_never_reads_two_seconds() -> None:
+    p = Pair()
+    try:
+        _send_until_blocked(p.server, pg.message(b"D", b"z" * 3_000_000))
+        time.sleep(0.1)
+        p.relay.close(p.id, pg.error_response("08P01", "bye"), b"")
+        time.sleep(2.5)  # the grace period passes: the relay lets go of both sockets
+        p.server.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):  # (reset: the relay's end held unread bytes)
+            assert p.server.recv(100) == b""  # not a timeout
+        p.client.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            while p.client.recv(1 << 16):  # what it holds, then the end: never a hang
+                pass
+    finally:
+        p.close()

@@ -830,7 +830,7 @@ class _Conn(asyncio.Protocol):
             return False
         try:
             rid = relay.add(cfd, sfd, leftover, rest)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # the sockets stay with the transports, and the asyncio relay serves them
             os.close(cfd)
             os.close(sfd)
             self.tunnel._error(f"connection {self.n}: the C relay refused it ({e}); the asyncio relay has it")
@@ -1817,10 +1817,8 @@ class _Conn(asyncio.Protocol):
     def close(self, reason: str) -> None:
         if self.phase == "closed":
             return
-        if self._rid is not None:
-            self.tunnel._relay_pump()  # what the relay read before the end is this connection's history
-            if self.phase == "closed":
-                return
+        # (a C-relayed connection: its events queued before this point were read already when the relay
+        # reported its end, or PgTunnel.close() pumped them; any left follow a failure and are dropped)
         self.phase = "closed"
         if self._deadline is not None:
             self._deadline.cancel()
