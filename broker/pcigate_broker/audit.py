@@ -103,15 +103,21 @@ class SigningKey:
 
 
 @contextlib.contextmanager
-def _sealer(db: Session) -> Iterator[bool]:
+def _sealer(db: Session, wait: bool = False) -> Iterator[bool]:
     """The sealer's lock for this transaction (a process lock on SQLite, an advisory lock on PostgreSQL):
-    yields False when another replica holds it. Rolls back on an exception."""
+    yields False when another replica holds it, or with ``wait`` waits for it. Rolls back on an exception."""
     sqlite = db.get_bind().dialect.name == "sqlite"
     if sqlite:
         _SQLITE_LOCK.acquire()
     try:
-        got = sqlite or bool(
-            db.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY}).scalar())
+        if sqlite:
+            got = True
+        elif wait:
+            db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY})
+            got = True
+        else:
+            got = bool(db.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                                  {"k": _ADVISORY_KEY}).scalar())
         if not got:
             db.rollback()
         yield got
@@ -144,10 +150,11 @@ def _head(db: Session) -> tuple[int, str]:
 
 
 def seal(db: Session, *, key: SigningKey | None = None, checkpoint_seconds: int = 300,
-         now: datetime | None = None, force_checkpoint: bool = False) -> int:
+         now: datetime | None = None, force_checkpoint: bool = False, wait: bool = False) -> int:
     """Chain every unsealed event (oldest id first) and, when due, sign a checkpoint. Returns how many events
-    were sealed. Commits."""
-    with _sealer(db) as mine:
+    were sealed. Commits. While another replica seals, returns 0 at once (it takes these events too), or with
+    ``wait`` waits for it to commit and then seals what is left: what a caller then reads is all sealed."""
+    with _sealer(db, wait) as mine:
         if not mine:
             return 0  # another replica is sealing right now; it will take ours too
         seq, prev = _head(db)

@@ -160,3 +160,35 @@ def test_due_sessions_and_concurrent_reapers(engine: Engine) -> None:
     for t in threads:
         t.join()
     assert sorted(wins) == ["expired", "silent"]  # each claimed exactly once
+
+
+def test_a_waiting_seal_covers_what_a_sealing_replica_commits(engine: Engine) -> None:
+    """The audit check (POST /v1/audit/verify) seals with ``wait``: while another replica holds the sealer's
+    lock (mid-seal, uncommitted), it waits, then seals and reads the whole chain, instead of checking the
+    part already committed (seen once in CI: 2 of 120 events checked, reported ok)."""
+    from pcigate_broker import audit
+
+    upgrade(engine)
+    sm = make_sessionmaker(engine)
+    t0 = datetime.now(UTC)
+    with sm() as db:
+        for i in range(3):
+            repo.audit(db, at=t0, action="session.open", outcome="success", actor=f"u{i}")
+        db.commit()
+    if engine.dialect.name != "postgresql":
+        with sm() as db:
+            assert audit.seal(db, wait=True) == 3
+        return
+    holder = sm()  # another replica, mid-seal
+    holder.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": audit._ADVISORY_KEY})
+    with sm() as db:
+        assert audit.seal(db) == 0  # the reaper's way: leave it to the replica that seals
+    timer = threading.Timer(0.5, holder.rollback)
+    timer.start()
+    try:
+        with sm() as db:
+            assert audit.seal(db, wait=True) == 3
+            assert audit.verify(db, key=None).events == 3
+    finally:
+        timer.join()
+        holder.close()

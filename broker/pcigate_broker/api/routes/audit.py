@@ -46,7 +46,8 @@ def list_events(
     for name, value in (("since", since), ("until", until)):
         if value is not None and value.tzinfo is None:
             raise ApiError(422, "validation_error", f"{name}: a timezone is required (e.g. Z)")
-    audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds)
+    audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds,
+               wait=True)
     q = select(AuditEvent).where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(limit)
     if since is not None:
         q = q.where(AuditEvent.at >= since)
@@ -71,7 +72,9 @@ def verify(
     """Seal what is pending, then check the whole chain, its signed checkpoints and the stored recordings.
     The check itself is an audit event (sealed by the next pass)."""
     _auditor(broker, identity)
-    audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds)
+    # wait for a sealing replica: otherwise its uncommitted part of the chain would be missing from the check
+    audit.seal(db, key=broker.audit_key, checkpoint_seconds=broker.settings.audit.checkpoint_seconds,
+               wait=True)
     if since is not None and since.tzinfo is None:
         raise ApiError(422, "validation_error", "since: a timezone is required (e.g. Z)")
     result = audit.verify(db, key=broker.audit_key, recording_path=broker.recordings.path_for,
