@@ -210,14 +210,6 @@ static void queue_splice(Relay *R, evlist_t *l, int urgent) {
         R->first_unnotified = now_mono();
 }
 
-static void queue_one(Relay *R, ev_t *e) {
-    evlist_t l = {NULL, NULL, 0};
-    if (e == NULL)
-        return; /* out of memory: the event is lost, the relay goes on */
-    list_push(&l, e);
-    queue_splice(R, &l, 1);
-}
-
 /* ---- framing: pcigate.wire.pg.MessageScanner, in C ------------------------------------------------- */
 
 /* The client message bodies that the tunnel's parsers (pcigate.wire.pg: parse_parse, parse_bind,
@@ -246,8 +238,6 @@ static const char *client_body_error(uint8_t type, const uint8_t *b, size_t n) {
             return "negative format count in Bind";
         return NULL;
     case 'C':
-        if (n == 0)
-            return "empty Close message";
         return memchr(b + 1, 0, n - 1) ? NULL : "unterminated string in message";
     default:
         return NULL;
@@ -412,26 +402,36 @@ static void stop_conn(Relay *R, size_t slot, conn_t *c, int side, const char *re
     e->kind = kind;
     e->t = now_mono();
     e->side = (uint8_t)side;
-    queue_one(R, e);
+    evlist_t l = {NULL, NULL, 0};
+    list_push(&l, e);
+    queue_splice(R, &l, 1);
 }
 
-/* write what direction d holds to its destination; 0 ok (maybe partial), -1 destination failed */
-static int flush_dir(conn_t *c, int d, int *err) {
-    dir_t *D = &c->dir[d];
-    int dst = c->fd[1 - d];
-    while (D->out_off < D->out_len) {
-        ssize_t w = send(dst, D->out + D->out_off, D->out_len - D->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+/* write p[*off:n] to fd without blocking, advancing *off; 0 (all written, or the socket is full), or the
+ * errno of a destination that failed */
+static int send_now(int fd, const uint8_t *p, size_t n, size_t *off) {
+    while (*off < n) {
+        ssize_t w = send(fd, p + *off, n - *off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return 0;
-            *err = errno;
-            return -1;
+            return errno;
         }
-        D->out_off += (size_t)w;
+        *off += (size_t)w;
     }
-    D->out_off = D->out_len = 0;
+    return 0;
+}
+
+/* write what direction d holds to its destination; 0 ok (maybe partial), -1 destination failed */
+static int flush_dir(conn_t *c, int d, int *err) {
+    dir_t *D = &c->dir[d];
+    *err = send_now(c->fd[1 - d], D->out, D->out_len, &D->out_off);
+    if (*err)
+        return -1;
+    if (D->out_off == D->out_len)
+        D->out_off = D->out_len = 0;
     return 0;
 }
 
@@ -449,18 +449,11 @@ static void on_data(Relay *R, size_t slot, conn_t *c, int d, const uint8_t *p, s
     queue_splice(R, &got, 0);
     dir_t *D = &c->dir[d];
     D->total += n;
-    size_t off = 0;
-    while (off < n) { /* write at once; only what the destination does not take now is copied */
-        ssize_t w = send(c->fd[1 - d], p + off, n - off, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            stop_conn(R, slot, c, 1 - d, strerror(errno), 2);
-            return;
-        }
-        off += (size_t)w;
+    size_t off = 0; /* write at once; only what the destination does not take now is copied */
+    int e = send_now(c->fd[1 - d], p, n, &off);
+    if (e) {
+        stop_conn(R, slot, c, 1 - d, strerror(e), 2);
+        return;
     }
     if (off < n) {
         uint8_t *nb = realloc(D->out, n - off);
@@ -542,7 +535,6 @@ static void closing_step(Relay *R, size_t slot, conn_t *c) {
     else
         set_interest(R, slot, c);
 }
-
 
 static void *relay_main(void *arg) {
     Relay *R = arg;
