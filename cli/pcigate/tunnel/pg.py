@@ -628,7 +628,7 @@ class _Conn(asyncio.Protocol):
         try:
             self._handshake()
         except ProtocolError as e:
-            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            self._client_malformed(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._rid is not None:
@@ -857,11 +857,11 @@ class _Conn(asyncio.Protocol):
             try:
                 self._client_msgs(payload, t)
             except ProtocolError as e:
-                self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+                self._client_malformed(e)
         elif kind == 3:
             side, msg = payload
             if side == 0:
-                self.fail(f"protocol_error: {msg}", "08P01", f"invalid message from the client: {msg}")
+                self._client_malformed(ProtocolError(msg))
             else:
                 self._server_malformed(ProtocolError(msg))
         else:
@@ -883,7 +883,7 @@ class _Conn(asyncio.Protocol):
             if msgs:
                 self._client_msgs(msgs)  # a framed message with a malformed body is as bad as bad framing
         except ProtocolError as e:
-            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            self._client_malformed(e)
             return
         up = self.up
         assert up is not None
@@ -1225,6 +1225,9 @@ class _Conn(asyncio.Protocol):
             raise ValueError("short DataRow")
         return RowPlan.of(["pan"] * max(_I16.unpack_from(body, 0)[0], 0))
 
+    def _client_malformed(self, e: ProtocolError) -> None:
+        self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+
     def _server_malformed(self, e: ProtocolError) -> None:
         self.tunnel._error(f"connection {self.n}: malformed data from the database: {e}")
         self.fail(f"protocol_error: server: {e}", "08P01", f"pcigate: malformed data from the database: {e}")
@@ -1558,7 +1561,7 @@ class _Conn(asyncio.Protocol):
                     self._in_batch = True
                 pos = end
         except ProtocolError as e:
-            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            self._client_malformed(e)
             return
         if pieces:
             pieces.append(bytes(buf[seg:pos]))
@@ -1593,7 +1596,7 @@ class _Conn(asyncio.Protocol):
             if msgs:
                 self._client_msgs(msgs)
         except ProtocolError as e:
-            self.fail(f"protocol_error: {e}", "08P01", f"invalid message from the client: {e}")
+            self._client_malformed(e)
             return False
         if any(infos):  # one per forwarded Query / Execute, in the order _client_msgs queued their _Stmt
             it = iter(infos)
