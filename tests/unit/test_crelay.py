@@ -238,31 +238,13 @@ def test_bytes_read_before_the_hand_over_go_first() -> None:
         p.close()
 
 
-def test_a_slow_reader_paces_the_writer(pair: Pair) -> None:
-    """The server side does not read: the relay holds at most one read of the client's bytes, so the
-    client's own send buffer fills up instead of the relay's memory."""
-    pair.client.setblocking(False)
-    stream = memoryview(pg.message(b"d", b"z" * 60_000) * 400)  # 24 MB of CopyData
-    sent = 0
-    while sent < len(stream):
-        try:
-            sent += pair.client.send(stream[sent:sent + 65536])
-        except BlockingIOError:
-            break
-    assert sent < 8 * 1024 * 1024  # socket buffers plus one read held by the relay
-    pair.server.settimeout(5)
-    got = 0
-    while got < sent:
-        got += len(pair.server.recv(1 << 20))
-    assert got == sent
-
-
 def _send_until_blocked(s: socket.socket, data: bytes) -> int:
     s.setblocking(False)
+    view = memoryview(data)
     sent = 0
     try:
-        while sent < len(data):
-            sent += s.send(data[sent:sent + 65536])
+        while sent < len(view):
+            sent += s.send(view[sent:sent + 65536])
     except BlockingIOError:
         pass
     return sent
@@ -274,6 +256,18 @@ def _read_to_end(s: socket.socket) -> bytes:
     while chunk := s.recv(1 << 16):
         out += chunk
     return out
+
+
+def test_a_slow_reader_paces_the_writer(pair: Pair) -> None:
+    """The server side does not read: the relay holds at most one read of the client's bytes, so the
+    client's own send buffer fills up instead of the relay's memory."""
+    sent = _send_until_blocked(pair.client, pg.message(b"d", b"z" * 60_000) * 400)  # 24 MB of CopyData
+    assert sent < 8 * 1024 * 1024  # socket buffers plus one read held by the relay
+    pair.server.settimeout(5)
+    got = 0
+    while got < sent:
+        got += len(pair.server.recv(1 << 20))
+    assert got == sent
 
 
 def test_a_side_that_hangs_up_while_the_other_reads_slowly_loses_nothing(pair: Pair) -> None:
