@@ -41,8 +41,6 @@ sys.path.insert(0, str(ROOT))
 from tests.benchmarks import bench_tunnel as bt  # noqa: E402
 from tests.stack.postgres import start_cluster  # noqa: E402
 
-from pcigate.tunnel.pg import RELAY_ENV  # noqa: E402
-
 STUB_FEED = r'''
 from pcigate.wire import pg as _pg
 _orig_feed = _pg.MessageScanner.feed
@@ -112,13 +110,11 @@ def main() -> int:
                 running[v] = (s, s.port, direct_env, None)
                 continue
             bt.RUNNER = PATCHES.get(v, "") + runner
-            if v in ("py", "pynorec"):
-                os.environ[RELAY_ENV] = "python"
             try:
-                t = bt.Tunnel(cluster, user, password, work, record=v not in ("norec", "pynorec"))
+                t = bt.Tunnel(cluster, user, password, work, record=v not in ("norec", "pynorec"),
+                              asyncio_relay=v in ("py", "pynorec"))
             finally:
                 bt.RUNNER = runner
-                os.environ.pop(RELAY_ENV, None)
             running[v] = (t, t.port, base_env | {"PGPASSFILE": str(t.passfile)}, t.proc.pid)
         tps: dict[str, list[float]] = {v: [] for v in variants}
         cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}

@@ -87,7 +87,8 @@ def vm_hwm_kib(pid: int) -> int:
 class Tunnel:
     def __init__(self, cluster: PgCluster, user: str, password: str, workdir: Path,
                  record: bool = True, policy: dict[str, object] | None = None,
-                 database: str = "bench") -> None:
+                 database: str = "bench", asyncio_relay: bool = False) -> None:
+        """``asyncio_relay``: every connection on the asyncio relay (PCIGATE_TUNNEL_RELAY=python)."""
         self.port = free_port()
         self.secret = secrets.token_urlsafe(24)
         self.recording = workdir / f"bench-{self.port}.rec"
@@ -95,8 +96,9 @@ class Tunnel:
                          "password": password, "sslmode": "disable"},
                "secret": self.secret, "port": self.port, "record": record, "recording": str(self.recording),
                "policy": policy}
+        env = os.environ | ({RELAY_ENV: "python"} if asyncio_relay else {})
         self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(cfg) + "\n")
@@ -216,11 +218,7 @@ def main() -> int:
         tunnel_env = base_env | {"PGPASSFILE": str(tunnel.passfile)}
         norec = Tunnel(cluster, user, password, work, record=False)
         norec_env = base_env | {"PGPASSFILE": str(norec.passfile)}
-        os.environ[RELAY_ENV] = "python"  # the runner process inherits it
-        try:
-            pyrelay = Tunnel(cluster, user, password, work)
-        finally:
-            del os.environ[RELAY_ENV]
+        pyrelay = Tunnel(cluster, user, password, work, asyncio_relay=True)
         pyrelay_env = base_env | {"PGPASSFILE": str(pyrelay.passfile)}
         paths = {"direct": (cluster.port, direct_env), "socat": (socat.port, direct_env),
                  "tunnel": (tunnel.port, tunnel_env), "tunnel, recording off": (norec.port, norec_env),
