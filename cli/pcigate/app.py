@@ -10,11 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import typer
+from pcigate import startup
 
-from pcigate import __version__
-from pcigate.commands import audit, connect, login, replay, requests, sessions, ssh, targets
-from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings
+startup.mark("start")  # the interpreter is up; typer and the commands are next
+
+import typer  # noqa: E402
+
+from pcigate import __version__  # noqa: E402
+from pcigate.commands import audit, connect, login, replay, requests, sessions, ssh, targets  # noqa: E402
+from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings  # noqa: E402
 
 
 def _new_app() -> typer.Typer:
@@ -123,7 +127,6 @@ app = build()
 def main() -> None:
     import os
 
-    from pcigate import startup
     from pcigate.errors import ExitCode, PcigateError
 
     startup.begin()  # until the command says its start-up is over (connect: tunnel ready) or returns

@@ -286,9 +286,11 @@ class Connector:
         if self._sign_in is not None:
             self._sign_in()
         # While the broker and OpenBao work (the GIL is free meanwhile), import what the tunnel needs.
+        startup.mark("request")
         with startup.Prefetch(TUNNEL_MODULES if _stdlib_loop() else (*TUNNEL_MODULES, "uvloop")):
             try:
                 opened = self.client.open_session(create)
+                startup.mark("response")
             except PcigateError as exc:
                 if getattr(exc, "broker_code", None) != "ssh_key_required":
                     raise
@@ -393,6 +395,7 @@ class Connector:
         try:
             await tunnel.check_upstream()
             port = await tunnel.start()
+            startup.mark("ready")
             startup.end()  # the tunnel is ready
             tasks = self._watch(opened, state)
             with passfile(port, secret) as pgpass:
@@ -439,6 +442,7 @@ class Connector:
                     STOP_SIGNALS, state.stop.set)
                 if not forwards:
                     handlers[signal.SIGINT] = lambda: None  # like ssh: Ctrl-C belongs to the remote side
+                startup.mark("ready")
                 startup.end()
                 with _signal_handlers(handlers):
                     status = await relay.run(state.stop, on_stop=lambda: self._notes(state))

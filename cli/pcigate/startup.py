@@ -14,6 +14,9 @@ httpx, asyncio, the tunnel and pglast. Three things here cut or hide some of it 
 * :class:`Prefetch`: imports modules in a background thread while the main thread waits for the network
   (the GIL is free then), e.g. the tunnel's while the broker and OpenBao mint the session's credentials.
 
+:func:`mark` tells where that time goes: with ``PCIGATE_TRACE_STARTUP=1`` in the environment, each phase of
+``connect``'s start-up writes a line on stderr (tests/benchmarks/bench_connect.py reads them).
+
 stdlib only: imported on the ``--help`` path.
 """
 
@@ -24,6 +27,7 @@ import importlib
 import os
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterable
 from types import TracebackType
@@ -33,6 +37,18 @@ from types import TracebackType
 UNUSED_MODULES = ("httpx._main",)
 
 _gc_deferred = False
+
+TRACE_ENV = "PCIGATE_TRACE_STARTUP"
+TRACE_PREFIX = "pcigate-startup"
+_trace = os.environ.get(TRACE_ENV) == "1"
+
+
+def mark(phase: str) -> None:
+    """With ``PCIGATE_TRACE_STARTUP=1``: ``pcigate-startup PHASE MS`` on stderr, MS the CLOCK_MONOTONIC time
+    in milliseconds (the clock every process shares, so a parent can subtract the time it spawned us)."""
+    if _trace:
+        sys.stderr.write(f"{TRACE_PREFIX} {phase} {time.monotonic() * 1000.0:.3f}\n")
+        sys.stderr.flush()
 
 # pydantic looks for plugins (get_plugins()) in this module, whose own import costs ~11 ms (importlib.metadata
 # and the email package, for an entry-point scan that PYDANTIC_DISABLE_PLUGINS then skips anyway).

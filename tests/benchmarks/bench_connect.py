@@ -36,6 +36,8 @@ import psutil
 from tests.stack.cli import pcigate_bin
 from tests.stack.stack import Stack
 
+from pcigate import startup
+
 ROOT = Path(__file__).resolve().parents[2]
 PERF = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench_connect:begin -->", "<!-- bench_connect:end -->"
@@ -53,7 +55,20 @@ def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
     out.append(peak)
 
 
-def time_connect(env: dict[str, str]) -> tuple[float, int]:
+# connect's start-up phases (pcigate.startup.mark), each from the previous mark (the first from the spawn)
+PHASES = (
+    ("start", "Python start (interpreter, site)"),
+    ("command", "`import pcigate.app` (typer, the commands) and typer's parsing (pydantic)"),
+    ("request", "the command's imports (session, models, asyncio, httpx) and the broker client's set-up"),
+    ("response", "the broker call, OpenBao's credentials included (the tunnel's imports run meanwhile)"),
+    ("ready", "waiting for those imports, spool entry, recording file, upstream login check, listen"),
+)
+
+
+def time_connect(env: dict[str, str]) -> tuple[float, int, dict[str, float]]:
+    """Seconds to a ready tunnel, the CLI's peak RSS, and the milliseconds of each of :data:`PHASES`."""
+    env = env | {startup.TRACE_ENV: "1"}
+    spawned = time.monotonic() * 1000.0
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [str(pcigate_bin()), "connect", "prod-db", "--no-exec", "--json"],
@@ -81,9 +96,16 @@ def time_connect(env: dict[str, str]) -> tuple[float, int]:
     rc = proc.wait(60)
     stop.set()
     sampler.join()
+    err = proc.stderr.read() if proc.stderr else ""
     if rc not in (0, 130):  # 130: ended by Ctrl-C, after a clean session end
-        raise RuntimeError(f"connect exited {rc}: {proc.stderr.read() if proc.stderr else ''}")
-    return ready, peaks[0] if peaks else 0
+        raise RuntimeError(f"connect exited {rc}: {err}")
+    prefix = startup.TRACE_PREFIX + " "
+    marks = dict(line.split()[1:3] for line in err.splitlines() if line.startswith(prefix))
+    phases, prev = {}, spawned
+    for name, _ in PHASES:
+        at = float(marks[name])
+        phases[name], prev = at - prev, at
+    return ready, peaks[0] if peaks else 0, phases
 
 
 def time_vault(stack: Stack) -> float:
@@ -144,11 +166,14 @@ def main() -> int:
         env = stack.cli_env(Path(home), token=stack.idp.workload_token())
         time_connect(env)  # warm-up: JWKS fetch and caches at the broker, page cache for imports
         vault, connect, helps, imports, libs, rss = [], [], [], [], [], []
+        phases: dict[str, list[float]] = {name: [] for name, _ in PHASES}
         for _ in range(args.rounds):
             vault.append(time_vault(stack))
-            ready, peak = time_connect(env)
+            ready, peak, took = time_connect(env)
             connect.append(ready)
             rss.append(peak)
+            for name, ms in took.items():
+                phases[name].append(ms)
             helps.append(time_help(env))
             imports.append(time_imports())
             libs.append(time_imports(LIBRARIES))
@@ -172,6 +197,10 @@ def main() -> int:
         f"| `pcigate --help` | {med['help']:.1f} ms | ≤ 150 ms "
         f"({'met' if med['help'] <= 150 else 'not met'}) |\n"
         f"| peak RSS of the `pcigate connect` process | {statistics.median(rss) / 2**20:.1f} MiB | — |\n"
+        "\nWhere `connect` spends it, phase by phase (`PCIGATE_TRACE_STARTUP=1`, marks on the monotonic "
+        "clock from the spawn; medians of each phase, so they need not add up to the median above):\n\n"
+        "| phase | median |\n|---|---|\n"
+        + "".join(f"| {label} | {statistics.median(phases[name]):.1f} ms |\n" for name, label in PHASES)
     )
     if not args.no_write:
         write_results(text)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from pcigate import errors
+from pcigate import errors, startup
 from pcigate.errors import ExitCode
 
 PCIGATE = Path(sys.executable).parent / "pcigate"
@@ -75,6 +76,27 @@ def test_broker_down_is_one_line_exit_6() -> None:
     assert proc.returncode == ExitCode.BROKER_UNAVAILABLE
     assert proc.stderr == "error: cannot reach the broker at http://127.0.0.1:9\n"
     assert "Traceback" not in proc.stderr
+
+
+def test_connect_marks_its_start_up_phases_only_when_asked() -> None:
+    """PCIGATE_TRACE_STARTUP=1 (tests/benchmarks/bench_connect.py): a line per phase on stderr, on the clock
+    every process shares, in order; the broker is down here, so the phases end at the request."""
+    args = ("--broker", "http://127.0.0.1:9", "connect", "prod-db", "--no-exec")
+    t0 = time.monotonic() * 1000.0
+    proc = run(*args, env={"PCIGATE_TOKEN": "x", startup.TRACE_ENV: "1"})
+    t1 = time.monotonic() * 1000.0
+    assert proc.returncode == ExitCode.BROKER_UNAVAILABLE
+    lines = proc.stderr.splitlines()
+    marks = [line.split() for line in lines if line.startswith(startup.TRACE_PREFIX + " ")]
+    assert [m[1] for m in marks] == ["start", "command", "request"]
+    times = [float(m[2]) for m in marks]
+    assert t0 < times[0] <= times[1] <= times[2] < t1
+    assert [line for line in lines if not line.startswith(startup.TRACE_PREFIX)] == [
+        "error: cannot reach the broker at http://127.0.0.1:9"
+    ]
+    quiet = run(*args, env={"PCIGATE_TOKEN": "x"})
+    assert quiet.returncode == ExitCode.BROKER_UNAVAILABLE
+    assert quiet.stderr == "error: cannot reach the broker at http://127.0.0.1:9\n"
 
 
 def test_bad_duration_is_usage_error() -> None:

@@ -40,6 +40,9 @@ def connect(
     records every statement; psql talks to the tunnel only. Arguments after `--` go to psql. When psql
     exits the credentials are revoked and the recording is uploaded.
     """
+    from pcigate import startup
+
+    startup.mark("command")  # typer has parsed the arguments (pydantic included)
     from pcigate.config import parse_duration
     from pcigate.session import ConnectRequest
 
