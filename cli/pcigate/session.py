@@ -290,7 +290,6 @@ class Connector:
         with startup.Prefetch(TUNNEL_MODULES if _stdlib_loop() else (*TUNNEL_MODULES, "uvloop")):
             try:
                 opened = self.client.open_session(create)
-                startup.mark("response")
             except PcigateError as exc:
                 if getattr(exc, "broker_code", None) != "ssh_key_required":
                     raise
@@ -301,6 +300,7 @@ class Connector:
                 self._ssh_key = EphemeralKey.generate()
                 opened = self.client.open_session(
                     create.model_copy(update={"public_key": self._ssh_key.public, "kind": "ssh"}))
+            startup.mark("response")
         # From here on the lease is live: every way out (a failing spool, a signal, an error) ends it.
         try:
             try:
