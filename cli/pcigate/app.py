@@ -5,14 +5,14 @@ Heavy imports live inside the commands: ``pcigate --help`` must stay fast.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated
-
 from pcigate import startup
 
-startup.mark("start")  # the interpreter is up; typer and the commands are next
+startup.mark("start")  # the interpreter is up; the libraries and the commands are next
+
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 

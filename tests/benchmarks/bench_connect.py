@@ -57,8 +57,8 @@ def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
 
 # connect's start-up phases (pcigate.startup.mark), each from the previous mark (the first from the spawn)
 PHASES = (
-    ("start", "Python start (interpreter, site)"),
-    ("command", "`import pcigate.app` (typer, the commands) and typer's parsing (pydantic)"),
+    ("start", "Python start (interpreter, site, the console script)"),
+    ("command", "`import pcigate.app` (pathlib, typer, the commands) and typer's parsing (pydantic)"),
     ("request", "the command's imports (session, models, asyncio, httpx) and the broker client's set-up"),
     ("response", "the broker call, OpenBao's credentials included (the tunnel's imports run meanwhile)"),
     ("ready", "waiting for those imports, spool entry, recording file, upstream login check, listen"),
