@@ -95,9 +95,28 @@ _DURATION_RE = re.compile(r"(\d+)\s*([smhd])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> int:
-    """``"90s"``, ``"30m"``, ``"1h"``, ``"1h30m"``, ``"2d"`` or plain seconds → seconds (> 0)."""
+# No duration pcigate takes is longer (sessions: 24 h); the bound keeps date arithmetic (`--since 999999d`)
+# and the text's size in range.
+MAX_DURATION_SECONDS = 10 * 365 * 86400
+_MAX_DURATION_TEXT = 64
+
+
+def format_duration(seconds: int) -> str:
+    """Seconds → ``"2h"``, ``"30m"`` or ``"45s"`` (the largest unit that divides it)."""
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def parse_duration(text: str, *, at_most: int = MAX_DURATION_SECONDS) -> int:
+    """``"90s"``, ``"30m"``, ``"1h"``, ``"1h30m"``, ``"2d"`` or plain seconds → seconds, more than zero and
+    at most ``at_most``."""
     value = text.strip().lower()
+    if len(value) > _MAX_DURATION_TEXT:
+        raise UsageError(f"invalid duration {text[:20]!r}... ({len(text)} characters)",
+                         hint='use a duration like "90s", "30m" or "1h"')
     if value.isdigit():
         seconds = int(value)
     else:
@@ -112,6 +131,8 @@ def parse_duration(text: str) -> int:
             raise UsageError(f"invalid duration {text!r}", hint='use a duration like "90s", "30m" or "1h"')
     if seconds <= 0:
         raise UsageError(f"invalid duration {text!r}: must be more than zero")
+    if seconds > at_most:
+        raise UsageError(f"invalid duration {text!r}: at most {format_duration(at_most)}")
     return seconds
 
 

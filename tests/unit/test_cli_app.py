@@ -99,6 +99,14 @@ def test_connect_marks_its_start_up_phases_only_when_asked() -> None:
     assert quiet.stderr == "error: cannot reach the broker at http://127.0.0.1:9\n"
 
 
+@pytest.mark.parametrize(("cmd", "text"), [("connect", "99999h"), ("ssh", "25h")])
+def test_a_session_longer_than_a_day_is_a_usage_error(cmd: str, text: str) -> None:
+    target = "prod-db" if cmd == "connect" else "web-1"
+    proc = run(cmd, target, "--for", text, env={"PCIGATE_TOKEN": "x"})
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr == f"error: invalid duration '{text}': at most 24h\n"
+
+
 def test_bad_duration_is_usage_error() -> None:
     proc = run("connect", "prod-db", "--for", "soon", env={"PCIGATE_TOKEN": "x"})
     assert proc.returncode == ExitCode.USAGE

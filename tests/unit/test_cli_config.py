@@ -6,7 +6,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pcigate.config import parse_duration, parse_time, spool_dir, state_dir
+from pcigate.config import (
+    MAX_DURATION_SECONDS,
+    format_duration,
+    parse_duration,
+    parse_time,
+    spool_dir,
+    state_dir,
+)
 from pcigate.errors import ExitCode, UsageError
 
 
@@ -23,6 +30,26 @@ def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(UsageError) as err:
         parse_duration(text)
     assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_parse_duration_bounds() -> None:
+    """Too long a duration is a usage error naming the bound, never an overflow or a model's error later."""
+    assert parse_duration("24h", at_most=24 * 3600) == 86400
+    with pytest.raises(UsageError, match=r"^invalid duration '25h': at most 24h$"):
+        parse_duration("25h", at_most=24 * 3600)
+    assert parse_duration(f"{MAX_DURATION_SECONDS}") == MAX_DURATION_SECONDS
+    for text in (f"{MAX_DURATION_SECONDS + 1}", "99999999999d", "9" * 5000, "1h" * 40):
+        with pytest.raises(UsageError) as err:
+            parse_duration(text)
+        assert len(err.value.message) < 80
+    with pytest.raises(UsageError, match="invalid time"):
+        parse_time("99999999999d")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(7200, "2h"), (1800, "30m"), (90, "90s"), (3660, "61m")])
+def test_format_duration(seconds: int, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
 
 
 def test_parse_time() -> None:

@@ -44,12 +44,13 @@ def connect(
 
     startup.mark("command")  # typer has parsed the arguments (pydantic included)
     from pcigate.config import parse_duration
+    from pcigate.models import MAX_SESSION_SECONDS
     from pcigate.session import ConnectRequest
 
     request = ConnectRequest(
         target=target,
         level=level,
-        ttl_seconds=parse_duration(duration) if duration else None,
+        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration else None,
         port=port,
         no_exec=no_exec,
         psql_args=list(psql_args or []),

@@ -27,12 +27,13 @@ def ssh(
     pcigate's.
     """
     from pcigate.config import parse_duration
+    from pcigate.models import MAX_SESSION_SECONDS
     from pcigate.session import ConnectRequest
 
     request = ConnectRequest(
         target=target,
         level=level,
-        ttl_seconds=parse_duration(duration) if duration else None,
+        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration else None,
         kind="ssh",
         command=list(command or []),
     )

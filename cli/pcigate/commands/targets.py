@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from pcigate.commands._common import JsonOpt, broker, output
+from pcigate.config import format_duration
 
 if TYPE_CHECKING:
     from rich.tree import Tree
@@ -21,14 +22,6 @@ ShowPolicyOpt = Annotated[
         "(masking, column rules, guardrails).",
     ),
 ]
-
-
-def _ttl(seconds: int) -> str:
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600}h"
-    if seconds % 60 == 0:
-        return f"{seconds // 60}m"
-    return f"{seconds}s"
 
 
 def _address(t: TargetInfo) -> str:
@@ -88,7 +81,7 @@ def _policy_tree(items: list[TargetInfo]) -> Tree:
                 Text(
                     f"level {lv.name}{' (default)' if lv.name == t.default_level else ''}"
                     f"{' (on request: ' + (lv.approvals or '') + ')' if lv.request_only else ''}"
-                    f", max {_ttl(lv.max_ttl_seconds)}, policy {pol.digest[:12]}",
+                    f", max {format_duration(lv.max_ttl_seconds)}, policy {pol.digest[:12]}",
                     style="bold",
                 )
             )
@@ -123,7 +116,7 @@ def targets(ctx: typer.Context, json_flag: JsonOpt = False, show_policy: ShowPol
                 "levels (max ttl)",
                 lambda t: ", ".join(
                     f"{lv.name}{'*' if lv.name == t.default_level else ''}{'+' if lv.request_only else ''}"
-                    f" ({_ttl(lv.max_ttl_seconds)})"
+                    f" ({format_duration(lv.max_ttl_seconds)})"
                     for lv in t.levels
                 ),
             ),
