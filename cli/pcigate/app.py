@@ -148,7 +148,16 @@ def main() -> None:
     except Exception as exc:  # a bug: one line, no traceback (PCIGATE_DEBUG=1 shows it)
         if os.environ.get("PCIGATE_DEBUG"):
             raise
-        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc}\n")
+        core = sys.modules.get("pydantic_core")
+        if core is not None and isinstance(exc, core.ValidationError):
+            # a request model refused the command's arguments (e.g. a 200-character target name): what the
+            # broker, the IdP, the keyring and the spool return is validated, and reported, where it is read
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or exc.title
+            sys.stderr.write(f"error: invalid {where}: {first['msg']}\n")
+            sys.exit(int(ExitCode.USAGE))
+        text = " ".join(str(exc).split())[:300]  # one line, whatever the exception's text holds
+        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {text}\n")
         sys.stderr.write("hint: set PCIGATE_DEBUG=1 to see the traceback\n")
         sys.exit(int(ExitCode.ERROR))
     finally:

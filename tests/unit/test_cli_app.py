@@ -107,6 +107,22 @@ def test_a_session_longer_than_a_day_is_a_usage_error(cmd: str, text: str) -> No
     assert proc.stderr == f"error: invalid duration '{text}': at most 24h\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["connect", "x" * 3000], "error: invalid target: String should have at most 128 characters\n"),
+        (
+            ["connect", "prod-db", "--level", "l" * 65],
+            "error: invalid level: String should have at most 64 characters\n",
+        ),
+    ],
+)
+def test_arguments_a_request_model_refuses_are_one_usage_line(args: list[str], line: str) -> None:
+    proc = run(*args, "--no-exec", env={"PCIGATE_TOKEN": "x"})
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr == line
+
+
 def test_bad_duration_is_usage_error() -> None:
     proc = run("connect", "prod-db", "--for", "soon", env={"PCIGATE_TOKEN": "x"})
     assert proc.returncode == ExitCode.USAGE
