@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pcigate import __version__, spool, startup
 from pcigate.config import Settings, psql_binary, spool_dir
-from pcigate.errors import NotFound, PcigateError, RecordingError, UsageError
+from pcigate.errors import NotFound, PcigateError, PortInUse, RecordingError, UsageError
 from pcigate.models import DatabaseCredentials, SessionCreate, SessionOpened
 
 if TYPE_CHECKING:
@@ -200,6 +200,18 @@ def resolve_psql() -> str:
     return found
 
 
+def check_port_free(port: int) -> None:
+    """A ``--port`` that is taken fails before any session exists (no credentials minted for nothing). The
+    tunnel binds it again when it starts: a port taken in between fails there, and the session is ended."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the tunnel's listener
+        try:
+            probe.bind((LOCAL_HOST, port))
+        except OSError as e:
+            raise PortInUse(f"cannot listen on {LOCAL_HOST}:{port}: {e.strerror or e}",
+                            hint="choose another port with --port, or 0 for any") from None
+
+
 def _stdlib_loop() -> bool:
     return os.environ.get("PCIGATE_EVENT_LOOP", "").lower() == "asyncio"
 
@@ -264,6 +276,8 @@ class Connector:
                 binary = resolve_psql()
             except UsageError as exc:
                 missing = exc  # only an error if the target turns out to be a database
+        if request.port and not request.forwards and request.kind != "ssh":
+            check_port_free(request.port)
         # SIGTERM/SIGHUP outside the event loop (opening, closing): unwind through the clean-up like Ctrl-C
         # instead of dying with a live lease. Inside the loop, the handlers below take over.
         for sig in (signal.SIGTERM, signal.SIGHUP):

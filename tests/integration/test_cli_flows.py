@@ -187,19 +187,29 @@ def test_token_file_is_used_as_is(stack: Stack, cli_home: Path, run_cli, tmp_pat
     assert json.loads(r.stdout)["subject"] == "ci-bot"
 
 
-def test_port_in_use_is_exit_9(login, run_cli, stack: Stack) -> None:
+def test_port_in_use_is_exit_9_before_any_session(login, run_cli, stack: Stack) -> None:
     assert login("alice", device=False).code == 0
+
+    def newest() -> str | None:
+        r = run_cli(["sessions", "--limit", "1", "--json"])
+        assert r.code == 0, r.output
+        items = json.loads(r.stdout)
+        return str(items[0]["session_id"]) if items else None
+
+    before, leases = newest(), set(stack.bao.leases())
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         r = run_cli(["connect", "prod-db", "--port", str(port), "--", "-c", "select 1"])
     assert r.code == 9, r.output
-    assert r.stderr.count("error: ") == 1
-    # the session that could not start was still ended: no lease left behind
-    last = _last_session(run_cli)
-    assert last["status"] != "active"
-    assert last["lease_id"] not in stack.bao.leases()
+    assert r.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use",
+        "hint: choose another port with --port, or 0 for any",
+    ]
+    # it failed before asking the broker: no session, no credentials minted
+    assert newest() == before
+    assert set(stack.bao.leases()) <= leases
 
 
 def test_no_exec_waits_for_ctrl_c(login, cli_env, stack: Stack) -> None:
