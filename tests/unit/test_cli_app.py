@@ -133,6 +133,29 @@ def test_unknown_option_is_usage() -> None:
     assert run("targets", "--nope").returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"a" * (64 * 1024), "is larger than 16 KiB: not a token"),
+        (b"\xff\xfe\x00token", "is not text: not a token"),
+        (b"  \n", "is empty"),
+    ],
+)
+def test_a_token_file_holding_no_token_is_a_usage_error(tmp_path: Path, content: bytes, error: str) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    proc = run("--broker", "http://127.0.0.1:9", "--token-file", str(path), "targets")
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr == f"error: the token file {path} {error}\n"
+
+
+def test_a_token_file_that_never_ends_is_refused_at_once() -> None:
+    """Only the first 16 KiB are read: a wrong path to a device does not fill memory."""
+    proc = run("--broker", "http://127.0.0.1:9", "--token-file", "/dev/zero", "targets")
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr == "error: the token file /dev/zero is larger than 16 KiB: not a token\n"
+
+
 def test_missing_token_file(tmp_path: Path) -> None:
     proc = run("--token-file", str(tmp_path / "absent"), "whoami")
     assert proc.returncode == 2

@@ -25,11 +25,25 @@ LOGIN_HINT = "run: pcigate login"
 REFRESH_MARGIN_SECONDS = 60.0
 
 
+# A workload token is a JWT of a few KiB; the broker refuses more than 16 KiB. Reading stops there, so a
+# wrong path (a log file, /dev/zero) fails at once instead of filling memory.
+MAX_TOKEN_FILE_BYTES = 16 * 1024
+
+
 def _read_token_file(path: Path) -> str:
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise UsageError(
+            f"the token file {path} is larger than {MAX_TOKEN_FILE_BYTES // 1024} KiB: not a token"
+        )
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"the token file {path} is not text: not a token") from None
     if not token:
         raise UsageError(f"the token file {path} is empty")
     return token
