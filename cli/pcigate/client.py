@@ -54,6 +54,16 @@ UPLOAD_CHUNK = 256 * 1024
 _TARGETS = TypeAdapter(list[TargetInfo])
 
 
+def _sid(session_id: str) -> str:
+    """A session id as one URL path segment. Ids are URL-safe tokens; anything else a user may type (empty,
+    ``..``, ``?a=b``, ``../targets``) names no session, and must not become another route."""
+    if not session_id or session_id in (".", "..") or len(session_id) > 128 or not all(
+        c.isascii() and (c.isalnum() or c in "-_.") for c in session_id
+    ):
+        raise NotFound("no such session")
+    return session_id
+
+
 def _seg(value: str) -> str:
     """One URL path segment (an id typed by the user may hold anything)."""
     from urllib.parse import quote
@@ -213,10 +223,11 @@ class BrokerClient:
         return self._model(SessionOpened, self._request("POST", "/v1/sessions", json=body))
 
     def heartbeat(self, session_id: str) -> SessionSummary:
-        return self._model(SessionSummary, self._request("POST", f"/v1/sessions/{session_id}/heartbeat"))
+        path = f"/v1/sessions/{_sid(session_id)}/heartbeat"
+        return self._model(SessionSummary, self._request("POST", path))
 
     def end_session(self, session_id: str) -> SessionSummary:
-        return self._model(SessionSummary, self._request("POST", f"/v1/sessions/{session_id}/end"))
+        return self._model(SessionSummary, self._request("POST", f"/v1/sessions/{_sid(session_id)}/end"))
 
     def upload_recording(
         self,
@@ -237,7 +248,7 @@ class BrokerClient:
 
         response = self._request(
             "PUT",
-            f"/v1/sessions/{session_id}/recording",
+            f"/v1/sessions/{_sid(session_id)}/recording",
             content=chunks,
             headers={
                 "X-Content-SHA256": sha256,
@@ -273,7 +284,7 @@ class BrokerClient:
         return self._model(SessionPage, self._request("GET", "/v1/sessions", params=params))
 
     def get_session(self, session_id: str) -> SessionSummary:
-        return self._model(SessionSummary, self._request("GET", f"/v1/sessions/{session_id}"))
+        return self._model(SessionSummary, self._request("GET", f"/v1/sessions/{_sid(session_id)}"))
 
     # audit log (pcigate.audit_models) -------------------------------------------------------------------
     def audit_events(self, *, since: datetime | None = None, until: datetime | None = None,
@@ -300,7 +311,7 @@ class BrokerClient:
         digest = hashlib.sha256()
         size = 0
         try:
-            with self._http.stream("GET", f"/v1/sessions/{_seg(session_id)}/recording", headers=headers,
+            with self._http.stream("GET", f"/v1/sessions/{_sid(session_id)}/recording", headers=headers,
                                    params={"format": format} if format != "pcigate" else None) as r:
                 if r.status_code >= 400:
                     r.read()

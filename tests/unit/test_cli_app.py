@@ -123,6 +123,15 @@ def test_arguments_a_request_model_refuses_are_one_usage_line(args: list[str], l
     assert proc.stderr == line
 
 
+@pytest.mark.parametrize("sid", ["", ".", "..", "?a=b", "#", "../targets", "a/b", "é"])
+def test_a_session_id_that_cannot_be_one_names_no_session(sid: str) -> None:
+    """It never becomes another route of the broker (``../targets`` was GET /v1/targets)."""
+    for args in (["sessions", "show", sid], ["replay", sid]):
+        proc = run("--broker", "http://127.0.0.1:9", *args, env={"PCIGATE_TOKEN": "x"})
+        assert proc.returncode == ExitCode.NOT_FOUND, proc.stderr
+        assert proc.stderr == "error: no such session\n"
+
+
 def test_bad_duration_is_usage_error() -> None:
     proc = run("connect", "prod-db", "--for", "soon", env={"PCIGATE_TOKEN": "x"})
     assert proc.returncode == ExitCode.USAGE
