@@ -161,14 +161,6 @@ async def end_child(proc: _Child, exited: asyncio.Future[Any], grace: float,
         proc.kill()
 
 
-def _state_error(exc: OSError) -> RecordingError:
-    where = exc.filename or spool_dir(create=False)
-    return RecordingError(
-        f"cannot write the session state to {where}: {exc.strerror or exc}",
-        hint="free some disk space or fix the permissions of the state directory (PCIGATE_STATE_DIR)",
-    )
-
-
 @contextlib.contextmanager
 def _signal_handlers(handlers: dict[signal.Signals, Callable[[], object]]) -> Iterator[None]:
     """The running loop's handlers for these signals while the block runs (where the loop can have them)."""
@@ -323,7 +315,7 @@ class Connector:
                 spooled = True
                 recorder = self._recorder(opened, request)
             except OSError as exc:
-                raise _state_error(exc) from exc
+                raise spool.state_error(exc) from exc
             if opened.kind == "postgres" and missing is not None:
                 raise missing
             with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -131,6 +131,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_error(exc: OSError) -> RecordingError:
+    """The state directory (the spool) cannot be written or read: one line naming it."""
+    where = exc.filename or spool_dir(create=False)
+    return RecordingError(
+        f"cannot write the session state to {where}: {exc.strerror or exc}",
+        hint="free some disk space or fix the permissions of the state directory (PCIGATE_STATE_DIR)",
+    )
+
+
+def unreadable() -> list[Path]:
+    """Spool entries (``<id>.json``) that do not parse: no sync can settle them, an operator must look."""
+    return [meta for meta in sorted(spool_dir().glob("*.json")) if read_entry(meta) is None]
+
+
 def pending(broker: str | None = None) -> list[SpoolEntry]:
     d = spool_dir()
     out: list[SpoolEntry] = []
@@ -161,8 +175,13 @@ def settle(
     if entry.end_owed:
         # First, before touching the spool directory: a broken spool (full disk, bad permissions) must never
         # keep the lease alive.
-        with contextlib.suppress(NotFound):  # the broker does not know it (any more): nothing to end
-            client.end_session(entry.session_id)
+        try:
+            with contextlib.suppress(NotFound):  # the broker does not know it (any more): nothing to end
+                client.end_session(entry.session_id)
+        except VaultUnavailable:
+            # the broker has ended the session and owes the revocation, which it retries on its own: the
+            # recording is still to upload
+            result.error = "OpenBao could not revoke the lease yet; the broker retries"
         entry = entry.model_copy(update={"end_owed": False})
         with contextlib.suppress(OSError):  # best effort: a repeated end is harmless
             write_entry(entry)
@@ -207,23 +226,31 @@ def flush(
     include_rejected: bool = True,
     progress: Progress | None = None,
 ) -> list[SyncResult]:
+    """Settle this broker's spooled sessions, each on its own: one that cannot be settled (a recording the
+    broker refuses, a damaged file) is kept with its error and the others go on. Only what stops them all
+    propagates: the broker unreachable, the sign-in refused. Unreadable entries are reported as kept."""
     results: list[SyncResult] = []
     for entry in pending(settings.broker_url):
         if entry.rejected and not include_rejected:
             continue
-        with session_lock(entry.session_id, wait=False) as locked:
-            if not locked:
-                continue  # a live session (or another sync) owns it
-            fresh = read_entry(_paths(entry.session_id)[1])
-            if fresh is None:
-                continue  # settled meanwhile
-            try:
+        try:
+            with session_lock(entry.session_id, wait=False) as locked:
+                if not locked:
+                    continue  # a live session (or another sync) owns it
+                fresh = read_entry(_paths(entry.session_id)[1])
+                if fresh is None:
+                    continue  # settled meanwhile
                 result, _ = settle(client, fresh, progress=progress)
-            except (BrokerUnavailable, VaultUnavailable, AuthRequired):
-                raise
-            except PcigateError as exc:
-                result = SyncResult(session_id=entry.session_id, kept=True, error=exc.message)
-            results.append(result)
+        except (BrokerUnavailable, AuthRequired):
+            raise
+        except PcigateError as exc:
+            result = SyncResult(session_id=entry.session_id, kept=True, error=exc.message)
+        except OSError as exc:
+            result = SyncResult(session_id=entry.session_id, kept=True, error=state_error(exc).message)
+        results.append(result)
+    for meta in unreadable():
+        results.append(SyncResult(session_id=meta.stem, kept=True,
+                                  error=f"unreadable spool entry {meta}: left for an operator"))
     return results
 
 

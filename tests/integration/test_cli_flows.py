@@ -336,6 +336,59 @@ def test_broker_down_at_exit_spools_then_sync_uploads(stack: Stack, login, run_c
     assert summary["lease_id"] not in stack.bao.leases()
 
 
+def test_sync_settles_each_entry_on_its_own(stack: Stack, login, run_cli, cli_env) -> None:
+    """A spool entry that cannot be settled (a damaged file, an unsafe id, an unreadable entry) is kept and
+    reported, and does not stop the others; a lease OpenBao cannot revoke at the end (its role was dropped
+    behind its back) leaves the revocation to the broker and the recording is uploaded all the same."""
+    assert login("alice", device=False).code == 0
+    roles_before = set(stack.leftover_roles())
+    argv = ["connect", "prod-db", "--", "-X", "-A", "-t", "-c", "select pg_sleep(2), 'done'"]
+    cli = CliProcess(argv, cli_env)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(n.endswith(".rec") for n in _spool_files(cli_env)):
+            assert time.monotonic() < deadline, cli.stderr
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert stack.broker is not None
+        stack.broker.kill()
+        r = cli.wait(60)
+    finally:
+        cli.kill()
+        assert stack.broker is not None
+        stack.broker.restart()
+    assert r.code == 0, r.output
+    session_id = next(n for n in _spool_files(cli_env) if n.endswith(".rec"))[: -len(".rec")]
+    # the session's role is dropped behind OpenBao's back: its revocation statements now fail
+    for role in set(stack.leftover_roles()) - roles_before:
+        stack.pg.psql(f'SET ROLE bao_admin; REVOKE CONNECT ON DATABASE prod FROM "{role}"; RESET ROLE; '
+                      f'DROP ROLE "{role}"')
+    # damaged entries that sort before the real one
+    spool = _state(cli_env) / "spool"
+    meta = {"broker": stack.broker_url, "end_owed": False, "created_at": "2026-12-04T00:00:00Z"}
+    (spool / "0000dir.json").write_text(json.dumps(meta | {"session_id": "0000dir"}))
+    (spool / "0000dir.rec").mkdir()
+    (spool / "0001unsafe.json").write_text(json.dumps(meta | {"session_id": "../../etc/x"}))
+    (spool / "0002unreadable.json").write_text("{not json")
+
+    sync = run_cli(["sessions", "sync"])
+    assert sync.code == 13, sync.output
+    err = sync.stderr
+    assert f"session {session_id}: recording uploaded" in err, err
+    assert f"session {session_id}: OpenBao could not revoke the lease yet; the broker retries" in err, err
+    assert "session 0000dir: kept in the spool: " in err, err
+    assert "0000dir.rec: Is a directory" in err, err
+    assert "session ../../etc/x: kept in the spool: refusing an unsafe session id" in err, err
+    assert "session 0002unreadable: kept in the spool: unreadable spool entry" in err, err
+    assert "Traceback" not in err
+    assert not any(n.startswith(session_id) and not n.endswith(".lock") for n in _spool_files(cli_env))
+    summary = json.loads(run_cli(["sessions", "show", session_id, "--json"]).stdout)
+    assert summary["status"] != "active"
+    assert summary["recording_sha256"]
+    # its role is gone; the lease OpenBao can no longer revoke is removed by force, as an operator would
+    stack.bao.api("PUT", f"sys/leases/revoke-force/{summary['lease_id']}")
+
+
 def test_spool_is_flushed_by_the_next_command(stack: Stack, login, run_cli, cli_env) -> None:
     assert login("alice", device=False).code == 0
     cli = CliProcess(["connect", "prod-db", "--", "-X", "-c", "select pg_sleep(1.5)"], cli_env)

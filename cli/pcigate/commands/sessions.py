@@ -93,7 +93,10 @@ def sync(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
     out = output(ctx, json_flag)
     s = settings(ctx)
     with broker(ctx, sync_spool=False) as client:
-        results = spool.flush(client, s, progress=out.progress)
+        try:
+            results = spool.flush(client, s, progress=out.progress)
+        except OSError as exc:  # the spool directory itself (each entry's own failures are in the results)
+            raise spool.state_error(exc) from None
     if out.json_mode:
         out.json(results)
     else:
