@@ -132,6 +132,13 @@ def test_a_session_id_that_cannot_be_one_names_no_session(sid: str) -> None:
         assert proc.stderr == "error: no such session\n"
 
 
+@pytest.mark.parametrize("cmd", [["connect", "prod-db"], ["ssh", "web-1"]])
+def test_an_empty_duration_is_refused_not_ignored(cmd: list[str]) -> None:
+    proc = run(*cmd, "--for=", env={"PCIGATE_TOKEN": "x"})
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.startswith("error: invalid duration ''\n")
+
+
 def test_bad_duration_is_usage_error() -> None:
     proc = run("connect", "prod-db", "--for", "soon", env={"PCIGATE_TOKEN": "x"})
     assert proc.returncode == ExitCode.USAGE

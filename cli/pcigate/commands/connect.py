@@ -50,7 +50,7 @@ def connect(
     request = ConnectRequest(
         target=target,
         level=level,
-        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration else None,
+        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration is not None else None,
         port=port,
         no_exec=no_exec,
         psql_args=list(psql_args or []),

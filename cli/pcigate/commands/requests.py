@@ -66,8 +66,8 @@ def request(
 
     if connect_after and not wait:
         raise UsageError("--connect needs --wait")
-    seconds = parse_duration(duration) if duration else None
-    limit = parse_duration(timeout) if timeout else None
+    seconds = parse_duration(duration) if duration is not None else None
+    limit = parse_duration(timeout) if timeout is not None else None
     out = output(ctx, json_flag)
     with broker(ctx) as client:
         info = client.create_request(

@@ -33,7 +33,7 @@ def ssh(
     request = ConnectRequest(
         target=target,
         level=level,
-        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration else None,
+        ttl_seconds=parse_duration(duration, at_most=MAX_SESSION_SECONDS) if duration is not None else None,
         kind="ssh",
         command=list(command or []),
     )
