@@ -323,6 +323,8 @@ class Connector:
         except BaseException as exc:
             error = exc
         finally:
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # the event loop's handlers went with it
+                signal.signal(sig, _interrupt)
             try:
                 if spooled:
                     self._finish(opened, recorder, interrupted=isinstance(error, KeyboardInterrupt))
@@ -618,6 +620,11 @@ class Connector:
             self.out.warn(f"could not save session {sid} in the spool: {exc.strerror or exc}")
         try:
             result, receipt = spool.settle(self.client, entry, progress=self.out.progress)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP while ending: what is left stays in the spool
+            self.out.warn(f"interrupted: session {sid} is kept in the spool")
+            self.out.info("the next pcigate command or `pcigate sessions sync` ends it and uploads its "
+                          "recording")
+            raise
         except OSError as exc:  # raised after the session end (spool.settle ends it first)
             self.out.warn(f"session {sid} ended, but the spool failed: {exc.strerror or exc}")
             return
@@ -640,3 +647,5 @@ class Connector:
             self.out.info(f"session {sid} ended; recording uploaded ({receipt.events} events)")
         else:
             self.out.info(f"session {sid} ended")
+        if result.error:  # e.g. OpenBao could not revoke the lease yet (the broker retries)
+            self.out.warn(f"session {sid}: {result.error}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import time
@@ -387,6 +388,47 @@ def test_sync_settles_each_entry_on_its_own(stack: Stack, login, run_cli, cli_en
     assert summary["recording_sha256"]
     # its role is gone; the lease OpenBao can no longer revoke is removed by force, as an operator would
     stack.bao.api("PUT", f"sys/leases/revoke-force/{summary['lease_id']}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_session_ends_says_what_is_kept(stack: Stack, login, run_cli, cli_env,
+                                                           sig: signal.Signals) -> None:
+    """The broker hangs (SIGSTOP) as psql finishes, so the CLI waits in its end call; Ctrl-C or SIGTERM then
+    stops it with a line saying the session is kept in the spool, and the next sync ends and uploads it."""
+    assert login("alice", device=False).code == 0
+    argv = ["connect", "prod-db", "--", "-X", "-A", "-t", "-c", "select pg_sleep(1.5), 'done'"]
+    cli = CliProcess(argv, cli_env)
+    assert stack.broker is not None
+    assert stack.broker.proc is not None
+    broker_pid = stack.broker.proc.pid
+    stopped = False
+    try:
+        deadline = time.monotonic() + 20
+        while not any(n.endswith(".rec") for n in _spool_files(cli_env)):
+            assert time.monotonic() < deadline, cli.stderr
+            time.sleep(0.05)
+        os.kill(broker_pid, signal.SIGSTOP)
+        stopped = True
+        while "done" not in cli.stdout:
+            assert time.monotonic() < deadline + 10, cli.output
+            time.sleep(0.05)
+        time.sleep(0.5)  # psql has exited; the CLI is in its end call
+        cli.proc.send_signal(sig)
+        r = cli.wait(30)
+    finally:
+        cli.kill()
+        if stopped:
+            os.kill(broker_pid, signal.SIGCONT)
+    assert r.code == 130, r.output
+    assert re.search(r"warning: interrupted: session \S+ is kept in the spool", r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+    session_id = next(n for n in _spool_files(cli_env) if n.endswith(".rec"))[: -len(".rec")]
+    sync = run_cli(["sessions", "sync"])
+    assert sync.code == 0, sync.output
+    assert f"session {session_id}: recording uploaded" in sync.stderr
+    summary = json.loads(run_cli(["sessions", "show", session_id, "--json"]).stdout)
+    assert summary["status"] != "active"
+    assert summary["lease_id"] not in stack.bao.leases()
 
 
 def test_spool_is_flushed_by_the_next_command(stack: Stack, login, run_cli, cli_env) -> None:
