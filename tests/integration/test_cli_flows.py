@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.stack.cli import CliProcess
+from tests.stack.cli import CliProcess, CliResult
 from tests.stack.cli import last_session as _last_session
 from tests.stack.stack import Stack
 
@@ -298,8 +298,9 @@ def test_password_never_reaches_psql(stack: Stack, login, run_cli, cli_env, tmp_
     assert secret not in next(stack.recordings_dir.rglob(sha)).read_text()
 
 
-def test_broker_down_at_exit_spools_then_sync_uploads(stack: Stack, login, run_cli, cli_env) -> None:
-    assert login("alice", device=False).code == 0
+def _connect_while_the_broker_crashes(stack: Stack, cli_env: dict[str, str]) -> CliResult:
+    """``connect prod-db`` running a 2 s query, its broker killed meanwhile (then restarted): the session's
+    end and its recording are left in the spool."""
     cli = CliProcess(
         ["connect", "prod-db", "--", "-X", "-A", "-t", "-c", "select pg_sleep(2), 'done'"], cli_env
     )
@@ -311,11 +312,16 @@ def test_broker_down_at_exit_spools_then_sync_uploads(stack: Stack, login, run_c
         time.sleep(0.3)
         assert stack.broker is not None
         stack.broker.kill()  # gone without a goodbye, like a crash or a network cut
-        r = cli.wait(60)
+        return cli.wait(60)
     finally:
         cli.kill()
         assert stack.broker is not None
         stack.broker.restart()
+
+
+def test_broker_down_at_exit_spools_then_sync_uploads(stack: Stack, login, run_cli, cli_env) -> None:
+    assert login("alice", device=False).code == 0
+    r = _connect_while_the_broker_crashes(stack, cli_env)
     assert "done" in r.stdout, r.output
     assert r.code == 0, r.output
     assert "cannot reach the broker" in r.stderr
@@ -343,21 +349,7 @@ def test_sync_settles_each_entry_on_its_own(stack: Stack, login, run_cli, cli_en
     behind its back) leaves the revocation to the broker and the recording is uploaded all the same."""
     assert login("alice", device=False).code == 0
     roles_before = set(stack.leftover_roles())
-    argv = ["connect", "prod-db", "--", "-X", "-A", "-t", "-c", "select pg_sleep(2), 'done'"]
-    cli = CliProcess(argv, cli_env)
-    try:
-        deadline = time.monotonic() + 20
-        while not any(n.endswith(".rec") for n in _spool_files(cli_env)):
-            assert time.monotonic() < deadline, cli.stderr
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert stack.broker is not None
-        stack.broker.kill()
-        r = cli.wait(60)
-    finally:
-        cli.kill()
-        assert stack.broker is not None
-        stack.broker.restart()
+    r = _connect_while_the_broker_crashes(stack, cli_env)
     assert r.code == 0, r.output
     session_id = next(n for n in _spool_files(cli_env) if n.endswith(".rec"))[: -len(".rec")]
     # the session's role is dropped behind OpenBao's back: its revocation statements now fail
