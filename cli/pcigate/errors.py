@@ -97,6 +97,12 @@ class PortInUse(PcigateError):
     exit_code = ExitCode.PORT_IN_USE
     code = "port_in_use"
 
+    @classmethod
+    def binding(cls, host: str, port: int, exc: OSError) -> PortInUse:
+        """The error for a local listener that could not bind ``host:port``."""
+        return cls(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                   hint="choose another port with --port, or 0 for any")
+
 
 class PendingApproval(PcigateError):
     exit_code = ExitCode.PENDING_APPROVAL

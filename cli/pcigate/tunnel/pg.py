@@ -2027,8 +2027,7 @@ class PgTunnel:
             self._server = await loop.create_server(lambda: _Conn(self), host, self.listen_port,
                                                     reuse_address=True, backlog=512)
         except OSError as e:
-            raise PortInUse(f"cannot listen on {host}:{self.listen_port}: {e.strerror or e}",
-                            hint="choose another port with --port, or 0 for any") from None
+            raise PortInUse.binding(host, self.listen_port, e) from None
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         return self.port
