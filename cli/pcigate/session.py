@@ -192,6 +192,13 @@ def resolve_psql() -> str:
     return found
 
 
+def _unwind_on_signals() -> None:
+    """SIGTERM/SIGHUP outside the event loop (opening, closing): unwind through the clean-up like Ctrl-C
+    instead of dying with a live lease. Inside the loop, its own handlers take over (and go with it)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 def check_port_free(port: int) -> None:
     """A ``--port`` that is taken fails before any session exists (no credentials minted for nothing). The
     tunnel binds it again when it starts: a port taken in between fails there, and the session is ended."""
@@ -200,8 +207,7 @@ def check_port_free(port: int) -> None:
         try:
             probe.bind((LOCAL_HOST, port))
         except OSError as e:
-            raise PortInUse(f"cannot listen on {LOCAL_HOST}:{port}: {e.strerror or e}",
-                            hint="choose another port with --port, or 0 for any") from None
+            raise PortInUse.binding(LOCAL_HOST, port, e) from None
 
 
 def _stdlib_loop() -> bool:
@@ -270,10 +276,7 @@ class Connector:
                 missing = exc  # only an error if the target turns out to be a database
         if request.port and not request.forwards and request.kind != "ssh":
             check_port_free(request.port)
-        # SIGTERM/SIGHUP outside the event loop (opening, closing): unwind through the clean-up like Ctrl-C
-        # instead of dying with a live lease. Inside the loop, the handlers below take over.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupt)
+        _unwind_on_signals()
         recorder: Any = None
         status = 1
         error: BaseException | None = None
@@ -323,8 +326,7 @@ class Connector:
         except BaseException as exc:
             error = exc
         finally:
-            for sig in (signal.SIGTERM, signal.SIGHUP):  # the event loop's handlers went with it
-                signal.signal(sig, _interrupt)
+            _unwind_on_signals()  # again: the event loop's handlers went with it
             try:
                 if spooled:
                     self._finish(opened, recorder, interrupted=isinstance(error, KeyboardInterrupt))
