@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pcigate import __version__
+from pcigate.config import SESSION_ID
 from pcigate.errors import (
     BROKER_ERROR_CLASSES,
     AccessDenied,
@@ -57,9 +58,7 @@ _TARGETS = TypeAdapter(list[TargetInfo])
 def _sid(session_id: str) -> str:
     """A session id as one URL path segment. Ids are URL-safe tokens; anything else a user may type (empty,
     ``..``, ``?a=b``, ``../targets``) names no session, and must not become another route."""
-    if not session_id or session_id in (".", "..") or len(session_id) > 128 or not all(
-        c.isascii() and (c.isalnum() or c in "-_.") for c in session_id
-    ):
+    if not SESSION_ID.fullmatch(session_id) or session_id in (".", ".."):
         raise NotFound("no such session")
     return session_id
 

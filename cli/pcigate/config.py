@@ -91,6 +91,10 @@ def psql_binary() -> str:
     return os.environ.get(ENV_PSQL) or "psql"
 
 
+# A session id as the broker makes them, and the only text the CLI puts in a session's URL path or spool
+# file name.
+SESSION_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+
 _DURATION_RE = re.compile(r"(\d+)\s*([smhd])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

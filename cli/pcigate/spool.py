@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pcigate.config import Settings, spool_dir
+from pcigate.config import SESSION_ID, Settings, spool_dir
 from pcigate.errors import (
     AuthRequired,
     BrokerUnavailable,
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     from pcigate.client import BrokerClient
     from pcigate.models import RecordingReceipt
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 Progress = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
 
 
@@ -65,7 +63,7 @@ class SyncResult(BaseModel):
 
 
 def _paths(session_id: str, directory: Path | None = None) -> tuple[Path, Path, Path]:
-    if not _SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         raise RecordingError(f"refusing an unsafe session id {session_id!r}")
     d = directory or spool_dir()
     return d / f"{session_id}.rec", d / f"{session_id}.json", d / f"{session_id}.lock"
@@ -140,22 +138,22 @@ def state_error(exc: OSError) -> RecordingError:
     )
 
 
-def unreadable() -> list[Path]:
-    """Spool entries (``<id>.json``) that do not parse: no sync can settle them, an operator must look."""
-    return [meta for meta in sorted(spool_dir().glob("*.json")) if read_entry(meta) is None]
+def _scan(broker: str | None) -> tuple[list[SpoolEntry], list[Path]]:
+    """One pass over the spool: the entries (of ``broker``, if given), and the ``<id>.json`` files that do not
+    parse (no sync can settle them: an operator must look)."""
+    entries: list[SpoolEntry] = []
+    unreadable: list[Path] = []
+    for meta in sorted(spool_dir().glob("*.json")):
+        entry = read_entry(meta)
+        if entry is None:
+            unreadable.append(meta)
+        elif broker is None or entry.broker == broker.rstrip("/"):
+            entries.append(entry)
+    return entries, unreadable
 
 
 def pending(broker: str | None = None) -> list[SpoolEntry]:
-    d = spool_dir()
-    out: list[SpoolEntry] = []
-    for meta in sorted(d.glob("*.json")):
-        entry = read_entry(meta)
-        if entry is None:
-            continue
-        if broker is not None and entry.broker != broker.rstrip("/"):
-            continue
-        out.append(entry)
-    return out
+    return _scan(broker)[0]
 
 
 def settle(
@@ -169,7 +167,7 @@ def settle(
     The caller holds the session lock. Transport failures propagate (:class:`BrokerUnavailable`); a recording
     the broker refuses for good is kept and marked ``rejected``.
     """
-    if not _SESSION_ID.match(entry.session_id):
+    if not SESSION_ID.fullmatch(entry.session_id):
         raise RecordingError(f"refusing an unsafe session id {entry.session_id!r}")
     result = SyncResult(session_id=entry.session_id, sha256=entry.sha256)
     if entry.end_owed:
@@ -230,7 +228,8 @@ def flush(
     broker refuses, a damaged file) is kept with its error and the others go on. Only what stops them all
     propagates: the broker unreachable, the sign-in refused. Unreadable entries are reported as kept."""
     results: list[SyncResult] = []
-    for entry in pending(settings.broker_url):
+    entries, unreadable = _scan(settings.broker_url)
+    for entry in entries:
         if entry.rejected and not include_rejected:
             continue
         try:
@@ -248,7 +247,7 @@ def flush(
         except OSError as exc:
             result = SyncResult(session_id=entry.session_id, kept=True, error=state_error(exc).message)
         results.append(result)
-    for meta in unreadable():
+    for meta in unreadable:
         results.append(SyncResult(session_id=meta.stem, kept=True,
                                   error=f"unreadable spool entry {meta}: left for an operator"))
     return results
