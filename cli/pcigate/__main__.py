@@ -1,3 +1,3 @@
-from pcigate.app import main
+from pcigate.entry import run
 
-main()
+run()

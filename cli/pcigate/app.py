@@ -5,20 +5,16 @@ Heavy imports live inside the commands: ``pcigate --help`` must stay fast.
 
 from __future__ import annotations
 
-from pcigate import startup
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
 
-startup.mark("start")  # the interpreter is up; the libraries and the commands are next
+import typer
 
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
-
-import typer  # noqa: E402
-
-from pcigate import __version__  # noqa: E402
-from pcigate.commands import audit, connect, login, replay, requests, sessions, ssh, targets  # noqa: E402
-from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings  # noqa: E402
+from pcigate import __version__, startup
+from pcigate.commands import audit, connect, login, replay, requests, sessions, ssh, targets
+from pcigate.config import DEFAULT_BROKER, ENV_BROKER, ENV_TOKEN_FILE, Settings
 
 
 def _new_app() -> typer.Typer:

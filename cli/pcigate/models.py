@@ -61,7 +61,7 @@ MAX_SESSION_SECONDS = 24 * 3600
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class ErrorDetail(_Model):
@@ -207,10 +207,6 @@ class DataPathPolicy(_Model):
     masking: MaskingPolicy | None = None  # None: no masking
     guardrails: list[GuardrailRule] = Field(default_factory=list)
     digest: str = ""  # sha256 hex of the canonical JSON of the policy, stored in the recording header
-
-
-LevelInfo.model_rebuild()
-TargetInfo.model_rebuild()
 
 
 class SessionOpened(_Model):
