@@ -314,7 +314,7 @@ class Connector:
         try:
             try:
                 held.enter_context(spool.session_lock(opened.session_id))
-                spool.new_entry(opened.session_id, self.settings.broker_url)
+                spool.new_entry(opened.session_id, self.settings.broker_url, recorded=opened.policy.record)
                 spooled = True
                 recorder = self._recorder(opened, request)
             except OSError as exc:

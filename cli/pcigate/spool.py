@@ -48,6 +48,9 @@ class SpoolEntry(BaseModel):
     end_owed: bool = True
     created_at: datetime
     rejected: str | None = None  # the broker refused the recording for good; kept for an operator
+    # whether the session records (its policy's ``record``), so a recording missing from the spool is told
+    # from a session that never had one; None: an entry from an earlier CLI, which did not say
+    recorded: bool | None = None
 
 
 class SyncResult(BaseModel):
@@ -85,8 +88,9 @@ def write_entry(entry: SpoolEntry) -> None:
     tmp.replace(meta)
 
 
-def new_entry(session_id: str, broker: str) -> SpoolEntry:
-    entry = SpoolEntry(session_id=session_id, broker=broker.rstrip("/"), created_at=datetime.now(UTC))
+def new_entry(session_id: str, broker: str, *, recorded: bool | None = None) -> SpoolEntry:
+    entry = SpoolEntry(session_id=session_id, broker=broker.rstrip("/"), created_at=datetime.now(UTC),
+                       recorded=recorded)
     write_entry(entry)
     return entry
 
@@ -186,6 +190,15 @@ def settle(
         result.ended = True
     rec, _, _ = _paths(entry.session_id)
     receipt: RecordingReceipt | None = None
+    if entry.recorded and not rec.exists():
+        # The session recorded, and its recording is gone from the spool (deleted by hand, or the CLI was
+        # killed in the microseconds between writing this entry and creating the file). Never quietly: kept
+        # and reported on every sync until an operator has looked, so the gap in the evidence is known.
+        missing = f"its recording {rec} is missing from the spool (deleted?); nothing to upload"
+        write_entry(entry.model_copy(update={"rejected": missing}))
+        result.kept = True
+        result.error = missing
+        return result, None
     if rec.exists() and entry.sha256 is None and rec.stat().st_size == 0:
         # Killed between creating the file and writing its header (a few µs): nothing was recorded, so
         # there is nothing to upload or keep; kept, it would fail every sync for good.

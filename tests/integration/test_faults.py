@@ -166,6 +166,34 @@ def test_an_empty_spooled_recording_is_reported_not_kept_forever(fstack: Stack, 
     assert session_json(env, rec.stem)["status"] != "active"
 
 
+def test_a_deleted_spooled_recording_is_reported_until_an_operator_looks(
+    fstack: Stack, env: dict[str, str]
+) -> None:
+    """A spooled session whose recording was deleted (here by hand after a real SIGKILL) is a gap in the
+    evidence: sync ends the session, says the recording is missing (exit 13), and keeps the entry, so every
+    later sync says it again; the quiet sync of other commands leaves it alone (before: "ended", exit 0, and
+    the entry gone)."""
+    cli = CliProcess(["connect", "prod-db", "--", "-c", "select pg_sleep(60)"], env)
+    wait_sleeping_backend(fstack)
+    os.kill(cli.proc.pid, signal.SIGKILL)
+    cli.wait(10)
+    spool = Path(env["PCIGATE_STATE_DIR"]) / "spool"
+    (rec,) = spool.glob("*.rec")
+    sid = rec.stem
+    assert json.loads((spool / f"{sid}.json").read_text())["recorded"] is True
+    rec.unlink()
+    for _ in range(2):
+        r = run_cli(["sessions", "sync"], env=env)
+        assert r.code == 13, (r.code, r.stderr)
+        assert "Traceback" not in r.stderr
+        kept = rf"session {sid}: kept in the spool: its recording \S+{sid}\.rec is missing"
+        assert re.search(kept, r.stderr), r.stderr
+    assert session_json(env, sid)["status"] != "active"  # the lease was revoked all the same
+    assert (spool / f"{sid}.json").exists()
+    assert run_cli(["targets"], env=env).code == 0  # its quiet sync skips the entry
+    assert (spool / f"{sid}.json").exists()
+
+
 def test_recording_disk_full_ends_the_session(fstack: Stack, env: dict[str, str], tmp_path: Path) -> None:
     """Fail closed: when the recording cannot be written (a real 64 KiB tmpfs fills up), the session is
     ended at once rather than left running unrecorded, and its lease is revoked."""

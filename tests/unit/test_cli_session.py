@@ -131,6 +131,33 @@ class FakeClient:
         raise AssertionError("nothing to upload")
 
 
+@pytest.mark.parametrize(("recorded", "kept"), [(True, True), (None, False), (False, False)])
+def test_settle_tells_a_missing_recording_from_a_session_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: bool | None, kept: bool
+) -> None:
+    """No ``.rec`` in the spool: a gap in the evidence when the session recorded (kept and reported); nothing
+    to say when it did not, or when the entry is from a CLI that did not write ``recorded`` (as before)."""
+    monkeypatch.setenv("PCIGATE_STATE_DIR", str(tmp_path))
+    entry = spool.new_entry("abc", "http://b/", recorded=recorded)
+    client = FakeClient()
+    result, receipt = spool.settle(client, entry)  # type: ignore[arg-type]
+    assert client.ended == ["abc"]  # the lease is revoked either way
+    assert receipt is None
+    assert result.ended
+    assert result.kept is kept
+    meta = tmp_path / "spool" / "abc.json"
+    if kept:
+        assert result.error is not None
+        assert "missing from the spool" in result.error
+        left = spool.read_entry(meta)
+        assert left is not None
+        assert left.rejected == result.error
+        assert not left.end_owed
+    else:
+        assert result.error is None
+        assert not meta.exists()
+
+
 def _connector(client: FakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from pcigate.config import Settings
     from pcigate.output import Output
@@ -222,7 +249,7 @@ def test_a_failing_spool_setup_still_ends_the_session(
     client.open_session = lambda request: opened()  # type: ignore[attr-defined]
     connector = _connector(client, tmp_path, monkeypatch)
 
-    def unwritable(session_id: str, broker: str) -> None:
+    def unwritable(session_id: str, broker: str, *, recorded: bool | None = None) -> None:
         raise PermissionError(13, "Permission denied", str(tmp_path / "state" / "spool" / "s1.json"))
 
     monkeypatch.setattr(spool, "new_entry", unwritable)
