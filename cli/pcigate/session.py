@@ -270,6 +270,11 @@ class Connector:
             binary = resolve_ssh()
             self._ssh_key = EphemeralKey.generate()
         elif not request.no_exec:
+            from pcigate.psqlargs import refusal
+
+            why = refusal(request.psql_args)
+            if why is not None:  # before any session: its credentials would be minted for nothing
+                raise UsageError(why, hint="leave it out of the arguments after `--`")
             try:
                 binary = resolve_psql()
             except UsageError as exc:

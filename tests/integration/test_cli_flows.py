@@ -213,6 +213,36 @@ def test_port_in_use_is_exit_9_before_any_session(login, run_cli, stack: Stack) 
     assert set(stack.bao.leases()) <= leases
 
 
+@pytest.mark.parametrize(
+    ("psql_args", "words"),
+    [
+        (["-c", "select 1", "-h", "127.0.0.9"], "psql's host (-h/--host) is set by pcigate"),
+        (["--po=5433", "-c", "select 1"], "psql's port (-p/--port) is set by pcigate"),
+        (["-d", "host=127.0.0.9 dbname=prod"], "psql's -d/--dbname takes a database name here"),
+    ],
+)
+def test_psql_options_past_the_tunnel_are_refused_before_any_session(
+    login, run_cli, stack: Stack, psql_args: list[str], words: str
+) -> None:
+    """psql keeps the last -h/-p/-d it is given, so these after `--` would point it past the tunnel: it would
+    get no password there, and the session's credentials would be minted for nothing. Refused up front."""
+    assert login("alice", device=False).code == 0
+    before = run_cli(["sessions", "--limit", "1", "--json"]).stdout
+    leases = set(stack.bao.leases())
+    r = run_cli(["connect", "prod-db", "--", *psql_args])
+    assert r.code == 2, r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith(f"error: {words}"), r.stderr
+    assert lines[1] == "hint: leave it out of the arguments after `--`"
+    assert run_cli(["sessions", "--limit", "1", "--json"]).stdout == before  # no session opened
+    assert set(stack.bao.leases()) <= leases
+    # the same arguments after psql's own `--` are positional, and psql ignores them: the session runs
+    ok = run_cli(["connect", "prod-db", "--", "-c", "select 42 as answer", "--", *psql_args])
+    assert ok.code == 0, ok.output
+    assert "42" in ok.stdout
+
+
 def test_no_exec_waits_for_ctrl_c(login, cli_env, stack: Stack) -> None:
     assert login("alice", device=False).code == 0
     cli = CliProcess(["connect", "prod-db", "--no-exec"], cli_env)
