@@ -243,6 +243,39 @@ def test_psql_options_past_the_tunnel_are_refused_before_any_session(
     assert "42" in ok.stdout
 
 
+@pytest.mark.parametrize(("wrapped", "closed"),
+                         [(False, "2>&-"), (True, "2>&-"), (False, ">&- 2>&-"), (True, "<&-")])
+def test_a_session_with_standard_streams_closed_ends_well(
+    login, run_cli, cli_env, tmp_path: Path, wrapped: bool, closed: str
+) -> None:
+    """`pcigate connect prod-db ... 2>&-` (a cron line, a script), also through a wrapper script such as
+    `exec "$@"`: the session is recorded and uploaded and the exit status is psql's. Before: through a
+    wrapper, the wrapper's own file (read-only) was pcigate's stderr, and the closing line failed the command
+    with exit 1 after a good session."""
+    import subprocess
+
+    from tests.stack.cli import pcigate_bin
+
+    assert login("alice", device=False).code == 0
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text('#!/bin/bash\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    command = [*([str(wrapper)] if wrapped else []), str(pcigate_bin()), "connect", "prod-db", "--", "-c",
+               "select 1 as answer"]
+    proc = subprocess.run(["bash", "-c", f'"$0" "$@" {closed}', *command], env=cli_env, capture_output=True,
+                          stdin=subprocess.DEVNULL, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "2>&-" not in closed:
+        assert "ended; recording uploaded" in proc.stderr
+    if not closed.startswith(">&-"):
+        assert "answer" in proc.stdout
+    session = _last_session(run_cli)
+    assert session["status"] == "ended"
+    assert session["recording_sha256"]
+    assert session["lease_revoked"] is True
+
+
 def test_no_exec_waits_for_ctrl_c(login, cli_env, stack: Stack) -> None:
     assert login("alice", device=False).code == 0
     cli = CliProcess(["connect", "prod-db", "--no-exec"], cli_env)

@@ -282,3 +282,28 @@ def test_main_runs_just_the_invoked_command(monkeypatch: pytest.MonkeyPatch) -> 
         app_mod.main()
     assert exc.value.code == 0
     assert built == ["targets"]
+
+
+@pytest.mark.parametrize("closed", ["2>&-", "1>&- 2>&-", "0<&-"])
+def test_closed_standard_fds_get_dev_null_before_anything_is_opened(tmp_path: Path, closed: str) -> None:
+    """Started with fds closed, the CLI puts /dev/null on them first: otherwise the first file it opens (a
+    spool entry, the recording) takes number 2 and what is meant for stderr is written into it."""
+    code = (
+        "import os, sys\n"
+        "from pcigate.entry import standard_fds\n"
+        "standard_fds()\n"
+        "sys.stderr.write('to nowhere\\n')\n"
+        "f = open(sys.argv[1], 'w')\n"
+        "f.write(f'{f.fileno()} {os.get_inheritable(0)}{os.get_inheritable(1)}{os.get_inheritable(2)} ')\n"
+        "f.write(' '.join(os.path.realpath(f'/proc/self/fd/{n}') for n in (0, 1, 2) if n in\n"
+        "        [int(x) for x in os.listdir('/proc/self/fd')]))\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "-c", f'"$0" -c "$1" "$2" {closed}', sys.executable, code, str(out)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    fileno, inheritable, *targets = out.read_text().split()
+    assert int(fileno) > 2
+    assert inheritable == "TrueTrueTrue"
+    closed_fds = {int(c[0]) for c in closed.split()}
+    assert all(targets[n] == "/dev/null" for n in closed_fds), targets
