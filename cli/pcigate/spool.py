@@ -134,10 +134,11 @@ def file_sha256(path: Path) -> str:
 
 
 def state_error(exc: OSError) -> RecordingError:
-    """The state directory (the spool) cannot be written or read: one line naming it."""
+    """The state directory (the spool) cannot be written or read: one line naming it (the same words for
+    both: a sync's failure may be either)."""
     where = exc.filename or spool_dir(create=False)
     return RecordingError(
-        f"cannot write the session state to {where}: {exc.strerror or exc}",
+        f"cannot use the session state in {where}: {exc.strerror or exc}",
         hint="free some disk space or fix the permissions of the state directory (PCIGATE_STATE_DIR)",
     )
 

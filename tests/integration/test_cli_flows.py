@@ -592,7 +592,7 @@ def test_unwritable_state_dir_still_ends_the_session(stack: Stack, login, run_cl
     assert "Traceback" not in r.output
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, r.stderr
-    assert "cannot write the session state" in errors[0]
+    assert "cannot use the session state in" in errors[0]
     assert r.stderr.splitlines()[0].startswith("error: "), r.stderr  # the error is the first line
     last = _last_session(run_cli)
     assert last["status"] != "active", last
