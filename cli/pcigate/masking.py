@@ -35,14 +35,17 @@ Limits (documented choices)
   and PANs spelled with other separators (``4111.1111…``, ``4111/1111…``) are not looked for.
 * Masking a PAN stored as a JSON *number* or in a numeric column (text format) yields a value the client's
   type parser may refuse (``411111******1111`` is no number): the card is never shown, which is the point.
-* Binary-format results (drivers such as asyncpg, psycopg's binary cursors, pgjdbc for int8): an int8 or
-  numeric value, or such an element of an int8[]/numeric[] array, is read as the number it is and judged by
-  its text form (what ``psql`` would show); one that text masking would change is sent as NULL, since no
-  masked stand-in exists in those formats. int2/int4 are too short to hold a card number. Not read as
-  numbers (their bytes pass as they are): binary float8 (a 13-15 digit PAN stored as float8 prints in plain
-  digits in text format, where it is masked, but not in binary), binary composite/record values (``row(pan,
-  cvv)`` with binary results: their fields are neither scanned nor matched to column rules), and binary
-  COPY (it carries no types, so its int8/numeric fields are not recognised as numbers).
+* Binary-format results (drivers such as asyncpg, psycopg's binary cursors, pgjdbc for int8): an int8,
+  numeric or float8 value, or such an element of an int8[]/numeric[]/float8[] array, is read as the number
+  it is and judged by its text form (what ``psql`` would show); one that text masking would change is sent
+  as NULL, since no masked stand-in exists in those formats; so is a float8 that is exactly a Luhn-valid
+  13-16 digit integer (float8out prints 16 digits as ``4.111111111111111e+15``, which no pattern matches,
+  but a driver prints the number whole; in text format that notation is still not masked). int2/int4/float4
+  are too short to hold a card number. The bytes of any other binary value (a record, bytea, hstore, a
+  range) are scanned as text is, so text inside it is masked in place. Not read as numbers (their bytes
+  pass as they are): a number inside a binary record (``row(pan::bigint)``: the record's fields are not
+  matched to column rules either), and binary COPY (it carries no types, so its int8/numeric/float8 fields
+  are not recognised as numbers).
 * Masking is applied until nothing changes, so it is idempotent and no Luhn-valid 13–19 digit window is
   left in the output, even one formed by digits that the first pass left next to each other.
 """
@@ -51,10 +54,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import ModuleType
 from typing import Final, Literal, NamedTuple
 
@@ -100,13 +105,15 @@ JSON_OIDS: Final = frozenset({OID_JSON, OID_JSONB})
 # Arrays of text-like types (name[], text[], json[], xml[], bpchar[], varchar[], jsonb[]): in binary format
 # their elements are walked (each is int32 length + text), never scanned as one blob.
 BINARY_ARRAY_OIDS: Final = frozenset({1003, 1009, 199, 143, 1014, 1015, 3807})
-# Numbers wide enough to hold a PAN, in binary format: int8 (8 bytes, two's complement) and numeric
-# (base-10000 digits). Their binary values are read as the number they are and judged by their text form
-# (int8out, numeric_out); int2/int4 (at most 10 digits) cannot hold one. Arrays of them element by element.
+# Numbers wide enough to hold a PAN, in binary format: int8 (8 bytes, two's complement), numeric
+# (base-10000 digits) and float8 (IEEE 754, up to 17 significant digits). Their binary values are read as the
+# number they are and judged by their text form (int8out, numeric_out, float8out); int2/int4 (at most 10
+# digits) and float4 (at most 9) cannot hold one. Arrays of them element by element.
 OID_INT8: Final = 20
+OID_FLOAT8: Final = 701
 OID_NUMERIC: Final = 1700
-BINARY_NUMBER_OIDS: Final = frozenset({OID_INT8, OID_NUMERIC})
-BINARY_NUMBER_ARRAY_OIDS: Final = {1016: OID_INT8, 1231: OID_NUMERIC}
+BINARY_NUMBER_OIDS: Final = frozenset({OID_INT8, OID_NUMERIC, OID_FLOAT8})
+BINARY_NUMBER_ARRAY_OIDS: Final = {1016: OID_INT8, 1231: OID_NUMERIC, 1022: OID_FLOAT8}
 
 HASH_HEX_CHARS: Final = 16
 MIN_PAN: Final = 13
@@ -238,8 +245,8 @@ class ColumnInfo(NamedTuple):
 # BINARY_NUMBER_OIDS; their kind says which)
 _SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH, _PAN_NUMBER, _PAN_NUMBER_ARRAY = 0, 1, 2, 3, 4, 5, 6
 # value kinds for redact/hash output; for the number codes, the number's type
-_K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE, _K_INT8, _K_NUMERIC = 0, 1, 2, 3, 4, 5
-_NUMBER_KIND: Final = {OID_INT8: _K_INT8, OID_NUMERIC: _K_NUMERIC}
+_K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE, _K_INT8, _K_NUMERIC, _K_FLOAT8 = 0, 1, 2, 3, 4, 5, 6
+_NUMBER_KIND: Final = {OID_INT8: _K_INT8, OID_NUMERIC: _K_NUMERIC, OID_FLOAT8: _K_FLOAT8}
 # _cmask's redact op per kind (its ops: 0 skip, 1 PAN scan, 2 redact text, 3 redact JSON, 4 redact jsonb,
 # 5 binary int8, 6 binary numeric)
 _NATIVE_REDACT: Final = {_K_TEXT: 2, _K_JSON: 3, _K_JSONB_BIN: 4}
@@ -266,7 +273,7 @@ class RowPlan:
                 ops.append(code)
             elif code == _REDACT and kind != _K_OPAQUE:
                 ops.append(_NATIVE_REDACT[kind])
-            elif code == _PAN_NUMBER:
+            elif code == _PAN_NUMBER and kind in _NATIVE_NUMBER:
                 ops.append(_NATIVE_NUMBER[kind])
             else:
                 object.__setattr__(self, "native", None)
@@ -289,6 +296,7 @@ class RowPlan:
 
 _NULL_FIELD: Final = b"\xff\xff\xff\xff"  # int32 -1: a NULL field or array element
 _NUMERIC_HEAD = struct.Struct("!hhHh")  # ndigits, weight, sign, dscale
+_FLOAT8 = struct.Struct("!d")
 _PAN_MIN_VALUE: Final = 10 ** (MIN_PAN - 1)  # the smallest number of MIN_PAN digits
 _NUMERIC_POS, _NUMERIC_NEG = 0x0000, 0x4000
 _NUMERIC_SPECIAL = frozenset({0xC000, 0xD000, 0xF000})  # NaN, +Infinity, -Infinity
@@ -323,13 +331,96 @@ def _numeric_parts(value: bytes) -> tuple[int, bool, int, tuple[int, ...]] | Non
     return weight, sign == _NUMERIC_NEG, dscale, digits
 
 
+_SMALL_INT: Final = 2.0**53
+
+
+def _float8_digits(f: float) -> tuple[str, int]:
+    """The significant digits float8out prints for ``f`` (> 0, finite) and the decimal exponent of the first.
+
+    PostgreSQL's Ryu (src/common/d2s.c, built without STRICTLY_SHORTEST) picks the shortest decimal strictly
+    inside the interval of numbers that read back as ``f``, the closest of them to ``f`` (ties to even), and
+    prints an integer below 2**53 with all its digits. Python's repr picks the same digits, except that it
+    also accepts the interval's bounds (when ``f``'s mantissa is even): only there is more work needed."""
+    if f < _SMALL_INT and f.is_integer():
+        text = str(int(f))
+        return text.rstrip("0"), len(text) - 1
+    mantissa, _, exp = repr(f).partition("e")
+    whole, _, frac = mantissa.partition(".")
+    every = whole + frac
+    significant = every.lstrip("0")
+    first = len(whole) - (len(every) - len(significant)) - 1 + (int(exp) if exp else 0)
+    digits = significant.rstrip("0")
+    if not _on_a_bound(f, int(digits), first - len(digits) + 1):
+        return digits, first
+    # repr's digits lie on a bound, which Ryu does not accept: the shortest number strictly inside
+    x = Fraction(f)
+    lo, hi = _bounds(f)
+    for length in range(len(digits), 18):
+        for k in (first - length + 1, first - length + 2):
+            scale = Fraction(10) ** k
+            low, high = math.floor(lo / scale) + 1, math.ceil(hi / scale) - 1
+            if low <= high:
+                n = min(max(round(x / scale), low), high)
+                text = str(n)
+                return text.rstrip("0"), len(text) - 1 + k
+    raise AssertionError(f"no decimal for {f!r}")  # pragma: no cover - 17 digits always suffice
+
+
+def _on_a_bound(f: float, n: int, k: int) -> bool:
+    """Whether ``n`` * 10**``k`` is exactly half-way between ``f`` (> 0) and a neighbouring double. Those
+    midpoints are dyadic rationals (an odd number over a power of two): a decimal whose 5s do not cancel is
+    none of them, and an integer is one only where doubles are 2 or more apart (from 2**53 on)."""
+    if k < 0:
+        if n % 5**-k:
+            return False
+        shown = Fraction(n, 10**-k)
+    elif f < _SMALL_INT:
+        return False
+    else:
+        shown = Fraction(n * 10**k)
+    return shown in _bounds(f)
+
+
+def _bounds(f: float) -> tuple[Fraction, Fraction]:
+    """The midpoints between ``f`` (> 0, finite) and its neighbouring doubles (above the largest double: as
+    far as the spacing below it, as Ryu takes it)."""
+    x = Fraction(f)
+    return (x + Fraction(math.nextafter(f, 0.0))) / 2, x + Fraction(math.ulp(f)) / 2
+
+
+def float8_text(f: float) -> bytes | None:
+    """The text PostgreSQL's float8out sends for ``f`` (PostgreSQL >= 12 with extra_float_digits >= 1, the
+    default: the shortest digits that read back exactly, see :func:`_float8_digits`; plain notation for a
+    decimal exponent from -4 to 14, else ``d.ddde+XX``); None for NaN and the infinities."""
+    if not math.isfinite(f):
+        return None
+    if f == 0:
+        return b"-0" if math.copysign(1.0, f) < 0 else b"0"
+    digits, x = _float8_digits(abs(f))
+    if -4 <= x < 15:
+        if x >= 0:
+            head, tail = digits[: x + 1].ljust(x + 1, "0"), digits[x + 1 :]
+            text = head + ("." + tail if tail else "")
+        else:
+            text = "0." + "0" * (-x - 1) + digits
+    else:
+        text = digits[0] + ("." + digits[1:] if len(digits) > 1 else "") + ("e+" if x >= 0 else "e-")
+        text += f"{abs(x):02d}"
+    return (("-" if f < 0 else "") + text).encode()
+
+
 def binary_number_text(value: bytes, kind: int) -> bytes | None:
-    """The text PostgreSQL sends for a binary int8 (``kind`` _K_INT8: int8out) or numeric (_K_NUMERIC:
-    numeric_out) value; None for NaN and the infinities. Raises ValueError for a malformed value."""
+    """The text PostgreSQL sends for a binary int8 (``kind`` _K_INT8: int8out), numeric (_K_NUMERIC:
+    numeric_out) or float8 (_K_FLOAT8: float8out) value; None for NaN and the infinities. Raises ValueError
+    for a malformed value."""
     if kind == _K_INT8:
         if len(value) != 8:
             raise ValueError("malformed int8")
         return str(int.from_bytes(value, "big", signed=True)).encode()
+    if kind == _K_FLOAT8:
+        if len(value) != 8:
+            raise ValueError("malformed float8")
+        return float8_text(_FLOAT8.unpack(value)[0])
     parts = _numeric_parts(value)
     if parts is None:
         return None
@@ -500,11 +591,12 @@ class Masker:
         return "redact" if best[1] else "hash"
 
     def row_plan(self, columns: Sequence[ColumnInfo]) -> RowPlan:
-        """The plan for one RowDescription. Binary-format fields are scanned only for text-like types
-        (:data:`TEXT_LIKE_OIDS`, and arrays of them element by element) and judged for numbers that can hold
-        a PAN (:data:`BINARY_NUMBER_OIDS`, and arrays of them): such a number whose text form would be masked
-        becomes NULL. Others pass through, and a redacted or hashed binary field of a non-text type becomes
-        NULL (no well-formed stand-in exists for it)."""
+        """The plan for one RowDescription. Binary-format fields of text-like types (:data:`TEXT_LIKE_OIDS`,
+        and arrays of them element by element) are scanned as text; numbers that can hold a PAN
+        (:data:`BINARY_NUMBER_OIDS`, and arrays of them) are judged by their text form, and one that would be
+        masked becomes NULL; the bytes of any other binary value are scanned as text is (masked in place).
+        A redacted or hashed binary field of a non-text type becomes NULL (no well-formed stand-in exists
+        for it)."""
         codes: list[int] = []
         kinds: list[int] = []
         for c in columns:
@@ -531,7 +623,10 @@ class Masker:
             elif c.type_oid in BINARY_NUMBER_ARRAY_OIDS:
                 code, kind = _PAN_NUMBER_ARRAY, _NUMBER_KIND[BINARY_NUMBER_ARRAY_OIDS[c.type_oid]]
             else:
-                code = _SKIP
+                # any other binary value (a record, bytea, hstore, a range or array of other types): its
+                # bytes are scanned as text is, so the text inside it (a record's text field, say) is masked
+                # in place, same length; a number's bytes never hold 13 ASCII digits
+                code = _PAN
             codes.append(code)
             kinds.append(kind)
         return RowPlan(tuple(codes), tuple(kinds), any(c >= _REDACT for c in codes),
@@ -698,9 +793,17 @@ class Masker:
         return out
 
     def number_is_pan(self, value: bytes, kind: int) -> bool:
-        """Whether a binary int8 (``kind`` _K_INT8) or numeric (_K_NUMERIC) value's text form would be masked
-        (then the value goes out as NULL). Raises ValueError for a malformed value."""
-        if kind == _K_INT8:
+        """Whether a binary int8 (``kind`` _K_INT8), numeric (_K_NUMERIC) or float8 (_K_FLOAT8) value's text
+        form would be masked (then the value goes out as NULL). Raises ValueError for a malformed value."""
+        if kind == _K_FLOAT8:
+            if len(value) != 8:
+                raise ValueError("malformed float8")
+            f = abs(_FLOAT8.unpack(value)[0])
+            if _PAN_MIN_VALUE <= f < _SMALL_INT and f.is_integer() and luhn_ok(str(int(f)).encode()):
+                # a card number stored as a float (13-16 digits, exact below 2**53): the client prints it
+                # whole, though float8out shows 16 digits as 4.111111111111111e+15
+                return True
+        elif kind == _K_INT8:
             if len(value) == 8 and abs(int.from_bytes(value, "big", signed=True)) < _PAN_MIN_VALUE:
                 return False  # fewer than 13 digits
         else:
@@ -714,9 +817,9 @@ class Masker:
         return text is not None and len(text) >= MIN_PAN and self._mask_value(text) is not None
 
     def _mask_number_array(self, v: bytes, kind: int) -> bytes | None:
-        """A binary array of int8 or numeric (header: ndim, has-null flag, element type, per dimension size
-        and lower bound; then per element int32 length (-1: NULL) + value): elements that are PANs become
-        NULL. None when no element is."""
+        """A binary array of int8, numeric or float8 (header: ndim, has-null flag, element type, per
+        dimension size and lower bound; then per element int32 length (-1: NULL) + value): elements that are
+        PANs become NULL. None when no element is."""
         n = len(v)
         if n < 12:
             raise ValueError("malformed binary array")

@@ -22,7 +22,7 @@ from tests.stack.pgraw import datarow_fields, raw_login, read_until
 from tests.stack.postgres import PgCluster, seed_prod, start_cluster
 
 from pcigate.errors import AccessDenied
-from pcigate.masking import luhn_ok
+from pcigate.masking import float8_text, luhn_ok
 from pcigate.models import ColumnMaskRule, DatabaseCredentials, DataPathPolicy, GuardrailRule, MaskingPolicy
 from pcigate.recording import RecordingHeader, RecordingWriter, verify_recording
 from pcigate.tunnel.pg import PgTunnel
@@ -480,6 +480,67 @@ def test_binary_results_of_a_driver_masked(make_session: Any) -> None:
                                         "-" + truncated(p) + ".00"], brand
     assert_no_clear_pan(repr(binary) + "\n".join(text))
     assert s.tunnel.errors == []
+
+
+def _float8_card(shown: str) -> bool:
+    """What the tunnel sends as NULL for a binary float8 that psql shows as ``shown``: text masking hid it,
+    or it is an exact integer (below 2**53) of 13-16 digits that passes Luhn."""
+    if "*" in shown:
+        return True
+    f = abs(float(shown))
+    return f.is_integer() and 10**12 <= f < 2**53 and luhn_ok(str(int(f)).encode())
+
+
+def test_binary_float8_records_and_bytea_masked_as_their_text_would_be(make_session: Any) -> None:
+    """Binary float8 (and float8[]) values are judged by the text PostgreSQL would print for them: NULL
+    where psql's text shows a masked number, and where the value is a card number a client prints whole
+    (an exact integer; psql shows 16 digits as 4.111111111111111e+15); the same number elsewhere. A record's
+    text fields and a bytea's bytes are masked in place (before: their bytes passed as they were)."""
+    import psycopg
+
+    s = make_session(MASKING)
+    sql = (f"SELECT id, pan::float8 AS f, ARRAY[pan::float8, id] AS fa, (pan::float8 / 1e4) AS g, "
+           f"row(id, pan, note) AS r, convert_to(pan, 'UTF8') AS b FROM {TABLE} ORDER BY id")
+    conninfo = f"host=127.0.0.1 port={s.port} dbname=prod passfile={s.passfile} connect_timeout=10"
+    with psycopg.connect(conninfo) as conn:
+        binary = conn.execute(sql, binary=True).fetchall()
+    text = [line.split("|") for line in s.psql("-At", "-F", "|", "-c", sql).stdout.splitlines()]
+    assert len(binary) == len(text) == len(PANS) + 1
+    nulled = 0
+    for row, line in zip(binary, text, strict=True):
+        for value, shown in ((row[1], line[1]), (row[3], line[3]), (row[2][0], line[2][1:].split(",")[0])):
+            if _float8_card(shown):
+                assert value is None, (row[0], shown)
+                nulled += 1
+            else:
+                assert value == float(shown), (row[0], shown)
+        assert row[2][1] == row[0]
+    assert nulled >= 2 * sum(len(p) <= 16 for _, p in PANS)  # f and its array element, at least
+    for (brand, p), row in zip(PANS, binary, strict=False):
+        assert row[4][1] == truncated(p), brand
+        assert row[4][2] == f"order {row[0]} paid with {truncated(spaced(p))} by {brand}", brand
+        assert bytes(row[5]) == truncated(p).encode(), brand
+    assert_no_clear_pan(repr(binary))
+    assert s.tunnel.errors == []
+
+
+def test_float8_text_is_what_postgres_prints(cluster: tuple[PgCluster, str]) -> None:
+    """pcigate.masking.float8_text against the server's own float8out, over doubles of every magnitude."""
+    import random
+
+    rnd = random.Random(20261204)
+    values = [0.0, -0.0, 5e-324, 1.7976931348623157e308, 1e15, 1e-4, 999999999999999.9, 0.0001 * (1 - 2**-52)]
+    values += [struct.unpack("!d", rnd.randbytes(8))[0] for _ in range(600)]
+    values += [rnd.uniform(-1, 1) * 10 ** rnd.randint(-8, 20) for _ in range(600)]
+    values += [float(rnd.randrange(10**12, 10**19)) for _ in range(300)]
+    values = [v for v in values if v == v and abs(v) != float("inf")]
+    literal = ",".join(repr(v) for v in values)  # read by float8in (numeric literals would lose -0)
+    out = cluster[0].psql(f"SELECT string_agg(v::text, ' ' ORDER BY i) "
+                          f"FROM unnest('{{{literal}}}'::float8[]) WITH ORDINALITY AS t(v, i)")
+    printed = out.split()
+    assert len(printed) == len(values)
+    for v, shown in zip(values, printed, strict=True):
+        assert float8_text(v) == shown.encode(), (v, shown)
 
 
 def test_asyncpg_prepared_binary_results_masked(make_session: Any) -> None:

@@ -1,8 +1,10 @@
-"""Binary int8 and numeric result values (what drivers such as psycopg's binary cursors, asyncpg or pgjdbc ask
-for): read as the number they are, and sent as NULL when their text form would be masked."""
+"""Binary int8, numeric and float8 result values (what drivers such as psycopg's binary cursors, asyncpg or
+pgjdbc ask for): read as the number they are, and sent as NULL when their text form would be masked. Other
+binary values (a record, bytea): their bytes scanned as text is."""
 
 from __future__ import annotations
 
+import math
 import struct
 from decimal import Decimal
 
@@ -13,11 +15,13 @@ from psycopg.types.numeric import DecimalBinaryDumper
 from tests.stack.pgraw import datarow_body, datarow_fields
 
 from pcigate.masking import (
+    _K_FLOAT8,
     _K_INT8,
     _K_NUMERIC,
     ColumnInfo,
     Masker,
     binary_number_text,
+    float8_text,
 )
 from pcigate.models import MaskingPolicy
 
@@ -32,6 +36,10 @@ def numeric(x: str) -> bytes:
 
 def int8(x: int) -> bytes:
     return struct.pack("!q", x)
+
+
+def float8(x: float) -> bytes:
+    return struct.pack("!d", x)
 
 
 def int8_array(values: list[int | None]) -> bytes:
@@ -71,8 +79,9 @@ def test_row_plan_reads_binary_numbers_only() -> None:
     assert MK.row_plan(COLS[:2]).native == bytes([5, 6])  # int8 and numeric: the C walk's ops
     text = MK.row_plan([ColumnInfo("id", type_oid=20, format=0)])
     assert text.native == bytes([1])  # text format: the digit scan, as ever
-    small = MK.row_plan([ColumnInfo("n", type_oid=23, format=1)])  # int4: no PAN fits
-    assert small.actions == ("skip",)
+    small = MK.row_plan([ColumnInfo("n", type_oid=23, format=1)])  # int4: its 4 bytes are scanned, in vain
+    assert small.native == bytes([1])
+    assert MK.row_plan([ColumnInfo("f", type_oid=701, format=1)]).native is None  # float8: Python's
     assert plan.actions == ("pan", "pan", "pan")
 
 
@@ -91,11 +100,32 @@ def test_row_plan_reads_binary_numbers_only() -> None:
     (numeric("NaN"), _K_NUMERIC, False),
     (numeric("-Infinity"), _K_NUMERIC, False),
     (numeric("12.5"), _K_NUMERIC, False),
+    (float8(378282246310005.0), _K_FLOAT8, True),  # 15 digits print plain: "378282246310005"
+    (float8(-4222222222222.0), _K_FLOAT8, True),
+    (float8(4222222222222.25), _K_FLOAT8, True),  # "4222222222222.25": the run before the point
+    (float8(0.4222222222222), _K_FLOAT8, True),  # "0.4222222222222": the run after it
+    (float8(4111111111111112.0), _K_FLOAT8, False),  # "4.111111111111112e+15"; fails Luhn anyway
+    (float8(6200000000000000005.0), _K_FLOAT8, False),  # beyond 2**53: no longer the card's digits
+    (float8(378282246310006.0), _K_FLOAT8, False),  # fails Luhn
+    (float8(1e300), _K_FLOAT8, False),
+    (float8(math.nan), _K_FLOAT8, False),
+    (float8(-math.inf), _K_FLOAT8, False),
 ])
 def test_number_is_pan_as_its_text_would_be_masked(value: bytes, kind: int, is_pan: bool) -> None:
     assert MK.number_is_pan(value, kind) is is_pan
     text = binary_number_text(value, kind)
     assert (text is not None and MK.scan(text) is not None) is is_pan
+
+
+def test_a_card_number_stored_as_float8_is_null_though_its_text_hides_it() -> None:
+    """psql shows a 16-digit float8 as 4.111111111111111e+15, which no card pattern matches; a driver gets
+    the exact number and prints it whole (Python: 4111111111111111.0), so the tunnel sends NULL."""
+    value = float8(4111111111111111.0)
+    text = binary_number_text(value, _K_FLOAT8)
+    assert text == b"4.111111111111111e+15"
+    assert MK.scan(text) is None
+    assert MK.number_is_pan(value, _K_FLOAT8)
+    assert MK.number_is_pan(float8(-4222222222222.0), _K_FLOAT8)
 
 
 def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:
@@ -132,3 +162,39 @@ def test_malformed_number_array_raises() -> None:
     for cut in (4, 11, len(whole) - 1):
         with pytest.raises(ValueError):
             MK.mask_datarow(datarow_body(whole[:cut]), plan)
+
+
+@pytest.mark.parametrize(("f", "text"), [
+    (0.0, "0"), (-0.0, "-0"), (1.0, "1"), (-2.5, "-2.5"), (1500.0, "1500"), (0.1, "0.1"), (1e-4, "0.0001"),
+    (1.5e-5, "1.5e-05"), (123456789012345.6, "123456789012345.6"), (999999999999999.0, "999999999999999"),
+    (1e15, "1e+15"), (4111111111111111.0, "4.111111111111111e+15"), (1.7976931348623157e308,
+    "1.7976931348623157e+308"), (5e-324, "5e-324"), (2.0**53, "9.007199254740992e+15"),
+])
+def test_float8_text_is_float8out(f: float, text: str) -> None:
+    """Examples checked against PostgreSQL 15's float8out (the real one is compared in
+    tests/integration/test_tunnel_masking.py)."""
+    assert float8_text(f) == text.encode()
+    assert binary_number_text(float8(f), _K_FLOAT8) == text.encode()
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float8_text_reads_back_exactly(f: float) -> None:
+    text = float8_text(f)
+    assert text is not None
+    assert float(text) == f
+    assert math.copysign(1.0, float(text)) == math.copysign(1.0, f)
+    assert (b"e" in text) == (f != 0 and not 1e-4 <= abs(f) < 1e15)  # float8out's plain range
+    assert not text.endswith(b".0")
+
+
+def test_binary_values_of_other_types_are_scanned_in_place() -> None:
+    """A binary record (``row(id, pan)``: int32 count, then per field its type OID, length and bytes) holds
+    its text fields as they are: masked there, same length, so the record stays well-formed."""
+    pan = str(PAN).encode()
+    record = struct.pack("!iIiiIi", 2, 23, 4, 7, 25, len(pan)) + pan
+    plan = MK.row_plan([ColumnInfo("r", type_oid=2249, format=1), ColumnInfo("f", type_oid=701, format=1)])
+    out = MK.mask_datarow(datarow_body(record, float8(378282246310005.0)), plan)
+    assert out is not None
+    r, f = datarow_fields(out)
+    assert r == record.replace(pan, b"411111******1111")
+    assert f is None
