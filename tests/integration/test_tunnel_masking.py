@@ -413,6 +413,43 @@ def test_undescribed_rows_masked_by_pattern_without_column_rules(make_session: A
     assert s.tunnel.errors == []
 
 
+def test_a_whole_row_holding_a_rule_column_is_judged_as_that_column(
+    cluster: tuple[PgCluster, str], make_session: Any
+) -> None:
+    """``SELECT c FROM cards c`` sends the whole row as one value of the table's row type, so the CVV the
+    column rules redact came out in it ((1,...,001,...)); now a value of the row type of a table holding a
+    rule column (or an array of them, in text or binary) is redacted whole. Another table's rows, and rows of
+    a table whose same-named column a table-scoped rule does not cover, stay as they are."""
+    import psycopg
+
+    c, _pw = cluster
+    c.psql("DROP TABLE IF EXISTS mk_people; DROP TABLE IF EXISTS mk_other; "
+           "CREATE TABLE mk_people (id int, holder text, email text); "
+           "INSERT INTO mk_people VALUES (1, 'Ada Lovelace', 'ada@example.com'); "
+           "CREATE TABLE mk_other (id int, holder text); INSERT INTO mk_other VALUES (1, 'Not Secret'); "
+           f"ALTER TABLE mk_people OWNER TO {APP_USER}; ALTER TABLE mk_other OWNER TO {APP_USER}",
+           database="prod")
+    pol = DataPathPolicy(masking=MaskingPolicy(
+        sensitive_columns=["cvv"], columns=[ColumnMaskRule(table="public.mk_people", column="holder",
+                                                           action="redact")]))
+    s = make_session(pol, "wholerow")
+    out = s.psql("-At", "-F", "|", "-c", f"SELECT c, c.id FROM {TABLE} c WHERE id = 1").stdout.strip()
+    whole, ident = out.split("|")
+    assert set(whole) == {"*"}, out  # the row, CVV and all
+    assert ident == "1"
+    arr = s.psql("-At", "-c", f"SELECT array_agg(c) FROM {TABLE} c").stdout.strip()
+    assert set(arr) == {"*"}, arr
+    people = s.psql("-At", "-c", "SELECT p FROM mk_people p").stdout.strip()
+    assert set(people) == {"*"}, people
+    assert s.psql("-At", "-c", "SELECT o FROM mk_other o").stdout.strip() == "(1,\"Not Secret\")"
+    conninfo = f"host=127.0.0.1 port={s.port} dbname=prod passfile={s.passfile} connect_timeout=10"
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(f"SELECT c, c.cvv FROM {TABLE} c WHERE id = 1", binary=True).fetchall()
+    assert rows == [(None, "***")]  # binary: no well-formed stand-in for a record, so NULL
+    assert "001" not in out + arr
+    assert s.tunnel.errors == []
+
+
 def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

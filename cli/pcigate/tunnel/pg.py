@@ -1033,7 +1033,7 @@ class _Conn(asyncio.Protocol):
                             seg = nxt
                             shift += len(new) + 5 - (nxt - pos)
                 elif t == _T:
-                    cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins)
+                    cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins, self.tunnel.row_types)
                     mq = self._mq_live()
                     if mq and mq[0][0] in (_MQ_DS, _MQ_DP):  # describes a statement or portal for later
                         kind, desc = mq.popleft()
@@ -1853,13 +1853,19 @@ class _Conn(asyncio.Protocol):
 
 
 Origins = dict[tuple[int, int], tuple[str, str]]  # (table oid, attnum) -> ("schema.table", column name)
+# the row type of a table (and the array of it) that has a column named by a masking rule -> that column, as
+# in Origins: a whole-row value (``SELECT c FROM cards c``) holds the column, so it is judged as the column
+RowTypes = dict[int, tuple[str, str]]
 
 
-def _row_description(body: bytes, origins: Origins | None = None) -> list[ColumnInfo]:
+def _row_description(body: bytes, origins: Origins | None = None,
+                     row_types: RowTypes | None = None) -> list[ColumnInfo]:
     """The columns of a RowDescription body. A column that the server traces to a table column (its table
     OID and attribute number) found in ``origins`` takes that table and *that* column's name, so an alias
-    (``SELECT cvv AS c``) does not hide it from a column rule; any other column keeps the name it is sent
-    under and an unknown table (``table`` None: table-scoped rules apply to it, fail closed)."""
+    (``SELECT cvv AS c``) does not hide it from a column rule; a column whose type is the row type of such a
+    table (or an array of it) is judged as that table column too, since the whole row holds it; any other
+    column keeps the name it is sent under and an unknown table (``table`` None: table-scoped rules apply to
+    it, fail closed)."""
     (count,) = _I16.unpack_from(body, 0)
     pos = 2
     cols: list[ColumnInfo] = []
@@ -1868,6 +1874,8 @@ def _row_description(body: bytes, origins: Origins | None = None) -> list[Column
         name = body[pos:z].decode("utf-8", "replace")
         toid, att, typ, _tlen, _tmod, fmt = _FIELD_TAIL.unpack_from(body, z + 1)
         origin = origins.get((toid & 0xFFFFFFFF, att)) if origins and toid else None
+        if origin is None and row_types:
+            origin = row_types.get(typ & 0xFFFFFFFF)
         if origin is not None:
             cols.append(ColumnInfo(origin[1], origin[0], typ & 0xFFFFFFFF, fmt))
         else:
@@ -1886,15 +1894,20 @@ def catalog_query(columns: set[str]) -> str:
     such a column is then judged by name in any table (fail closed)."""
     safe = sorted(c.lower() for c in columns if not any(ch in c for ch in "'\\\x00"))
     names = ", ".join(f"'{c}'" for c in safe) or "NULL"
-    return ("SELECT a.attrelid::oid::text, a.attnum::text, n.nspname, c.relname, a.attname "  # noqa: S608
+    return ("SELECT a.attrelid::oid::text, a.attnum::text, n.nspname, c.relname, a.attname, "  # noqa: S608
+            "c.reltype::oid::text, coalesce(t.typarray, 0)::oid::text "
             "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_catalog.pg_type t ON t.oid = c.reltype "
             f"WHERE a.attnum > 0 AND NOT a.attisdropped AND lower(a.attname) IN ({names})")
 
 
-async def _read_catalog(proto: _Upstream, sql: str, cap: int = 100_000) -> Origins:
+async def _read_catalog(proto: _Upstream, sql: str,
+                        cap: int = 100_000) -> tuple[Origins, dict[int, list[tuple[str, str]]]]:
+    """The rows of :func:`catalog_query`: the columns' origins, and per row type the columns it holds."""
     proto.write(pg.query(sql))
     out: Origins = {}
+    row_types: dict[int, list[tuple[str, str]]] = {}
     error: str | None = None
     while True:
         t, body = await proto.read_message()
@@ -1906,15 +1919,19 @@ async def _read_catalog(proto: _Upstream, sql: str, cap: int = 100_000) -> Origi
                 pos += 4
                 fields.append(body[pos : pos + n].decode("utf-8", "replace") if n >= 0 else "")
                 pos += max(n, 0)
-            if len(out) < cap and len(fields) == 5:
-                out[(int(fields[0]), int(fields[1]))] = (f"{fields[2]}.{fields[3]}", fields[4])
+            if len(out) < cap and len(fields) == 7:
+                origin = (f"{fields[2]}.{fields[3]}", fields[4])
+                out[(int(fields[0]), int(fields[1]))] = origin
+                for typ in (int(fields[5]), int(fields[6])):
+                    if typ:
+                        row_types.setdefault(typ, []).append(origin)
         elif t == _ERR:
             error = pg.parse_error_fields(body).get("M", "error")
         elif t == _Z:
             break
     if error is not None:
         raise _UpstreamError("42000", f"cannot read the table catalog: {error}")
-    return out
+    return out, row_types
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -1944,6 +1961,8 @@ class PgTunnel:
         # (table oid, attnum) -> (schema.table, column) of the columns named by masking rules, read from the
         # catalog by check_upstream(): lets rules follow a column through aliases and tell tables apart
         self.origins: Origins = {}
+        self.row_types: RowTypes = {}
+        self._row_holders: dict[int, list[tuple[str, str]]] = {}  # per row type, the rule columns it holds
         self.stats = TunnelStats()
         self.errors: list[str] = []
         self._keys = ScramKeys.from_password(local_secret)
@@ -2020,6 +2039,7 @@ class PgTunnel:
                 raise AccessDenied("the session's policy hashes columns but the broker sent no masking key; "
                                    "refusing to open the tunnel")
             self.masker = Masker(pol.masking, hash_key=self._masking_key)
+            self.row_types = self._strongest(self.masker)
         self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()
@@ -2047,13 +2067,21 @@ class PgTunnel:
             names = self._rule_columns()
             if names:
                 async with asyncio.timeout(timeout):
-                    self.origins = await _read_catalog(login.upstream, catalog_query(names))
+                    self.origins, self._row_holders = await _read_catalog(login.upstream,
+                                                                          catalog_query(names))
         except (TimeoutError, _UpstreamError, ConnectionError) as e:
             # Not fatal: without origins, table-scoped rules apply by column name to every table (fail closed)
             self._error(f"column origins not resolved ({e}); column rules apply by name to any table")
         finally:
             login.upstream.write(pg.terminate())
             login.upstream.close()
+
+    def _strongest(self, masker: Masker) -> RowTypes:
+        """Per row type read by check_upstream, the column it holds whose rule is the strictest (redact,
+        then hash): the whole row is judged as that column."""
+        rank = {"redact": 2, "hash": 1}
+        return {typ: max(cols, key=lambda c: rank.get(masker.column_action(c[0], c[1]), 0))
+                for typ, cols in self._row_holders.items()}
 
     def _rule_columns(self) -> set[str]:
         pol = self.policy.masking if self.policy is not None else None
