@@ -18,7 +18,10 @@ What is masked
   "redact")`` replace the whole value with ``*`` × its length; ``action="hash"`` replaces it with
   ``h:`` + the first 16 hex digits of HMAC-SHA256(per-deployment key, value) — deterministic, so joins and
   ``GROUP BY`` on the masked value still work, and useless without the key. A hash changes the length:
-  :meth:`Masker.mask_datarow` rewrites the field lengths and :func:`frame` re-frames the message.
+  :meth:`Masker.mask_datarow` rewrites the field lengths and :func:`frame` re-frames the message. In a
+  json/jsonb value, a member named like a rule column (``row_to_json(c)``, ``json_agg(t)``: a row's
+  columns become members) gets that column's treatment (:meth:`Masker.mask_json_members`). A column rule
+  cannot see into any other expression (``cvv || ''``, ``row(cvv, id)``).
 
 Speed
 -----
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import re
 import struct
@@ -243,7 +247,9 @@ class ColumnInfo(NamedTuple):
 
 # internal per-column codes of a RowPlan (_PAN_NUMBER, _PAN_NUMBER_ARRAY: binary int8/numeric, see
 # BINARY_NUMBER_OIDS; their kind says which)
-_SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH, _PAN_NUMBER, _PAN_NUMBER_ARRAY = 0, 1, 2, 3, 4, 5, 6
+# _PAN_JSON: a json/jsonb value whose members named like a rule column are judged as that column, then the
+# PAN scan
+_SKIP, _PAN, _PAN_ARRAY, _REDACT, _HASH, _PAN_NUMBER, _PAN_NUMBER_ARRAY, _PAN_JSON = 0, 1, 2, 3, 4, 5, 6, 7
 # value kinds for redact/hash output; for the number codes, the number's type
 _K_TEXT, _K_JSON, _K_JSONB_BIN, _K_OPAQUE, _K_INT8, _K_NUMERIC, _K_FLOAT8 = 0, 1, 2, 3, 4, 5, 6
 _NUMBER_KIND: Final = {OID_INT8: _K_INT8, OID_NUMERIC: _K_NUMERIC, OID_FLOAT8: _K_FLOAT8}
@@ -265,12 +271,18 @@ class RowPlan:
     # per column, the op code of pcigate._cmask.mask_datarows; None when some column needs what only the
     # Python code does (hash, NULL for an opaque redacted value, binary arrays)
     native: bytes | None = field(init=False, compare=False)
+    # some json column's members are judged by name (_PAN_JSON): the C walk (a PAN scan for that column)
+    # may take only rows in which no such name appears
+    json_members: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "json_members", _PAN_JSON in self.codes)
         ops = bytearray()
         for code, kind in zip(self.codes, self.kinds, strict=True):
             if code in (_SKIP, _PAN):
                 ops.append(code)
+            elif code == _PAN_JSON:
+                ops.append(_PAN)
             elif code == _REDACT and kind != _K_OPAQUE:
                 ops.append(_NATIVE_REDACT[kind])
             elif code == _PAN_NUMBER and kind in _NATIVE_NUMBER:
@@ -290,7 +302,8 @@ class RowPlan:
     @property
     def actions(self) -> tuple[ColumnAction, ...]:
         names: dict[int, ColumnAction] = {_SKIP: "skip", _PAN: "pan", _PAN_ARRAY: "pan", _REDACT: "redact",
-                                          _HASH: "hash", _PAN_NUMBER: "pan", _PAN_NUMBER_ARRAY: "pan"}
+                                          _HASH: "hash", _PAN_NUMBER: "pan", _PAN_NUMBER_ARRAY: "pan",
+                                          _PAN_JSON: "pan"}
         return tuple(names[c] for c in self.codes)
 
 
@@ -463,7 +476,8 @@ class Masker:
     ``hash_key`` is the per-deployment HMAC key; it is required when any rule asks for ``hash``.
     """
 
-    __slots__ = ("_head", "_key", "_rules", "_sensitive", "_tail", "_track", "policy")
+    __slots__ = ("_head", "_json_needles", "_json_rules", "_key", "_rules", "_sensitive", "_tail", "_track",
+                 "policy")
 
     def __init__(self, policy: MaskingPolicy, hash_key: bytes | None = None) -> None:
         self.policy = policy
@@ -480,6 +494,14 @@ class Masker:
         if any(r.action == "hash" for r in policy.columns) and not hash_key:
             raise ValueError("a masking rule asks for hash but no hash key was given")
         self._key = hash_key or b""
+        # JSON members named like a rule column (``row_to_json(c)``, ``json_agg(t)``: a row's columns become
+        # its keys) are judged as that column of an unknown table (table-scoped rules apply: fail closed)
+        self._json_rules: dict[str, Literal["redact", "hash"]] = {}
+        for name in {*self._sensitive, *rules}:
+            action = self.column_action(None, name)
+            if action != "pan":
+                self._json_rules[name] = action
+        self._json_needles = tuple(json.dumps(name).encode() for name in sorted(self._json_rules))
 
     # -- text ------------------------------------------------------------------------------------------------
 
@@ -614,6 +636,8 @@ class Masker:
                 code = _REDACT
             elif action == "hash":
                 code = _HASH
+            elif kind in (_K_JSON, _K_JSONB_BIN) and self._json_rules:
+                code = _PAN_JSON
             elif not binary or c.type_oid in TEXT_LIKE_OIDS:
                 code = _PAN
             elif c.type_oid in BINARY_ARRAY_OIDS:
@@ -642,6 +666,48 @@ class Masker:
         if kind == _K_JSONB_BIN and n >= 3:
             return b'\x01"' + b"*" * (n - 3) + b'"'
         return b"*" * n
+
+    def mask_json_members(self, value: bytes, kind: int) -> bytes | None:
+        """A json (``kind`` _K_JSON) or binary jsonb (_K_JSONB_BIN) value whose members named like a rule
+        column (case-insensitive, at any depth) get that column's treatment: redacted (a string of ``*`` as
+        long as the member's text) or hashed (``h:`` + 16 hex digits of its text, as the column's own values
+        hash). None when no member is named so. The value is re-serialized when one is: its whitespace (and
+        a number's spelling, e.g. ``1.50``) may differ. Too deeply nested to walk: redacted whole."""
+        head = value[:1] if kind == _K_JSONB_BIN else b""
+        text = value[len(head) :]
+        low = text.lower()
+        if not any(needle in low for needle in self._json_needles):
+            return None
+        try:
+            doc = json.loads(text)
+            if not self._judge_members(doc):
+                return None
+            return head + json.dumps(doc, ensure_ascii=False, separators=(", ", ": ")).encode()
+        except RecursionError:
+            return self.redact_value(value, kind)
+        except ValueError:
+            return None  # not JSON after all (a json column always holds JSON): the PAN scan still runs
+
+    def _judge_members(self, node: object) -> bool:
+        changed = False
+        if isinstance(node, dict):
+            for key, val in node.items():
+                action = self._json_rules.get(key.lower())
+                if action is not None and val is not None:
+                    text = val if isinstance(val, str) else json.dumps(val, ensure_ascii=False)
+                    if action == "redact":
+                        node[key] = "*" * len(text)
+                    else:
+                        mac = hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+                        node[key] = "h:" + mac[:HASH_HEX_CHARS]
+                    changed = True
+                elif isinstance(val, dict | list):
+                    changed = self._judge_members(val) or changed
+        elif isinstance(node, list):
+            for item in node:
+                if isinstance(item, dict | list):
+                    changed = self._judge_members(item) or changed
+        return changed
 
     def hash_value(self, value: bytes, kind: int = _K_TEXT) -> bytes | None:
         """``h:`` + 16 hex digits of HMAC-SHA256(key, value) (JSON: a JSON string); None: opaque binary."""
@@ -678,7 +744,26 @@ class Masker:
         """
         if _cmask is None or plan.native is None:
             return None
+        if plan.json_members:
+            # only the rows before the first that may name a rule column in a json member (Python's)
+            cut = self._json_cut(buf, pos)
+            if cut < len(buf):
+                buf = buf[:cut]  # the row holding the name is incomplete there: the C walk stops before it
         return _cmask.mask_datarows(buf, pos, plan.native, self._head, self._tail, self._track)  # type: ignore[no-any-return]
+
+    JSON_WINDOW = 256 * 1024
+
+    def _json_cut(self, buf: bytes, pos: int) -> int:
+        """The offset of the first rule-column name (as a JSON string, any case) in ``buf`` from ``pos``, or
+        the end of the window looked at (:attr:`JSON_WINDOW` bytes; the next call looks further)."""
+        longest = max(len(n) for n in self._json_needles)
+        low = buf[pos : pos + self.JSON_WINDOW + longest].lower()
+        cut = min(len(buf) - pos, self.JSON_WINDOW)
+        for needle in self._json_needles:
+            i = low.find(needle, 0, cut + len(needle) - 1)
+            if i >= 0:
+                cut = i
+        return pos + cut
 
     def mask_datarow(self, body: bytes, plan: RowPlan) -> bytes | None:
         """Mask a DataRow message body (int16 count, then per field int32 length (−1: NULL) + bytes).
@@ -728,6 +813,15 @@ class Masker:
                 if new != v:
                     edits.append((pos, flen, new))
                     if new is None or len(new) != flen:
+                        same_len = False
+            elif code == _PAN_JSON:
+                v = body[pos:end]
+                j = self.mask_json_members(v, kinds[i])
+                m = self._mask_value(v if j is None else j) if flen >= MIN_PAN or j is not None else None
+                out_v = m if m is not None else j
+                if out_v is not None:
+                    edits.append((pos, flen, out_v))
+                    if len(out_v) != flen:
                         same_len = False
             elif code == _PAN_ARRAY:
                 v = body[pos:end]

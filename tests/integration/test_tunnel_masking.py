@@ -450,6 +450,30 @@ def test_a_whole_row_holding_a_rule_column_is_judged_as_that_column(
     assert s.tunnel.errors == []
 
 
+def test_json_members_named_like_rule_columns_are_judged_as_them(make_session: Any) -> None:
+    """``row_to_json(c)``, ``json_agg(c)``, ``to_jsonb(c)``: a row's columns become JSON members, which no
+    column rule saw ({"cvv":"001"} came out in clear). Members named like a rule column now get its
+    treatment, in text and in binary jsonb; the PAN scan still runs over the rest."""
+    import psycopg
+
+    s = make_session(MASKING)  # the default sensitive columns: cvv, cvc, pin, ...
+    one = s.psql("-At", "-c", f"SELECT row_to_json(c) FROM {TABLE} c WHERE id = 1").stdout.strip()
+    doc = json.loads(one)
+    assert doc["cvv"] == "***"
+    assert doc["pan"] == truncated(PANS[0][1])
+    assert doc["id"] == 1
+    agg = json.loads(s.psql("-At", "-c", f"SELECT json_agg(c ORDER BY id) FROM {TABLE} c").stdout)
+    assert [d["cvv"] for d in agg] == ["***"] * len(agg)
+    conninfo = f"host=127.0.0.1 port={s.port} dbname=prod passfile={s.passfile} connect_timeout=10"
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(f"SELECT to_jsonb(c), jsonb_build_object('CVV', cvv) FROM {TABLE} c ORDER BY id",
+                            binary=True).fetchall()
+    assert [(r[0]["cvv"], r[1]["CVV"]) for r in rows] == [("***", "***")] * len(rows)
+    assert all(r[0]["id"] for r in rows)
+    assert_no_clear_pan(one + json.dumps(agg) + json.dumps([r[0] for r in rows]))
+    assert s.tunnel.errors == []
+
+
 def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:
