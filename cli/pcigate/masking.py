@@ -476,8 +476,8 @@ class Masker:
     ``hash_key`` is the per-deployment HMAC key; it is required when any rule asks for ``hash``.
     """
 
-    __slots__ = ("_head", "_json_needles", "_json_rules", "_key", "_rules", "_sensitive", "_tail", "_track",
-                 "policy")
+    __slots__ = ("_head", "_json_names", "_json_needles", "_json_rules", "_key", "_rules", "_sensitive",
+                 "_tail", "_track", "policy")
 
     def __init__(self, policy: MaskingPolicy, hash_key: bytes | None = None) -> None:
         self.policy = policy
@@ -502,6 +502,8 @@ class Masker:
             if action != "pan":
                 self._json_rules[name] = action
         self._json_needles = tuple(json.dumps(name).encode() for name in sorted(self._json_rules))
+        # one pass for all the names (a find per name costs twice as much on JSON, full of quotes)
+        self._json_names = re.compile(b"|".join(re.escape(n) for n in self._json_needles) or b"(?!)")
 
     # -- text ------------------------------------------------------------------------------------------------
 
@@ -675,8 +677,7 @@ class Masker:
         a number's spelling, e.g. ``1.50``) may differ. Too deeply nested to walk: redacted whole."""
         head = value[:1] if kind == _K_JSONB_BIN else b""
         text = value[len(head) :]
-        low = text.lower()
-        if not any(needle in low for needle in self._json_needles):
+        if self._json_names.search(text.lower()) is None:
             return None
         try:
             doc = json.loads(text)
@@ -759,10 +760,9 @@ class Masker:
         longest = max(len(n) for n in self._json_needles)
         low = buf[pos : pos + self.JSON_WINDOW + longest].lower()
         cut = min(len(buf) - pos, self.JSON_WINDOW)
-        for needle in self._json_needles:
-            i = low.find(needle, 0, cut + len(needle) - 1)
-            if i >= 0:
-                cut = i
+        found = self._json_names.search(low, 0, cut + longest - 1)
+        if found is not None and found.start() < cut:
+            cut = found.start()
         return pos + cut
 
     def mask_datarow(self, body: bytes, plan: RowPlan) -> bytes | None:
