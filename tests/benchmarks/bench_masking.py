@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
 from test_masking import false_positive_rates, non_card_corpus  # noqa: E402
 
-from pcigate.masking import ColumnInfo, Masker, has_candidate, luhn_ok  # noqa: E402
+from pcigate.masking import ColumnInfo, Masker, RowPlan, has_candidate, luhn_ok  # noqa: E402
 from pcigate.models import MaskingPolicy  # noqa: E402
 
 BEGIN = "<!-- bench_masking:begin -->"
@@ -200,20 +200,23 @@ def main() -> None:
 
     # the C hot path (pcigate._cmask) as the tunnel drives it: 64 KiB chunks of framed DataRows, one call per
     # run of rows (the Python reference above handles the rows it leaves, e.g. grouped PANs)
+    def c_walk(label: str, rows: list[bytes], row_plan: RowPlan) -> None:
+        """The rows framed, in 64 KiB chunks, one mask_datarows call per chunk (every row taken in C)."""
+        framed = b"".join(struct.pack("!BI", 0x44, len(x) + 4) + x for x in rows)
+        c_chunks = _chunk_messages(framed, 65536)
+
+        def run_c() -> None:
+            for c in c_chunks:
+                got = masker.mask_datarows(c, 0, row_plan)
+                assert got is not None
+                assert got[1] == len(c)
+
+        sec = best(run_c, rep)
+        res[label] = {"us_per_row": sec / len(rows) * 1e6, "mb_s": len(framed) / sec / 1e6}
+
     if masker.native:
         for label, key in (("contiguous PAN in every row", "contiguous"), ("no card number", "none")):
-            framed = b"".join(struct.pack("!BI", 0x44, len(x) + 4) + x for x in sets[key])
-            c_chunks = _chunk_messages(framed, 65536)
-
-            def run_c(cs: list[bytes] = c_chunks) -> None:
-                for c in cs:
-                    got = masker.mask_datarows(c, 0, plan)
-                    assert got is not None
-                    assert got[1] == len(c)
-
-            sec = best(run_c, rep)
-            res[f"C: DataRow runs in 64 KiB chunks, {label}"] = {
-                "us_per_row": sec / n * 1e6, "mb_s": len(framed) / sec / 1e6}
+            c_walk(f"C: DataRow runs in 64 KiB chunks, {label}", sets[key], plan)
 
     # a jsonb column (binary) under the default column rules: members named like one (cvv, pin, ...) are
     # judged in Python; rows that name none stay on the C walk after a search for the names
@@ -225,18 +228,7 @@ def main() -> None:
     per_row("DataRow with a jsonb column under column rules (Python walk)", jrows,
             lambda rs: [mask_row(x, jplan) for x in rs])
     if masker.native:
-        jframed = b"".join(struct.pack("!BI", 0x44, len(x) + 4) + x for x in jrows)
-        j_chunks = _chunk_messages(jframed, 65536)
-
-        def run_json(cs: list[bytes] = j_chunks) -> None:
-            for c in cs:
-                got = masker.mask_datarows(c, 0, jplan)
-                assert got is not None
-                assert got[1] == len(c)
-
-        sec = best(run_json, rep)
-        res["C: jsonb rows naming no rule column, 64 KiB chunks (names searched first)"] = {
-            "us_per_row": sec / n * 1e6, "mb_s": len(jframed) / sec / 1e6}
+        c_walk("C: jsonb rows naming no rule column, 64 KiB chunks (names searched first)", jrows, jplan)
 
     per_row("naive baseline: per-field re + Luhn, no card", sets["none"],
             lambda rs: [naive_row(x) for x in rs])

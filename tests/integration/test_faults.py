@@ -147,16 +147,22 @@ def test_killed_pcigate_lease_reaped_and_recording_uploaded_later(
     assert not list(spool.glob("*.rec"))
 
 
-def test_an_empty_spooled_recording_is_reported_not_kept_forever(fstack: Stack, env: dict[str, str]) -> None:
-    """A CLI killed between creating its recording and writing the header (microseconds; simulated here by
-    emptying the file after a real SIGKILL, since the window cannot be hit on purpose): sync ends the
-    session, says nothing was recorded, and the spool is empty (before: every sync failed with exit 13)."""
+def _killed_mid_session(fstack: Stack, env: dict[str, str]) -> tuple[Path, Path]:
+    """A `connect` SIGKILLed while psql waits in the database: its spool directory and recording."""
     cli = CliProcess(["connect", "prod-db", "--", "-c", "select pg_sleep(60)"], env)
     wait_sleeping_backend(fstack)
     os.kill(cli.proc.pid, signal.SIGKILL)
     cli.wait(10)
     spool = Path(env["PCIGATE_STATE_DIR"]) / "spool"
     (rec,) = spool.glob("*.rec")
+    return spool, rec
+
+
+def test_an_empty_spooled_recording_is_reported_not_kept_forever(fstack: Stack, env: dict[str, str]) -> None:
+    """A CLI killed between creating its recording and writing the header (microseconds; simulated here by
+    emptying the file after a real SIGKILL, since the window cannot be hit on purpose): sync ends the
+    session, says nothing was recorded, and the spool is empty (before: every sync failed with exit 13)."""
+    spool, rec = _killed_mid_session(fstack, env)
     rec.write_bytes(b"")
     r = run_cli(["sessions", "sync"], env=env)
     assert r.code == 0, r.stderr
@@ -173,12 +179,7 @@ def test_a_deleted_spooled_recording_is_reported_until_an_operator_looks(
     evidence: sync ends the session, says the recording is missing (exit 13), and keeps the entry, so every
     later sync says it again; the quiet sync of other commands leaves it alone (before: "ended", exit 0, and
     the entry gone)."""
-    cli = CliProcess(["connect", "prod-db", "--", "-c", "select pg_sleep(60)"], env)
-    wait_sleeping_backend(fstack)
-    os.kill(cli.proc.pid, signal.SIGKILL)
-    cli.wait(10)
-    spool = Path(env["PCIGATE_STATE_DIR"]) / "spool"
-    (rec,) = spool.glob("*.rec")
+    spool, rec = _killed_mid_session(fstack, env)
     sid = rec.stem
     assert json.loads((spool / f"{sid}.json").read_text())["recorded"] is True
     rec.unlink()

@@ -413,6 +413,16 @@ def test_undescribed_rows_masked_by_pattern_without_column_rules(make_session: A
     assert s.tunnel.errors == []
 
 
+def _people_and_other(c: PgCluster) -> None:
+    """Two tables with a column of the same name (holder), for rules scoped to one of them."""
+    c.psql("DROP TABLE IF EXISTS mk_people; DROP TABLE IF EXISTS mk_other; "
+           "CREATE TABLE mk_people (id int, holder text, email text); "
+           "INSERT INTO mk_people VALUES (1, 'Ada Lovelace', 'ada@example.com'); "
+           "CREATE TABLE mk_other (id int, holder text); INSERT INTO mk_other VALUES (1, 'Not Secret'); "
+           f"ALTER TABLE mk_people OWNER TO {APP_USER}; ALTER TABLE mk_other OWNER TO {APP_USER}",
+           database="prod")
+
+
 def test_a_whole_row_holding_a_rule_column_is_judged_as_that_column(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:
@@ -423,12 +433,7 @@ def test_a_whole_row_holding_a_rule_column_is_judged_as_that_column(
     import psycopg
 
     c, _pw = cluster
-    c.psql("DROP TABLE IF EXISTS mk_people; DROP TABLE IF EXISTS mk_other; "
-           "CREATE TABLE mk_people (id int, holder text, email text); "
-           "INSERT INTO mk_people VALUES (1, 'Ada Lovelace', 'ada@example.com'); "
-           "CREATE TABLE mk_other (id int, holder text); INSERT INTO mk_other VALUES (1, 'Not Secret'); "
-           f"ALTER TABLE mk_people OWNER TO {APP_USER}; ALTER TABLE mk_other OWNER TO {APP_USER}",
-           database="prod")
+    _people_and_other(c)
     pol = DataPathPolicy(masking=MaskingPolicy(
         sensitive_columns=["cvv"], columns=[ColumnMaskRule(table="public.mk_people", column="holder",
                                                            action="redact")]))
@@ -480,12 +485,7 @@ def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
     """A table-scoped rule hits its table's column under any alias, not another table's column of the same
     name; a hash rule gives the same keyed hash in two sessions (joins work) and another with another key."""
     c, _pw = cluster
-    c.psql("DROP TABLE IF EXISTS mk_people; DROP TABLE IF EXISTS mk_other; "
-           "CREATE TABLE mk_people (id int, holder text, email text); "
-           "INSERT INTO mk_people VALUES (1, 'Ada Lovelace', 'ada@example.com'); "
-           "CREATE TABLE mk_other (id int, holder text); INSERT INTO mk_other VALUES (1, 'Not Secret'); "
-           f"ALTER TABLE mk_people OWNER TO {APP_USER}; ALTER TABLE mk_other OWNER TO {APP_USER}",
-           database="prod")
+    _people_and_other(c)
     pol = DataPathPolicy(masking=MaskingPolicy(columns=[
         ColumnMaskRule(table="public.mk_people", column="holder", action="redact"),
         ColumnMaskRule(table="mk_people", column="email", action="hash"),
