@@ -120,6 +120,8 @@ BINARY_NUMBER_OIDS: Final = frozenset({OID_INT8, OID_NUMERIC, OID_FLOAT8})
 BINARY_NUMBER_ARRAY_OIDS: Final = {1016: OID_INT8, 1231: OID_NUMERIC, 1022: OID_FLOAT8}
 
 HASH_HEX_CHARS: Final = 16
+# a json value naming a rule column is walked member by member up to this size; a larger one is redacted whole
+JSON_WALK_MAX: Final = 16 * 1024 * 1024
 MIN_PAN: Final = 13
 MAX_PAN: Final = 19
 
@@ -674,11 +676,14 @@ class Masker:
         column (case-insensitive, at any depth) get that column's treatment: redacted (a string of ``*`` as
         long as the member's text) or hashed (``h:`` + 16 hex digits of its text, as the column's own values
         hash). None when no member is named so. The value is re-serialized when one is: its whitespace (and
-        a number's spelling, e.g. ``1.50``) may differ. Too deeply nested to walk: redacted whole."""
+        a number's spelling, e.g. ``1.50``) may differ. Too deeply nested to walk, or larger than
+        :data:`JSON_WALK_MAX` (parsing takes several times the value's size in memory): redacted whole."""
         head = value[:1] if kind == _K_JSONB_BIN else b""
         text = value[len(head) :]
         if self._json_names.search(text.lower()) is None:
             return None
+        if len(text) > JSON_WALK_MAX:
+            return self.redact_value(value, kind)
         try:
             doc = json.loads(text)
             if not self._judge_members(doc):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.stack.pgraw import datarow_body, datarow_fields
@@ -48,6 +49,13 @@ def test_too_deep_to_walk_is_redacted_whole() -> None:
     deep = b'{"cvv": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     out = MK.mask_json_members(deep, _K_JSON)
     assert out == b'"' + b"*" * (len(deep) - 2) + b'"'
+
+
+def test_a_huge_value_naming_a_rule_column_is_redacted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(masking, "JSON_WALK_MAX", 64)
+    big = json.dumps({"note": "x" * 100, "cvv": "123"}).encode()
+    assert MK.mask_json_members(big, _K_JSON) == b'"' + b"*" * (len(big) - 2) + b'"'
+    assert MK.mask_json_members(json.dumps({"note": "x" * 100}).encode(), _K_JSON) is None  # names none
 
 
 def test_a_datarow_with_a_json_column() -> None:
