@@ -41,14 +41,14 @@ Limits (documented choices)
 * Binary-format results (drivers such as asyncpg, psycopg's binary cursors, pgjdbc for int8): an int8,
   numeric or float8 value, or such an element of an int8[]/numeric[]/float8[] array, is read as the number
   it is and judged by its text form (what ``psql`` would show); one that text masking would change is sent
-  as NULL, since no masked stand-in exists in those formats; so is a float8 that is exactly a Luhn-valid
-  13-16 digit integer (float8out prints 16 digits as ``4.111111111111111e+15``, which no pattern matches,
-  but a driver prints the number whole; in text format that notation is still not masked). int2/int4/float4
-  are too short to hold a card number. The bytes of any other binary value (a record, bytea, hstore, a
-  range) are scanned as text is, so text inside it is masked in place. Not read as numbers (their bytes
-  pass as they are): a number inside a binary record (``row(pan::bigint)``: the record's fields are not
-  matched to column rules either), and binary COPY (it carries no types, so its int8/numeric/float8 fields
-  are not recognised as numbers).
+  as NULL, since no masked stand-in exists in those formats. float8out prints a 16-digit float8 as
+  ``4.111111111111111e+15``: such a token whose 16-digit value passes Luhn is masked in its digits
+  (``4.11111******1111e+15``) wherever text is masked, so a card stored as float8 is masked in text and NULL
+  in binary. int2/int4/float4 are too short to hold a card number. The bytes of any other binary value (a
+  record, bytea, hstore, a range) are scanned as text is, so text inside it is masked in place. Not read as
+  numbers (their bytes pass as they are): a number inside a binary record (``row(pan::bigint)``: the
+  record's fields are not matched to column rules either), and binary COPY (it carries no types, so its
+  int8/numeric/float8 fields are not recognised as numbers).
 * Masking is applied until nothing changes, so it is idempotent and no Luhn-valid 13–19 digit window is
   left in the output, even one formed by digits that the first pass left next to each other.
 """
@@ -145,6 +145,11 @@ _RUN = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
 # Track 1 (format B) and track 2, start/end sentinels optional. The PAN is checked with Luhn afterwards.
 _TRACK1 = re.compile(rb"%?B([0-9][0-9 ]{11,21}[0-9])\^[^^\x00\r\n]{1,26}\^[0-9]{4}[0-9A-Za-z]{0,60}\??")
 _TRACK2 = re.compile(rb";?([0-9]{13,19})=[0-9]{4}[0-9]{0,40}\??")
+# A 16-digit number in float8out's exponent notation (PostgreSQL prints a float8 from 1e15 on so: a card
+# number stored as float8 shows as 4.111111111111111e+15): a digit, a point, up to 15 digits, e+15.
+_EXP16_MARK = b"e+15"
+_EXP16_MIN = len(b"4.1e+15")
+_EXP16 = re.compile(rb"(?<![0-9.])([1-9])\.([0-9]{1,15})e\+15(?![0-9])")
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -156,9 +161,10 @@ def has_candidate(data: bytes | bytearray) -> bool:
 
     A superset test: every PAN and every track holds such a run, so ``False`` means nothing in ``data`` can be
     masked by pattern. Safe on any bytes (framing bytes of complete messages only add false positives), so
-    the caller may ask it of a whole read chunk before framing it.
+    the caller may ask it of a whole read chunk before framing it. Also True for a chunk holding ``e+15``,
+    which a card number in exponent notation holds.
     """
-    return _RUN13 in data.translate(_PRE, _SEPS)
+    return _RUN13 in data.translate(_PRE, _SEPS) or _EXP16_MARK in data
 
 
 def luhn_ok(digits: bytes) -> bool:
@@ -519,7 +525,35 @@ class Masker:
 
     def _mask_value(self, v: bytes | bytearray) -> bytearray | None:
         """Pre-filter, then mask. Values whose digits are never joined by a separator (the common case,
-        e.g. a card column) are handled without a regular expression."""
+        e.g. a card column) are handled without a regular expression. A card number in exponent notation
+        (``4.111111111111111e+15``) is masked in its digits first (:meth:`_mask_exp16`)."""
+        if _EXP16_MARK in v:
+            exp = self._mask_exp16(v)
+            if exp is not None:
+                return self._mask_digits(exp) or exp
+        return self._mask_digits(v)
+
+    def _mask_exp16(self, v: bytes | bytearray) -> bytearray | None:
+        """``d.ddd…e+15`` tokens whose 16-digit value passes Luhn, masked in the digits they show (first 6 and
+        last 4 kept, or all starred: the policy's), same length; None when there is none."""
+        out: bytearray | None = None
+        for m in _EXP16.finditer(v):
+            lead, decimals = m.group(1), m.group(2)
+            if not luhn_ok(lead + decimals.ljust(15, b"0")):
+                continue
+            digits = lead + decimals
+            keep_head, keep_tail = min(self._head, len(digits)), min(self._tail, len(digits))
+            starred = bytearray(digits)
+            end = len(digits) - keep_tail
+            if end > keep_head:
+                starred[keep_head:end] = b"*" * (end - keep_head)
+            if out is None:
+                out = bytearray(v)
+            out[m.start(1)] = starred[0]
+            out[m.start(2) : m.end(2)] = starred[1:]
+        return out
+
+    def _mask_digits(self, v: bytes | bytearray) -> bytearray | None:
         t = v.translate(_CLS)
         if b"0-0" in t:  # digit groups joined by separators: the general path
             if _RUN13 not in t.translate(None, b"-"):
@@ -732,7 +766,7 @@ class Masker:
 
     def has_candidate(self, data: bytes | bytearray) -> bool:
         """See :func:`has_candidate`."""
-        return _RUN13 in data.translate(_PRE, _SEPS)
+        return has_candidate(data)
 
     @property
     def native(self) -> bool:
@@ -750,12 +784,20 @@ class Masker:
         """
         if _cmask is None or plan.native is None:
             return None
+        # Only the rows before the first that may name a rule column in a json member, or hold a number in
+        # exponent notation that may be a card: those are Python's. Cut there, that row is incomplete, and
+        # the C walk stops before it.
+        cut = self._exp16_cut(buf, pos)
         if plan.json_members:
-            # only the rows before the first that may name a rule column in a json member (Python's)
-            cut = self._json_cut(buf, pos)
-            if cut < len(buf):
-                buf = buf[:cut]  # the row holding the name is incomplete there: the C walk stops before it
+            cut = min(cut, self._json_cut(buf, pos))
+        if cut < len(buf):
+            buf = buf[:cut]
         return _cmask.mask_datarows(buf, pos, plan.native, self._head, self._tail, self._track)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _exp16_cut(buf: bytes, pos: int) -> int:
+        i = buf.find(_EXP16_MARK, pos)
+        return len(buf) if i < 0 else i
 
     JSON_WINDOW = 256 * 1024
 
@@ -778,7 +820,7 @@ class Masker:
         field count differs from the plan, raises ValueError (the caller closes the connection: never pass
         an unparsed row on).
         """
-        if not plan.forced and (not plan.scans or _RUN13 not in body.translate(_PRE, _SEPS)):
+        if not plan.forced and (not plan.scans or not has_candidate(body)):
             return None
         n = len(body)
         if n < 2:
@@ -807,7 +849,7 @@ class Masker:
                 raise ValueError("truncated DataRow")
             code = codes[i]
             if code == _PAN:
-                if flen >= MIN_PAN:
+                if flen >= MIN_PAN or (flen >= _EXP16_MIN and _EXP16_MARK in body[pos:end]):
                     m = self._mask_value(body[pos:end])
                     if m is not None:
                         edits.append((pos, flen, m))
@@ -895,13 +937,7 @@ class Masker:
         """Whether a binary int8 (``kind`` _K_INT8), numeric (_K_NUMERIC) or float8 (_K_FLOAT8) value's text
         form would be masked (then the value goes out as NULL). Raises ValueError for a malformed value."""
         if kind == _K_FLOAT8:
-            if len(value) != 8:
-                raise ValueError("malformed float8")
-            f = abs(_FLOAT8.unpack(value)[0])
-            if _PAN_MIN_VALUE <= f < _SMALL_INT and f.is_integer() and luhn_ok(str(int(f)).encode()):
-                # a card number stored as a float (13-16 digits, exact below 2**53): the client prints it
-                # whole, though float8out shows 16 digits as 4.111111111111111e+15
-                return True
+            pass  # up to 17 digits, plain or in exponent notation (4.111111111111111e+15): its text decides
         elif kind == _K_INT8:
             if len(value) == 8 and abs(int.from_bytes(value, "big", signed=True)) < _PAN_MIN_VALUE:
                 return False  # fewer than 13 digits
@@ -953,7 +989,9 @@ class Masker:
         :meth:`mask_copy_data` masks it); None when the C module is missing."""
         if _cmask is None:
             return None
-        return _cmask.mask_copydata(buf, pos, self._head, self._tail, self._track)  # type: ignore[no-any-return]
+        cut = self._exp16_cut(buf, pos)  # a row with a number in exponent notation: Python's, as above
+        return _cmask.mask_copydata(buf if cut == len(buf) else buf[:cut], pos, self._head, self._tail,  # type: ignore[no-any-return]
+                                    self._track)
 
     def mask_copy_data(self, payload: bytes) -> bytes | None:
         """A CopyData payload of a text or CSV COPY (one or more rows): PANs and track data only (COPY has no

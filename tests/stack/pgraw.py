@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from pcigate.masking import Masker, RowPlan
 from pcigate.wire import pg
 from pcigate.wire.scram import ScramClient
 
@@ -105,3 +106,33 @@ def datarow_fields(body: bytes) -> list[bytes | None]:
             pos += ln
     assert pos == len(body), "trailing bytes"
     return out
+
+
+def datarow_frame(body: bytes) -> bytes:
+    """A whole DataRow message: type, length, body."""
+    return b"D" + struct.pack("!i", len(body) + 4) + body
+
+
+def mask_as_the_tunnel_does(m: Masker, buf: bytes, plan: RowPlan) -> bytes:
+    """Framed DataRows masked the way the tunnel's loop (``_Conn`` in pcigate.tunnel.pg) masks them: runs
+    of rows in C (:meth:`Masker.mask_datarows`), a row the C walk leaves in Python
+    (:meth:`Masker.mask_datarow`)."""
+    out: list[bytes] = []
+    pos = 0
+    python_row = -1
+    while pos < len(buf):
+        (n,) = struct.unpack_from("!i", buf, pos + 1)
+        nxt = pos + 1 + n
+        if pos != python_row:
+            got = m.mask_datarows(buf, pos, plan)
+            assert got is not None, "the C module is built by the project's install (.ci/bootstrap)"
+            masked, stop = got
+            if stop > pos:
+                out.append(bytes(masked) if masked is not None else buf[pos:stop])
+                pos = stop
+                continue
+            python_row = pos
+        new = m.mask_datarow(buf[pos + 5 : nxt], plan)
+        out.append(buf[pos:nxt] if new is None else datarow_frame(new))
+        pos = nxt
+    return b"".join(out)

@@ -4,12 +4,11 @@ get that column's treatment; rows without such a name stay on the C walk, with t
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.stack.pgraw import datarow_body, datarow_fields
+from tests.stack.pgraw import datarow_body, datarow_fields, datarow_frame, mask_as_the_tunnel_does
 
 from pcigate import masking
 from pcigate.masking import _K_JSON, _K_JSONB_BIN, ColumnInfo, Masker
@@ -70,33 +69,6 @@ def test_a_datarow_with_a_json_column() -> None:
     assert not plain.json_members  # no rule columns: no member to judge
 
 
-def _frame(body: bytes) -> bytes:
-    return b"D" + struct.pack("!i", len(body) + 4) + body
-
-
-def _as_the_tunnel_does(m: Masker, buf: bytes, plan: masking.RowPlan) -> bytes:
-    """The tunnel's loop (PgConn._mask_server): runs of rows in C, a row the C walk leaves in Python."""
-    out: list[bytes] = []
-    pos = 0
-    python_row = -1
-    while pos < len(buf):
-        (n,) = struct.unpack_from("!i", buf, pos + 1)
-        nxt = pos + 1 + n
-        if pos != python_row:
-            got = m.mask_datarows(buf, pos, plan)
-            assert got is not None
-            masked, stop = got
-            if stop > pos:
-                out.append(bytes(masked) if masked is not None else buf[pos:stop])
-                pos = stop
-                continue
-            python_row = pos
-        new = m.mask_datarow(buf[pos + 5 : nxt], plan)
-        out.append(buf[pos:nxt] if new is None else _frame(new))
-        pos = nxt
-    return b"".join(out)
-
-
 ROWS = st.lists(st.tuples(
     st.sampled_from([b"1", b"4111111111111111", b"note cvv", b""]),
     st.dictionaries(st.sampled_from(["id", "cvv", "Email", "card", "brand"]),
@@ -114,9 +86,8 @@ def test_the_c_walk_and_python_agree_row_for_row(
     assert masking._cmask is not None, "the C module is built by the project's install (.ci/bootstrap)"
     plan = MK.row_plan([ColumnInfo("t", type_oid=25), ColumnInfo("doc", type_oid=3802, format=1)])
     bodies = [datarow_body(t, b"\x01" + json.dumps(d).encode()) for t, d in rows]
-    buf = b"".join(_frame(b) for b in bodies)
-    expect = b"".join(_frame(new) if (new := MK.mask_datarow(b, plan)) is not None else _frame(b)
-                      for b in bodies)
+    buf = b"".join(datarow_frame(b) for b in bodies)
+    expect = b"".join(datarow_frame(b if (new := MK.mask_datarow(b, plan)) is None else new) for b in bodies)
     small = type("SmallWindow", (Masker,), {"JSON_WINDOW": window})  # rows across the windows' ends
     m = small(MK.policy, KEY)
-    assert _as_the_tunnel_does(m, buf, plan) == expect
+    assert mask_as_the_tunnel_does(m, buf, plan) == expect

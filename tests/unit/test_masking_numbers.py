@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg.types.numeric import DecimalBinaryDumper
-from tests.stack.pgraw import datarow_body, datarow_fields
+from tests.stack.pgraw import datarow_body, datarow_fields, datarow_frame, mask_as_the_tunnel_does
 
 from pcigate.masking import (
     _K_FLOAT8,
@@ -117,15 +117,27 @@ def test_number_is_pan_as_its_text_would_be_masked(value: bytes, kind: int, is_p
     assert (text is not None and MK.scan(text) is not None) is is_pan
 
 
-def test_a_card_number_stored_as_float8_is_null_though_its_text_hides_it() -> None:
-    """psql shows a 16-digit float8 as 4.111111111111111e+15, which no card pattern matches; a driver gets
-    the exact number and prints it whole (Python: 4111111111111111.0), so the tunnel sends NULL."""
-    value = float8(4111111111111111.0)
-    text = binary_number_text(value, _K_FLOAT8)
-    assert text == b"4.111111111111111e+15"
-    assert MK.scan(text) is None
-    assert MK.number_is_pan(value, _K_FLOAT8)
-    assert MK.number_is_pan(float8(-4222222222222.0), _K_FLOAT8)
+@pytest.mark.parametrize(("text", "masked"), [
+    (b"4.111111111111111e+15", b"4.11111******1111e+15"),  # float8out of 4111111111111111
+    (b"-4.111111111111111e+15", b"-4.11111******1111e+15"),
+    (b"{4.111111111111111e+15,7}", b"{4.11111******1111e+15,7}"),  # a float8[] in text
+    (b'{"amount": 6.011111111111117e+15}', b'{"amount": 6.01111******1117e+15}'),  # to_json(float8)
+    (b"4.1111111111114e+15", b"4.11111****1114e+15"),  # 4111111111111400: the digits it shows
+    (b"4.111111111111112e+15", None),  # fails Luhn
+    (b"4.5e+15", None),  # 4500000000000000 fails Luhn
+    (b"14.111111111111111e+15", None),  # not float8out's notation (one digit before the point)
+    (b"4.111111111111111e+16", None),  # 17 digits: beyond 2**53, no card stored exactly
+])
+def test_a_card_number_in_exponent_notation_is_masked_in_its_digits(
+    text: bytes, masked: bytes | None
+) -> None:
+    """psql shows a 16-digit float8 as 4.111111111111111e+15: the digits of a card in plain sight, which no
+    13-digit run catches. Such a token whose 16-digit value passes Luhn is masked in the digits it shows
+    (same length), in any text; the binary float8 is NULL, as its text form is masked."""
+    assert MK.scan(text) == masked
+    assert Masker(MaskingPolicy(pan="redact")).scan(b"4.111111111111111e+15") == b"*.***************e+15"
+    assert MK.number_is_pan(float8(4111111111111111.0), _K_FLOAT8)
+    assert MK.has_candidate(b"x 4.5e+15 y")  # the chunk pre-check lets it through (no 13-digit run)
 
 
 def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:
@@ -198,3 +210,30 @@ def test_binary_values_of_other_types_are_scanned_in_place() -> None:
     r, f = datarow_fields(out)
     assert r == record.replace(pan, b"411111******1111")
     assert f is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.integers(10**15, 2**53 - 1),
+                          st.sampled_from([4111111111111111, 6011111111111117])), min_size=1, max_size=60))
+def test_exponent_notation_rows_leave_the_c_walk_and_agree_with_python(values: list[int]) -> None:
+    """Rows holding ``e+15`` go to Python (the C walk does not know the notation); the tunnel's loop gives
+    what Python gives row by row, and no card shows in either spelling."""
+    plan = MK.row_plan([ColumnInfo("id", type_oid=23), ColumnInfo("f", type_oid=701)])
+    bodies = [datarow_body(str(i).encode(), float8_text(float(v))) for i, v in enumerate(values)]
+    buf = b"".join(datarow_frame(b) for b in bodies)
+    expect = b"".join(datarow_frame(b if (new := MK.mask_datarow(b, plan)) is None else new) for b in bodies)
+    got = mask_as_the_tunnel_does(MK, buf, plan)
+    assert got == expect
+    assert b"4.111111111111111e+15" not in got
+    assert b"6.011111111111117e+15" not in got
+
+
+def test_copy_rows_in_exponent_notation_are_masked() -> None:
+    """COPY (SELECT pan::float8 ...) TO STDOUT: the C walk over CopyData stops before the row, for Python."""
+    rows = [b"1\t2.5e+14\n", b"2\t4.111111111111111e+15\n", b"3\t12\n"]
+    buf = b"".join(b"d" + struct.pack("!i", len(r) + 4) + r for r in rows)
+    got = MK.mask_copydatas(buf, 0)
+    assert got is not None
+    _masked, stop = got
+    assert stop == len(rows[0]) + 5  # the second row is Python's
+    assert MK.mask_copy_data(rows[1]) == b"2\t4.11111******1111e+15\n"
