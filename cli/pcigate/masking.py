@@ -43,9 +43,10 @@ Limits (documented choices)
   it is and judged by its text form (what ``psql`` would show); one that text masking would change is sent
   as NULL, since no masked stand-in exists in those formats. float8out prints a 16-digit float8 as
   ``4.111111111111111e+15``: such a token whose 16-digit value passes Luhn is masked in its digits
-  (``4.11111******1111e+15``) wherever text is masked, so a card stored as float8 is masked in text and NULL
-  in binary. int2/int4/float4 are too short to hold a card number. The bytes of any other binary value (a
-  record, bytea, hstore, a range) are scanned as text is, so text inside it is masked in place. Not read as
+  (``4.11111******1111e+15``) in float8/float8[]/json columns and in COPY rows, errors and notices, so a
+  card stored as float8 is masked in text and NULL in binary. int2/int4/float4 are too short to hold a card
+  number. The bytes of any other binary value (a record, bytea, hstore, a range) are scanned as text is, so
+  text inside it is masked in place. Not read as
   numbers (their bytes pass as they are): a number inside a binary record (``row(pan::bigint)``: the
   record's fields are not matched to column rules either), and binary COPY (it carries no types, so its
   int8/numeric/float8 fields are not recognised as numbers).
@@ -149,6 +150,7 @@ _TRACK2 = re.compile(rb";?([0-9]{13,19})=[0-9]{4}[0-9]{0,40}\??")
 # number stored as float8 shows as 4.111111111111111e+15): a digit, a point, up to 15 digits, e+15.
 _EXP16_MARK = b"e+15"
 _EXP16_MIN = len(b"4.1e+15")
+_EXP16_OIDS: Final = frozenset({701, 1022, 114})  # float8, float8[], json (to_json of a float8)
 _EXP16 = re.compile(rb"(?<![0-9.])([1-9])\.([0-9]{1,15})e\+15(?![0-9])")
 
 _I16 = struct.Struct("!h")
@@ -161,10 +163,11 @@ def has_candidate(data: bytes | bytearray) -> bool:
 
     A superset test: every PAN and every track holds such a run, so ``False`` means nothing in ``data`` can be
     masked by pattern. Safe on any bytes (framing bytes of complete messages only add false positives), so
-    the caller may ask it of a whole read chunk before framing it. Also True for a chunk holding ``e+15``,
-    which a card number in exponent notation holds.
+    the caller may ask it of a whole read chunk before framing it. (A card number in float8's exponent
+    notation need not hold such a run: rows whose plan says ``exp16`` are walked anyway, and COPY rows are
+    asked :meth:`Masker.has_exp16` too.)
     """
-    return _RUN13 in data.translate(_PRE, _SEPS) or _EXP16_MARK in data
+    return _RUN13 in data.translate(_PRE, _SEPS)
 
 
 def luhn_ok(digits: bytes) -> bool:
@@ -276,6 +279,10 @@ class RowPlan:
     kinds: tuple[int, ...]
     forced: bool  # some column is redacted/hashed whatever its content, or a binary number: walk every row
     scans: bool  # some column is scanned for PANs
+    # some column may show a float in exponent notation (float8, float8[] or json as text: float8out writes
+    # a 16-digit card as 4.111111111111111e+15): every row is walked, and the C walk leaves rows holding
+    # e+15 to Python
+    exp16: bool = False
     # per column, the op code of pcigate._cmask.mask_datarows; None when some column needs what only the
     # Python code does (hash, NULL for an opaque redacted value, binary arrays)
     native: bytes | None = field(init=False, compare=False)
@@ -478,14 +485,56 @@ def _table_matches(rule_table: str | None, table: str | None) -> int:
     return 2 if r_name == t_name else 0
 
 
+class _Cuts:
+    """For one chunk ``buf``: the next offset at or after a position where a row that only the Python code
+    masks may start (``e+15``; a rule column's name as a JSON string, in any case). Each search resumes
+    where the last one ended, so walking a chunk costs one pass over it whatever the number of calls; the
+    JSON names are looked for in lower-cased windows of :attr:`WINDOW` bytes (never a copy of a whole
+    1 GiB row)."""
+
+    WINDOW = 256 * 1024
+    KEEP_MAX = 4 * 1024 * 1024
+    __slots__ = ("_exp_at", "_json_at", "_json_clear", "_longest", "_names", "buf")
+
+    def __init__(self, buf: bytes, names: re.Pattern[bytes], longest: int) -> None:
+        self.buf = buf
+        self._names = names
+        self._longest = longest
+        self._exp_at = -1  # the first e+15 at or after the last position asked (len(buf): none); -1 unknown
+        self._json_at = -1  # the same for the JSON names
+        self._json_clear = 0  # no JSON name starts before this offset (from the first position asked)
+
+    def exp16(self, pos: int) -> int:
+        if self._exp_at < pos:
+            i = self.buf.find(_EXP16_MARK, pos)
+            self._exp_at = len(self.buf) if i < 0 else i
+        return self._exp_at
+
+    def json(self, pos: int) -> int:
+        if self._json_at >= pos:
+            return self._json_at
+        buf, n = self.buf, len(self.buf)
+        start = max(pos, self._json_clear)
+        while start < n:
+            end = min(n, start + self.WINDOW)
+            found = self._names.search(buf[start : end + self._longest - 1].lower())
+            if found is not None and start + found.start() < end:
+                self._json_at = start + found.start()
+                self._json_clear = self._json_at
+                return self._json_at
+            start = self._json_clear = end
+        self._json_at = n
+        return n
+
+
 class Masker:
     """Applies one :class:`~pcigate.models.MaskingPolicy`. Immutable after construction; cheap to share.
 
     ``hash_key`` is the per-deployment HMAC key; it is required when any rule asks for ``hash``.
     """
 
-    __slots__ = ("_head", "_json_names", "_json_needles", "_json_rules", "_key", "_rules", "_sensitive",
-                 "_tail", "_track", "policy")
+    __slots__ = ("_cut", "_head", "_json_names", "_json_needles", "_json_rules", "_key", "_rules",
+                 "_sensitive", "_tail", "_track", "policy")
 
     def __init__(self, policy: MaskingPolicy, hash_key: bytes | None = None) -> None:
         self.policy = policy
@@ -512,6 +561,7 @@ class Masker:
         self._json_needles = tuple(json.dumps(name).encode() for name in sorted(self._json_rules))
         # one pass for all the names (a find per name costs twice as much on JSON, full of quotes)
         self._json_names = re.compile(b"|".join(re.escape(n) for n in self._json_needles) or b"(?!)")
+        self._cut: _Cuts | None = None
 
     # -- text ------------------------------------------------------------------------------------------------
 
@@ -523,11 +573,13 @@ class Masker:
         out = self._mask_value(data)
         return None if out is None else bytes(out)
 
-    def _mask_value(self, v: bytes | bytearray) -> bytearray | None:
+    def _mask_value(self, v: bytes | bytearray, exp16: bool = True) -> bytearray | None:
         """Pre-filter, then mask. Values whose digits are never joined by a separator (the common case,
-        e.g. a card column) are handled without a regular expression. A card number in exponent notation
-        (``4.111111111111111e+15``) is masked in its digits first (:meth:`_mask_exp16`)."""
-        if _EXP16_MARK in v:
+        e.g. a card column) are handled without a regular expression. With ``exp16`` (always, but for the
+        fields of a row whose plan has no float or json column: the C walk does not look for them there
+        either), a card number in exponent notation (``4.111111111111111e+15``) is masked in its digits
+        first (:meth:`_mask_exp16`)."""
+        if exp16 and _EXP16_MARK in v:
             exp = self._mask_exp16(v)
             if exp is not None:
                 return self._mask_digits(exp) or exp
@@ -691,8 +743,9 @@ class Masker:
                 code = _PAN
             codes.append(code)
             kinds.append(kind)
-        return RowPlan(tuple(codes), tuple(kinds), any(c >= _REDACT for c in codes),
-                       any(c in (_PAN, _PAN_ARRAY) for c in codes))
+        exp16 = any(c.type_oid in _EXP16_OIDS and (c.format == 0 or c.type_oid == OID_JSON) for c in columns)
+        return RowPlan(tuple(codes), tuple(kinds), exp16 or any(c >= _REDACT for c in codes),
+                       any(c in (_PAN, _PAN_ARRAY) for c in codes), exp16)
 
     def redact_value(self, value: bytes, kind: int = _K_TEXT) -> bytes | None:
         """``*`` × len (JSON: a JSON string of that length); None (SQL NULL) for an opaque binary value."""
@@ -768,6 +821,11 @@ class Masker:
         """See :func:`has_candidate`."""
         return has_candidate(data)
 
+    @staticmethod
+    def has_exp16(data: bytes | bytearray) -> bool:
+        """Whether ``data`` may hold a card number in float8's exponent notation (``e+15``)."""
+        return _EXP16_MARK in data
+
     @property
     def native(self) -> bool:
         """Whether :meth:`mask_datarows` can run (the C module was built)."""
@@ -787,30 +845,23 @@ class Masker:
         # Only the rows before the first that may name a rule column in a json member, or hold a number in
         # exponent notation that may be a card: those are Python's. Cut there, that row is incomplete, and
         # the C walk stops before it.
-        cut = self._exp16_cut(buf, pos)
+        cut = self._cuts(buf).exp16(pos) if plan.exp16 else len(buf)
         if plan.json_members:
-            cut = min(cut, self._json_cut(buf, pos))
+            cut = min(cut, self._cuts(buf).json(pos))
         if cut < len(buf):
             buf = buf[:cut]
         return _cmask.mask_datarows(buf, pos, plan.native, self._head, self._tail, self._track)  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _exp16_cut(buf: bytes, pos: int) -> int:
-        i = buf.find(_EXP16_MARK, pos)
-        return len(buf) if i < 0 else i
-
-    JSON_WINDOW = 256 * 1024
-
-    def _json_cut(self, buf: bytes, pos: int) -> int:
-        """The offset of the first rule-column name (as a JSON string, any case) in ``buf`` from ``pos``, or
-        the end of the window looked at (:attr:`JSON_WINDOW` bytes; the next call looks further)."""
-        longest = max(len(n) for n in self._json_needles)
-        low = buf[pos : pos + self.JSON_WINDOW + longest].lower()
-        cut = min(len(buf) - pos, self.JSON_WINDOW)
-        found = self._json_names.search(low, 0, cut + longest - 1)
-        if found is not None and found.start() < cut:
-            cut = found.start()
-        return pos + cut
+    def _cuts(self, buf: bytes) -> _Cuts:
+        """Where the rows the C walk must leave to Python start in ``buf`` (the tunnel's read chunk, which
+        it walks from the front, a run of rows per call): found once per chunk, not once per call."""
+        if self._cut is not None and self._cut.buf is buf:
+            return self._cut
+        cuts = _Cuts(buf, self._json_names, max((len(n) for n in self._json_needles), default=1))
+        # kept for the next call on the same chunk; a bigger buffer (a huge row being held) is not kept
+        # alive by it, and holds few rows anyway
+        self._cut = cuts if len(buf) <= _Cuts.KEEP_MAX else None
+        return cuts
 
     def mask_datarow(self, body: bytes, plan: RowPlan) -> bytes | None:
         """Mask a DataRow message body (int16 count, then per field int32 length (−1: NULL) + bytes).
@@ -849,8 +900,8 @@ class Masker:
                 raise ValueError("truncated DataRow")
             code = codes[i]
             if code == _PAN:
-                if flen >= MIN_PAN or (flen >= _EXP16_MIN and _EXP16_MARK in body[pos:end]):
-                    m = self._mask_value(body[pos:end])
+                if flen >= MIN_PAN or (plan.exp16 and flen >= _EXP16_MIN and _EXP16_MARK in body[pos:end]):
+                    m = self._mask_value(body[pos:end], plan.exp16)
                     if m is not None:
                         edits.append((pos, flen, m))
             elif code in (_REDACT, _HASH):
@@ -864,7 +915,8 @@ class Masker:
             elif code == _PAN_JSON:
                 v = body[pos:end]
                 j = self.mask_json_members(v, kinds[i])
-                m = self._mask_value(v if j is None else j) if flen >= MIN_PAN or j is not None else None
+                m = (self._mask_value(v if j is None else j, plan.exp16) if flen >= MIN_PAN or j is not None
+                     else None)
                 out_v = m if m is not None else j
                 if out_v is not None:
                     edits.append((pos, flen, out_v))
@@ -989,7 +1041,7 @@ class Masker:
         :meth:`mask_copy_data` masks it); None when the C module is missing."""
         if _cmask is None:
             return None
-        cut = self._exp16_cut(buf, pos)  # a row with a number in exponent notation: Python's, as above
+        cut = self._cuts(buf).exp16(pos)  # a row with a number in exponent notation: Python's, as above
         return _cmask.mask_copydata(buf if cut == len(buf) else buf[:cut], pos, self._head, self._tail,  # type: ignore[no-any-return]
                                     self._track)
 

@@ -137,7 +137,13 @@ def test_a_card_number_in_exponent_notation_is_masked_in_its_digits(
     assert MK.scan(text) == masked
     assert Masker(MaskingPolicy(pan="redact")).scan(b"4.111111111111111e+15") == b"*.***************e+15"
     assert MK.number_is_pan(float8(4111111111111111.0), _K_FLOAT8)
-    assert MK.has_candidate(b"x 4.5e+15 y")  # the chunk pre-check lets it through (no 13-digit run)
+    assert MK.has_exp16(b"x 4.5e+15 y")  # COPY chunks are asked this too (no 13-digit run here)
+    plan = MK.row_plan([ColumnInfo("f", type_oid=701)])
+    assert plan.exp16
+    assert plan.forced  # every row walked: a chunk of such floats need not hold a 13-digit run
+    assert not MK.row_plan([ColumnInfo("t", type_oid=25)]).exp16  # a text column: as the C walk, no rule
+    row = datarow_body(b"4.111111111111111e+15")
+    assert MK.mask_datarow(row, MK.row_plan([ColumnInfo("t", type_oid=25)])) is None
 
 
 def test_datarow_sends_a_pan_number_as_null_and_keeps_the_rest() -> None:

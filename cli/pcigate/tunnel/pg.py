@@ -963,6 +963,7 @@ class _Conn(asyncio.Protocol):
             buf = bytes(data)
         end = len(buf)
         cand = mk.has_candidate(buf)  # a superset test on the whole chunk: framing bytes only add hits
+        copy_cand: bool | None = None  # for COPY rows, also a float in exponent notation (no column types)
         plan = self._plan
         work = cand or (plan is not None and plan.forced)
         unpack = _HDR.unpack_from
@@ -1009,7 +1010,9 @@ class _Conn(asyncio.Protocol):
                             seg = nxt
                             shift += len(new) + 5 - (nxt - pos)
                 elif t == _COPY_DATA:
-                    if cand and self._copy_out == 1 and pos != python_row:
+                    if copy_cand is None:
+                        copy_cand = cand or mk.has_exp16(buf)
+                    if copy_cand and self._copy_out == 1 and pos != python_row:
                         got = mk.mask_copydatas(buf, pos)  # the run of text COPY rows from here, in C
                         if got is not None:
                             masked, stop = got
@@ -1021,7 +1024,7 @@ class _Conn(asyncio.Protocol):
                                 pos = stop
                                 continue
                             python_row = pos
-                    if cand and self._copy_out:
+                    if copy_cand and self._copy_out:
                         body = buf[pos + 5 : nxt]
                         if self._copy_out == 2 and self._copy_plan is not None:
                             new = mk.mask_copy_binary(body, self._copy_plan)
