@@ -571,6 +571,11 @@ def test_binary_float8_records_and_bytea_masked_as_their_text_would_be(make_sess
     shown = dict(zip([b for b, _ in PANS], [line[1] for line in text], strict=False))
     assert shown["visa16"] == "4.11111******1111e+15"  # psql's own spelling, masked in its digits
     assert shown["amex"] == truncated("378282246310005")
+    # COPY has no column types: its rows are looked at for the notation too
+    copied = make_session(PATTERN_ONLY, "copyfloat").psql(
+        "-c", f"COPY (SELECT pan::float8 FROM {TABLE} ORDER BY id) TO STDOUT").stdout.splitlines()
+    assert copied[0] == "4.11111******1111e+15"
+    assert copied == [line[1] for line in text]
     for (brand, p), row in zip(PANS, binary, strict=False):
         assert row[4][1] == truncated(p), brand
         assert row[4][2] == f"order {row[0]} paid with {truncated(spaced(p))} by {brand}", brand
