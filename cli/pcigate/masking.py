@@ -533,7 +533,7 @@ class Masker:
     ``hash_key`` is the per-deployment HMAC key; it is required when any rule asks for ``hash``.
     """
 
-    __slots__ = ("_cut", "_head", "_json_names", "_json_needles", "_json_rules", "_key", "_rules",
+    __slots__ = ("_cut", "_head", "_json_longest", "_json_names", "_json_rules", "_key", "_rules",
                  "_sensitive", "_tail", "_track", "policy")
 
     def __init__(self, policy: MaskingPolicy, hash_key: bytes | None = None) -> None:
@@ -558,9 +558,10 @@ class Masker:
             action = self.column_action(None, name)
             if action != "pan":
                 self._json_rules[name] = action
-        self._json_needles = tuple(json.dumps(name).encode() for name in sorted(self._json_rules))
+        needles = [json.dumps(name).encode() for name in sorted(self._json_rules)]  # as JSON strings
         # one pass for all the names (a find per name costs twice as much on JSON, full of quotes)
-        self._json_names = re.compile(b"|".join(re.escape(n) for n in self._json_needles) or b"(?!)")
+        self._json_names = re.compile(b"|".join(re.escape(n) for n in needles) or b"(?!)")
+        self._json_longest = max((len(n) for n in needles), default=1)
         self._cut: _Cuts | None = None
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -857,7 +858,7 @@ class Masker:
         it walks from the front, a run of rows per call): found once per chunk, not once per call."""
         if self._cut is not None and self._cut.buf is buf:
             return self._cut
-        cuts = _Cuts(buf, self._json_names, max((len(n) for n in self._json_needles), default=1))
+        cuts = _Cuts(buf, self._json_names, self._json_longest)
         # kept for the next call on the same chunk; a bigger buffer (a huge row being held) is not kept
         # alive by it, and holds few rows anyway
         self._cut = cuts if len(buf) <= _Cuts.KEEP_MAX else None
