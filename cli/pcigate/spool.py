@@ -65,9 +65,15 @@ class SyncResult(BaseModel):
     error: str | None = None
 
 
-def _paths(session_id: str, directory: Path | None = None) -> tuple[Path, Path, Path]:
+def _safe_id(session_id: str) -> str:
+    """``session_id``, if it can name spool files and a broker URL path; RecordingError otherwise."""
     if not SESSION_ID.fullmatch(session_id):
         raise RecordingError(f"refusing an unsafe session id {session_id!r}")
+    return session_id
+
+
+def _paths(session_id: str, directory: Path | None = None) -> tuple[Path, Path, Path]:
+    _safe_id(session_id)
     d = directory or spool_dir()
     return d / f"{session_id}.rec", d / f"{session_id}.json", d / f"{session_id}.lock"
 
@@ -172,8 +178,7 @@ def settle(
     The caller holds the session lock. Transport failures propagate (:class:`BrokerUnavailable`); a recording
     the broker refuses for good is kept and marked ``rejected``.
     """
-    if not SESSION_ID.fullmatch(entry.session_id):
-        raise RecordingError(f"refusing an unsafe session id {entry.session_id!r}")
+    _safe_id(entry.session_id)  # before the broker is asked anything
     result = SyncResult(session_id=entry.session_id, sha256=entry.sha256)
     if entry.end_owed:
         # First, before touching the spool directory: a broken spool (full disk, bad permissions) must never
