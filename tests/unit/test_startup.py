@@ -118,6 +118,18 @@ def test_connect_loads_neither_the_tunnel_nor_rich_before_its_broker_call() -> N
     assert out.strip() == "[]"
 
 
+def test_importing_the_broker_client_builds_no_type_adapter() -> None:
+    # a module-level TypeAdapter (list[TargetInfo]) builds its schema at import, ~7 ms of connect's start-up
+    # for a model connect never reads; the client makes such adapters on first use
+    out = run_started(
+        "import pcigate.client, pcigate.models\n"
+        "from pydantic import TypeAdapter\n"
+        "print([n for mod in (pcigate.client, pcigate.models) for n, v in vars(mod).items()\n"
+        "       if isinstance(v, TypeAdapter)])\n"
+    )
+    assert out.strip() == "[]"
+
+
 # -- the claims reader that schedules refreshes -------------------------------------------------------------
 
 
