@@ -96,6 +96,7 @@ from pcigate.masking import (
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
+from pcigate.sqltaint import ComputedColumns, Derived
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
 
@@ -477,12 +478,14 @@ class _Sync:
 
 
 class _StmtDesc:
-    """Masking: a prepared statement's result columns, once the server has described it (Describe S)."""
+    """Masking: a prepared statement's result columns, once the server has described it (Describe S), and
+    which of its computed columns carry a rule column (:mod:`pcigate.sqltaint`; None: none)."""
 
-    __slots__ = ("cols",)
+    __slots__ = ("cols", "derived")
 
-    def __init__(self) -> None:
+    def __init__(self, derived: Derived | None = None) -> None:
         self.cols: list[ColumnInfo] | None = None
+        self.derived = derived
 
 
 class _PortalDesc:
@@ -590,6 +593,9 @@ class _Conn(asyncio.Protocol):
         self._m_stmts: dict[bytes, _StmtDesc] = {}
         self._m_portals: dict[bytes, _PortalDesc] = {}
         self._m_seq = 0  # Syncs, Queries and FunctionCalls forwarded (each answered by one ReadyForQuery)
+        # per Query (its _m_seq) whose statements compute columns from rule columns: their Derived, and how
+        # many of its statements have completed (the one a RowDescription belongs to)
+        self._m_derived: dict[int, list[Any]] = {}
         self._m_copyin = False  # the server is in COPY IN: it ignores Syncs until CopyDone/CopyFail
         self._mq_paused = False  # client reading paused: too many messages unanswered (_MQ_HIGH)
         # the C relay thread (a plain connection, see _hand_over): its id there, and what to send the client
@@ -1036,8 +1042,10 @@ class _Conn(asyncio.Protocol):
                             seg = nxt
                             shift += len(new) + 5 - (nxt - pos)
                 elif t == _T:
-                    cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins, self.tunnel.row_types)
                     mq = self._mq_live()
+                    derived = self._row_derived(mq)
+                    cols = _row_description(buf[pos + 5 : nxt], self.tunnel.origins, self.tunnel.row_types,
+                                            derived)
                     if mq and mq[0][0] in (_MQ_DS, _MQ_DP):  # describes a statement or portal for later
                         kind, desc = mq.popleft()
                         if desc is not None:
@@ -1091,6 +1099,10 @@ class _Conn(asyncio.Protocol):
                     self._copy_out = 0
                     mq = self._mq_live()
                     if mq:
+                        if t in (_CMD, _EMPTY_Q) and mq[0][0] == _MQ_Q and self._m_derived:
+                            q = self._m_derived.get(mq[0][1])
+                            if q is not None:
+                                q[1] += 1  # the Query's next statement
                         if t == _Z:  # ends a Query, FunctionCall or Sync (and what went unanswered before it)
                             self._ready(buf[pos + 5 : nxt])
                         elif mq[0][0] == _MQ_E:  # an Execute's last answer
@@ -1145,6 +1157,8 @@ class _Conn(asyncio.Protocol):
         assert mq is not None
         while mq:
             kind, seq = mq.popleft()
+            if kind == _MQ_Q and self._m_derived:
+                self._m_derived.pop(seq, None)
             if kind in (_MQ_Q, _MQ_SYNC):
                 if status == b"I" and self._m_portals:
                     self._m_portals = {k: v for k, v in self._m_portals.items() if v.seq > seq}
@@ -1173,6 +1187,21 @@ class _Conn(asyncio.Protocol):
         mq.append(head)
         mq.extend(rest)
         self._m_copyin = not ended
+
+    def _row_derived(self, mq: deque[tuple[int, Any]] | None) -> Derived | None:
+        """The statement a RowDescription describes: which of its computed columns carry rule columns."""
+        if not mq:
+            return None
+        kind, desc = mq[0]
+        if kind == _MQ_DS:
+            return desc.derived if desc is not None else None
+        if kind == _MQ_DP:
+            return desc.stmt.derived if desc is not None and desc.stmt is not None else None
+        if kind == _MQ_Q and self._m_derived:
+            q = self._m_derived.get(desc)
+            if q is not None and q[1] < len(q[0]):
+                return cast(Derived, q[0][q[1]])
+        return None
 
     def _execute_plan(self, body: bytes) -> RowPlan | None:
         """The plan for rows that arrived without a RowDescription in their exchange: an Execute's, whose
@@ -1299,7 +1328,7 @@ class _Conn(asyncio.Protocol):
             name, pos = _cname(body)
             if _SQL_PREPARE.search(body[pos:]):
                 self._forget_statements()
-            self._m_stmts[name] = _StmtDesc()
+            self._m_stmts[name] = _StmtDesc(self._derived(body[pos : body.find(b"\x00", pos)]))
             mq.append(_MQ_X_ENTRY)
         elif t == _D:
             kind, _ = pg.parse_describe(body)
@@ -1311,6 +1340,10 @@ class _Conn(asyncio.Protocol):
         elif t in (_Q, _F):
             if t == _Q and _SQL_PREPARE.search(body):
                 self._forget_statements()
+            cc = self.tunnel.computed
+            got = cc.statements(body[:-1]) if t == _Q and cc is not None else None
+            if got is not None:
+                self._m_derived[self._m_seq] = [got, 0]
             mq.append((_MQ_Q, self._m_seq))  # answered by its own ReadyForQuery
             self._m_seq += 1
         elif t == _C:
@@ -1330,6 +1363,12 @@ class _Conn(asyncio.Protocol):
         if len(mq) > _MQ_CAP:
             raise ProtocolError(f"more than {_MQ_CAP} messages sent without reading the answers")
         return bind
+
+    def _derived(self, sql: bytes) -> Derived | None:
+        """A Parse's statement: its computed columns that carry rule columns (one statement per Parse)."""
+        cc = self.tunnel.computed
+        got = cc.statements(sql) if cc is not None else None
+        return got[0] if got else None
 
     def _forget_statements(self) -> None:
         for st in self._m_stmts.values():
@@ -1859,28 +1898,35 @@ Origins = dict[tuple[int, int], tuple[str, str]]  # (table oid, attnum) -> ("sch
 # the row type of a table (and the array of it) that has a column named by a masking rule -> that column, as
 # in Origins: a whole-row value (``SELECT c FROM cards c``) holds the column, so it is judged as the column
 RowTypes = dict[int, tuple[str, str]]
+_JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
 
 
 def _row_description(body: bytes, origins: Origins | None = None,
-                     row_types: RowTypes | None = None) -> list[ColumnInfo]:
+                     row_types: RowTypes | None = None, derived: Derived | None = None) -> list[ColumnInfo]:
     """The columns of a RowDescription body. A column that the server traces to a table column (its table
     OID and attribute number) found in ``origins`` takes that table and *that* column's name, so an alias
     (``SELECT cvv AS c``) does not hide it from a column rule; a column whose type is the row type of such a
     table (or an array of it) is judged as that table column too, since the whole row holds it; any other
     column keeps the name it is sent under and an unknown table (``table`` None: table-scoped rules apply to
-    it, fail closed)."""
+    it, fail closed). A computed column (no table OID) that ``derived`` says is computed from rule columns is
+    judged as the strictest of them (:mod:`pcigate.sqltaint`)."""
     (count,) = _I16.unpack_from(body, 0)
     pos = 2
     cols: list[ColumnInfo] = []
-    for _ in range(count):
+    for i in range(count):
         z = body.index(b"\x00", pos)
         name = body[pos:z].decode("utf-8", "replace")
         toid, att, typ, _tlen, _tmod, fmt = _FIELD_TAIL.unpack_from(body, z + 1)
         origin = origins.get((toid & 0xFFFFFFFF, att)) if origins and toid else None
         if origin is None and row_types:
             origin = row_types.get(typ & 0xFFFFFFFF)
+        rule = None
+        if origin is None and derived is not None and not toid:
+            rule = derived.column(i, count, json=(typ & 0xFFFFFFFF) in _JSON_TYPES)
         if origin is not None:
             cols.append(ColumnInfo(origin[1], origin[0], typ & 0xFFFFFFFF, fmt))
+        elif rule is not None:
+            cols.append(ColumnInfo(rule, None, typ & 0xFFFFFFFF, fmt))
         else:
             cols.append(ColumnInfo(name, None, typ & 0xFFFFFFFF, fmt))
         pos = z + 1 + _FIELD_TAIL.size
@@ -1965,6 +2011,7 @@ class PgTunnel:
         # catalog by check_upstream(): lets rules follow a column through aliases and tell tables apart
         self.origins: Origins = {}
         self.row_types: RowTypes = {}
+        self.computed: ComputedColumns | None = None  # with column rules: computed columns that carry them
         self._row_holders: dict[int, list[tuple[str, str]]] = {}  # per row type, the rule columns it holds
         self.stats = TunnelStats()
         self.errors: list[str] = []
@@ -2043,6 +2090,7 @@ class PgTunnel:
                                    "refusing to open the tunnel")
             self.masker = Masker(pol.masking, hash_key=self._masking_key)
             self.row_types = self._strongest(self.masker)
+            self.computed = self._computed(self.masker)
         self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()
@@ -2085,6 +2133,18 @@ class PgTunnel:
         rank = {"redact": 2, "hash": 1}
         return {typ: max(cols, key=lambda c: rank.get(masker.column_action(c[0], c[1]), 0))
                 for typ, cols in self._row_holders.items()}
+
+    def _computed(self, masker: Masker) -> ComputedColumns | None:
+        """With column rules: the judge of computed columns, knowing which tables (by name) hold which rule
+        columns, for whole-row references (``c::text``)."""
+        names = self._rule_columns()
+        if not names:
+            return None
+        tables: dict[str, set[str]] = {}
+        for table, column in self.origins.values():
+            tables.setdefault(table.rsplit(".", 1)[-1], set()).add(column)
+        rank = {"redact": 2, "hash": 1}
+        return ComputedColumns(names, tables, lambda c: rank.get(masker.column_action(None, c), 0))
 
     def _rule_columns(self) -> set[str]:
         pol = self.policy.masking if self.policy is not None else None

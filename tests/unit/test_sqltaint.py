@@ -1,0 +1,164 @@
+"""pcigate.sqltaint: which computed result columns carry a rule column (PostgreSQL's parser, bytes in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pcigate import sqltaint
+from pcigate.sqltaint import ComputedColumns, Derived
+
+RANK = {"cvv": 2, "track2": 2, "email": 1, "pan_hash": 1}
+
+
+def judge() -> ComputedColumns:
+    # cvv and track2 redact, email hashes; the table cards holds cvv and email
+    return ComputedColumns(RANK, {"cards": ["cvv", "email"]}, lambda c: RANK.get(c, 0))
+
+
+def positions(sql: str) -> list[tuple[str | None, ...] | None] | None:
+    got = judge().statements(sql.encode())
+    return None if got is None else [d.positions for d in got]
+
+
+@pytest.mark.parametrize(("sql", "want"), [
+    ("SELECT cvv || '' AS x FROM cards", [("cvv",)]),
+    ("SELECT upper(c.cvv), id FROM cards c", [("cvv", None)]),
+    ("SELECT max(cvv), count(*) FROM cards", [("cvv", None)]),
+    ("SELECT cvv::int + 0 FROM cards", [("cvv",)]),
+    ("SELECT CASE WHEN id > 1 THEN email END FROM cards", [("email",)]),
+    ("SELECT coalesce(email, cvv) FROM cards", [("cvv",)]),  # the strictest of the two
+    # whole rows of a table holding rule columns, by its name or alias
+    ("SELECT c::text, c.id FROM cards c", [("cvv", None)]),
+    ("SELECT row(c.*) FROM cards AS c", [("cvv",)]),
+    ("SELECT to_json(cards) FROM cards", [("cvv",)]),
+    # set operations, VALUES, sub-selects, CTEs and subqueries (their column aliases too)
+    ("SELECT cvv AS x FROM cards UNION SELECT '1'", [("cvv",)]),
+    ("SELECT '1', 2 UNION ALL SELECT email, 3 FROM cards", [("email", None)]),
+    ("VALUES (1, (SELECT cvv FROM cards LIMIT 1))", [(None, "cvv")]),
+    ("SELECT (SELECT max(cvv) FROM cards), 2", [("cvv", None)]),
+    ("SELECT ARRAY(SELECT email FROM cards)", [("email",)]),
+    ("WITH s(a) AS (SELECT cvv FROM cards) SELECT a || '', 1 FROM s", [("cvv", None)]),
+    ("SELECT x || '' FROM (SELECT upper(cvv) AS x FROM cards) s", [("cvv",)]),
+    ("SELECT b || '' FROM (SELECT id, cvv FROM cards) s(a, b)", [("cvv",)]),
+    ("SELECT s::text FROM (SELECT cvv FROM cards) s", [("cvv",)]),
+    # RETURNING
+    ("DELETE FROM cards WHERE id = 1 RETURNING upper(cvv), id", [("cvv", None)]),
+    ("UPDATE cards SET id = id RETURNING email || ''", [("email",)]),
+    # several statements: each its own
+    ("SELECT 1; SELECT track2 || ''; SET x = 1", [(None,), ("track2",), ()]),
+    # a name in a literal, a comment or a condition is not a value
+    ("SELECT 'cvv' || '' FROM cards WHERE cvv = '001' -- cvv", None),
+    ("SELECT count(*) FROM cards WHERE upper(cvv) = '001' GROUP BY email ORDER BY max(id)", None),
+    ("SELECT id FROM cards JOIN t ON t.cvv = cards.cvv", None),
+    ("EXPLAIN SELECT upper(cvv) FROM cards", None),  # a plan, not values
+    ("INSERT INTO cards (cvv) VALUES ('1')", None),
+    # a quoted or escaped identifier is the same column
+    ('SELECT U&"\\0063vv" || \'\' FROM cards', [("cvv",)]),
+    ('SELECT "cvv" || \'\' FROM cards', [("cvv",)]),
+])
+def test_computed_columns(sql: str, want: list[tuple[str | None, ...]] | None) -> None:
+    assert positions(sql) == want
+
+
+def test_a_star_makes_positions_unknown_and_every_computed_column_judged() -> None:
+    (d,) = judge().statements(b"SELECT * FROM (SELECT lower(cvv), 1 FROM cards) s") or ()
+    assert d.positions is None
+    assert [d.column(i, 2) for i in range(2)] == ["cvv", "cvv"]
+    # no star, but the count differs from what the server describes: the same
+    (d,) = judge().statements(b"SELECT upper(cvv), 1 FROM cards") or ()
+    assert [d.column(i, 2) for i in range(2)] == ["cvv", None]
+    assert [d.column(i, 3) for i in range(3)] == ["cvv", "cvv", "cvv"]
+
+
+def test_json_of_whole_rows_is_left_to_the_member_rules() -> None:
+    # to_jsonb(c) keeps the column names as member names (masked member by member); a JSON value built
+    # from the column itself does not: json_build_object('x', cvv) is judged as cvv
+    (d,) = judge().statements(b"SELECT to_jsonb(c), json_build_object('x', c.cvv) FROM cards c") or ()
+    assert d.column(0, 2, json=True) is None
+    assert d.column(0, 2, json=False) == "cvv"  # c::text has no member names
+    assert d.column(1, 2, json=True) == "cvv"
+
+
+@pytest.mark.parametrize("sql", [
+    "SELEC upper(cvv)",  # the parser refuses it
+    "SELECT upper(cvv) FROM cards WHERE " + " AND ".join(["true"] * 40_000),  # longer than MAX_SQL
+    " UNION ALL ".join(["SELECT cvv FROM cards"] * 2_000),  # nesting deeper than the walk goes
+    "WITH " + ", ".join([f"s{i}(a{i}) AS (SELECT a{i - 1} FROM s{i - 1})" for i in range(1, 30)]
+                        + ["s0(a0) AS (SELECT cvv FROM cards)"]) + " SELECT a29 || '' FROM s29",
+])
+def test_what_cannot_be_read_is_judged_as_every_rule_column(sql: str) -> None:
+    got = judge().statements(sql.encode())
+    assert got is not None
+    assert [(d.positions, d.fallback) for d in got] == [(None, "cvv")]
+
+
+def test_text_naming_no_rule_column_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    j = judge()
+
+    def boom(*_a: Any) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(sqltaint, "derive", boom)
+    assert j.statements(b"SELECT abalance FROM pgbench_accounts WHERE aid = 42") is None
+    assert ComputedColumns((), {}, lambda c: 0).statements(b"SELECT cvv || ''") is None  # no rules
+
+
+def test_the_cache_is_bounded_and_keeps_short_texts_only() -> None:
+    j = judge()
+    for i in range(sqltaint.CACHE_SIZE + 50):
+        j.statements(f"SELECT upper(cvv) FROM cards WHERE id = {i}".encode())
+    assert len(j._cache) == sqltaint.CACHE_SIZE
+    long = ("SELECT upper(cvv) FROM cards WHERE " + " OR ".join(["id = 1"] * 2000)).encode()
+    assert len(long) > sqltaint.CACHE_TEXT
+    before = dict(j._cache)
+    assert j.statements(long) is not None
+    assert long not in j._cache
+    assert len(j._cache) == len(before)
+
+
+# -- property: any nesting of expressions around a rule column is traced; around others, nothing ------------
+
+WRAPS = [
+    "upper({})", "({} || 'x')", "({})::text", "coalesce({}, '')", "max({})", "substr({}, 1, 2)",
+    "CASE WHEN id > 0 THEN {} ELSE 'n' END", "(SELECT {} FROM cards c2 LIMIT 1)", "ARRAY[{}]",
+    "row({}, 1)", "{} COLLATE \"C\"", "json_build_object('k', {})", "format('%s', {})", "({})",
+    "string_agg({}, ',')", "ARRAY(SELECT {} FROM cards c3)",
+]
+RULE_LEAVES = ["cvv", "c.cvv", "CVV", '"cvv"', "c.email", "track2"]
+CLEAR_LEAVES = ["id", "c.id", "1", "'cvv'", "note", "$1", "c.note"]
+
+
+def expr(leaves: list[str]) -> st.SearchStrategy[str]:
+    return st.recursive(st.sampled_from(leaves),
+                        lambda inner: st.builds(str.format, st.sampled_from(WRAPS), inner), max_leaves=6)
+
+
+column = st.one_of(expr(RULE_LEAVES).map(lambda e: (e, True)), expr(CLEAR_LEAVES).map(lambda e: (e, False)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(column, min_size=1, max_size=5), st.booleans())
+def test_nested_expressions_are_traced_position_by_position(cols: list[tuple[str, bool]],
+                                                            union: bool) -> None:
+    select = "SELECT " + ", ".join(e for e, _ in cols) + " FROM cards c"
+    if union:  # a second arm of constants: the positions are the first arm's
+        select += " UNION ALL SELECT " + ", ".join("NULL" for _ in cols)
+    got = judge().statements(select.encode())
+    want = tuple(bool(t) for _, t in cols)
+    if not any(want):
+        assert got is None
+        return
+    assert got is not None
+    (d,) = got
+    assert d.positions is not None
+    assert tuple(p is not None for p in d.positions) == want, select
+
+
+def test_derived_without_positions_applies_its_fallback() -> None:
+    d = Derived(None, "cvv")
+    assert d.column(0, 1) == "cvv"
+    assert Derived((None,), None).column(0, 1) is None
