@@ -27,9 +27,11 @@ Where the output positions cannot be read off the statement (a ``*`` in its sele
 column of the result is judged by the rule columns any of the statement's select lists draws on. Text the
 parser refuses is judged the same way, with every rule column (the server will most likely refuse it too).
 
-Not seen: a function or view that reads a rule column itself (``SELECT get_cvv(1)``), ``EXECUTE``/``FETCH``
-of a statement or cursor prepared earlier, and a rule column named through ``U&""`` escapes (a query
-holding ``U&`` is still parsed, so the escape is decoded and the name is found).
+``PREPARE name AS ...`` and ``DECLARE name CURSOR FOR ...`` report their query's columns (``Derived.defines``,
+``inner``), ``EXECUTE name`` and ``FETCH ... name`` the name they use: the tunnel keeps them per connection.
+
+Not seen: a function or view that reads a rule column itself (``SELECT get_cvv(1)``). A rule column spelled
+with ``U&""`` escapes is found: text holding ``U&`` is always parsed, and the parser decodes the escape.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MAX_ROUNDS = 8  # of name flow between select lists; a statement needing more is
 CACHE_SIZE = 1024  # query texts remembered, each at most CACHE_TEXT bytes (at most 8 MiB in all)
 CACHE_TEXT = 8192
 _EMPTY: frozenset[str] = frozenset()
+_NAMED = re.compile(rb"execute|fetch|prepare|declare")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,12 @@ class Derived:
     # the column names as member names: a json value of such a column is masked member by member instead
     rows_only: tuple[bool, ...] = ()
     fallback_rows_only: bool = False
+    # SQL-level names: a ``PREPARE name AS ...`` / ``DECLARE name CURSOR FOR ...`` defines ("s:name" /
+    # "c:name") with ``inner`` its query's columns; an ``EXECUTE name`` / ``FETCH ... name`` uses one, whose
+    # columns the caller looks up among the ones its connection defined
+    defines: str | None = None
+    inner: Derived | None = None
+    uses: str | None = None
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -302,30 +311,53 @@ def derive(sql: str, columns: frozenset[str], tables: Mapping[str, frozenset[str
         tree = json.loads(parse_sql_json(sql))
     except (ParseError, ValueError, RecursionError):
         return unknown
-    out: list[Derived] = []
-    for raw in tree.get("stmts", ()):
-        stmt = raw.get("stmt", {})
-        st = _Statement(columns, tables)
-        try:
-            st.collect(stmt)
-            settled = st.settle()
-            pos = st.positions(stmt)
-        except RecursionError:  # thousands of nested set operations
-            settled = False
-        if not settled:
-            out.append(unknown[0])
-            continue
-        if pos is False or pos is True:
-            out.append(Derived((), None))
-            continue
-        every, direct = st.anywhere()
-        name, rows_only = pick(every), bool(every) and not direct
-        if pos is None:
-            out.append(Derived(None, name, fallback_rows_only=rows_only))
-        else:
-            out.append(Derived(tuple(pick(a) for a, _ in pos), name,
-                               tuple(bool(a) and not d for a, d in pos), rows_only))
-    return tuple(out)
+    return tuple(_one(raw.get("stmt", {}), columns, tables, pick, unknown[0])
+                 for raw in tree.get("stmts", ()))
+
+
+def _one(stmt: Mapping[str, Any], columns: frozenset[str], tables: Mapping[str, frozenset[str]],
+         pick: Callable[[Iterable[str]], str | None], unknown: Derived) -> Derived:
+    named = _named(stmt)
+    if named is not None:
+        kind, name, query = named
+        if query is None:
+            return Derived((), None, uses=f"{kind}:{name}")
+        return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, columns, tables, pick, unknown))
+    st = _Statement(columns, tables)
+    try:
+        st.collect(stmt)
+        settled = st.settle()
+        pos = st.positions(stmt)
+    except RecursionError:  # thousands of nested set operations
+        settled = False
+    if not settled:
+        return unknown
+    if pos is False or pos is True:
+        return Derived((), None)
+    every, direct = st.anywhere()
+    fallback, rows_only = pick(every), bool(every) and not direct
+    if pos is None:
+        return Derived(None, fallback, fallback_rows_only=rows_only)
+    return Derived(tuple(pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
+                   rows_only)
+
+
+def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:
+    """PREPARE / DECLARE CURSOR (kind, name, query) or EXECUTE / FETCH (kind, name, None); MOVE is neither
+    (it returns no rows)."""
+    prep = stmt.get("PrepareStmt")
+    if isinstance(prep, dict) and isinstance(prep.get("query"), dict):
+        return "s", str(prep.get("name", "")), prep["query"]
+    exe = stmt.get("ExecuteStmt")
+    if isinstance(exe, dict):
+        return "s", str(exe.get("name", "")), None
+    dec = stmt.get("DeclareCursorStmt")
+    if isinstance(dec, dict) and isinstance(dec.get("query"), dict):
+        return "c", str(dec.get("portalname", "")), dec["query"]
+    fetch = stmt.get("FetchStmt")
+    if isinstance(fetch, dict) and not fetch.get("ismove"):
+        return "c", str(fetch.get("portalname", "")), None
+    return None
 
 
 class ComputedColumns:
@@ -349,21 +381,24 @@ class ComputedColumns:
         ordered = sorted(names)
         return max(ordered, key=self._rank) if ordered else None
 
-    def statements(self, sql: bytes) -> tuple[Derived, ...] | None:
+    def statements(self, sql: bytes, named: bool = False) -> tuple[Derived, ...] | None:
         """Per statement of the query text ``sql`` (as sent, UTF-8), its computed rule columns; None when no
-        statement has any."""
+        statement has any. ``named``: the connection holds a PREPAREd statement or cursor that carries rule
+        columns, so text that may use (or redefine) one is parsed too."""
         if not self._columns:
             return None
         if len(sql) > MAX_SQL:  # not copied, searched or parsed: fail closed
             return (Derived(None, self.pick(self._columns)),)
-        if not self._look.search(sql.lower()):
+        low = sql.lower()
+        if not self._look.search(low) and not (named and _NAMED.search(low)):
             return None
         hit = self._cache.get(sql, False)
         if hit is not False:
             return hit  # type: ignore[return-value]
         got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._columns, self._tables,
                                                  self.pick)
-        if got is not None and all(d.fallback is None and not any(d.positions or ()) for d in got):
+        if got is not None and all(d.fallback is None and not any(d.positions or ()) and d.uses is None
+                                   and d.defines is None for d in got):
             got = None
         if len(sql) <= CACHE_TEXT:
             if len(self._cache) >= CACHE_SIZE:

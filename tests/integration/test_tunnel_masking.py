@@ -520,6 +520,15 @@ def test_computed_columns_of_a_rule_column_are_judged_as_it(make_session: Any) -
     both = s.psql("-At", "-c", f"SELECT upper(note) IS NULL FROM {TABLE} WHERE id = 1; "
                                f"SELECT cvv || '!' FROM {TABLE} WHERE id = 1").stdout.split()
     assert both == ["f", "*" * len("001!")]
+    # a statement PREPAREd in SQL, or a cursor DECLAREd, carries its query's columns to EXECUTE / FETCH, in
+    # the same string or later on the connection
+    named = s.psql("-qAt", "-c", f"PREPARE p AS SELECT id, upper(cvv) FROM {TABLE} WHERE id = 2",
+                   "-c", "EXECUTE p",
+                   "-c", f"DEALLOCATE p; PREPARE p AS SELECT id, note IS NULL FROM {TABLE} WHERE id = 2; "
+                         "EXECUTE p",  # redefined: its new query carries nothing
+                   "-c", f"BEGIN; DECLARE cur CURSOR FOR SELECT cvv || '' FROM {TABLE} ORDER BY id; "
+                         "FETCH 2 FROM cur; COMMIT").stdout.split()
+    assert named == ["2|***", "2|f", "***", "***"], named
     conninfo = f"host=127.0.0.1 port={s.port} dbname=prod passfile={s.passfile} connect_timeout=10"
     with psycopg.connect(conninfo) as conn:
         for binary in (False, True):

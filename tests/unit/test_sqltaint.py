@@ -64,6 +64,26 @@ def test_computed_columns(sql: str, want: list[tuple[str | None, ...]] | None) -
     assert positions(sql) == want
 
 
+def test_prepare_and_declare_define_what_execute_and_fetch_use() -> None:
+    j = judge()
+    prep, exe = j.statements(b"PREPARE p(int) AS SELECT id, upper(cvv) FROM cards WHERE id = $1; "
+                             b"EXECUTE p(1)") or ()
+    assert (prep.defines, prep.positions) == ("s:p", ())  # PREPARE itself returns no rows
+    assert prep.inner is not None
+    assert prep.inner.positions == (None, "cvv")
+    assert exe.uses == "s:p"
+    (dec,) = j.statements(b"DECLARE cur CURSOR FOR SELECT max(email) FROM cards") or ()
+    assert (dec.defines, dec.inner.positions if dec.inner else None) == ("c:cur", ("email",))
+    # EXECUTE / FETCH name no rule column: parsed only while the connection holds such a name
+    assert j.statements(b"FETCH 2 FROM cur") is None
+    assert [d.uses for d in j.statements(b"FETCH 2 FROM cur", named=True) or ()] == ["c:cur"]
+    assert j.statements(b"MOVE 1 IN cur", named=True) is None  # MOVE returns no rows
+    # a PREPARE of clean text is still reported while names are held: it replaces the earlier one
+    (again,) = j.statements(b"PREPARE p AS SELECT 1", named=True) or ()
+    assert again.defines == "s:p"
+    assert again.inner == Derived((None,), None, (False,), False)
+
+
 def test_a_star_makes_positions_unknown_and_every_computed_column_judged() -> None:
     (d,) = judge().statements(b"SELECT * FROM (SELECT lower(cvv), 1 FROM cards) s") or ()
     assert d.positions is None

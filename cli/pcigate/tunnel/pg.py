@@ -596,6 +596,9 @@ class _Conn(asyncio.Protocol):
         # per Query (its _m_seq) whose statements compute columns from rule columns: their Derived, and how
         # many of its statements have completed (the one a RowDescription belongs to)
         self._m_derived: dict[int, list[Any]] = {}
+        # statements PREPAREd and cursors DECLAREd in SQL whose columns carry rule columns ("s:name",
+        # "c:name"; sqltaint.Derived.defines)
+        self._m_named: dict[str, Derived] = {}
         self._m_copyin = False  # the server is in COPY IN: it ignores Syncs until CopyDone/CopyFail
         self._mq_paused = False  # client reading paused: too many messages unanswered (_MQ_HIGH)
         # the C relay thread (a plain connection, see _hand_over): its id there, and what to send the client
@@ -1341,9 +1344,9 @@ class _Conn(asyncio.Protocol):
             if t == _Q and _SQL_PREPARE.search(body):
                 self._forget_statements()
             cc = self.tunnel.computed
-            got = cc.statements(body[:-1]) if t == _Q and cc is not None else None
+            got = cc.statements(body[:-1], bool(self._m_named)) if t == _Q and cc is not None else None
             if got is not None:
-                self._m_derived[self._m_seq] = [got, 0]
+                self._m_derived[self._m_seq] = [self._named(got), 0]
             mq.append((_MQ_Q, self._m_seq))  # answered by its own ReadyForQuery
             self._m_seq += 1
         elif t == _C:
@@ -1367,8 +1370,24 @@ class _Conn(asyncio.Protocol):
     def _derived(self, sql: bytes) -> Derived | None:
         """A Parse's statement: its computed columns that carry rule columns (one statement per Parse)."""
         cc = self.tunnel.computed
-        got = cc.statements(sql) if cc is not None else None
-        return got[0] if got else None
+        got = cc.statements(sql, bool(self._m_named)) if cc is not None else None
+        return self._named(got)[0] if got else None
+
+    def _named(self, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
+        """Remember what PREPARE / DECLARE define; an EXECUTE / FETCH takes the columns of what it names."""
+        out: list[Derived] = []
+        for d in got:
+            if d.defines is not None:
+                inner = d.inner
+                self._m_named.pop(d.defines, None)
+                if inner is not None and (inner.fallback is not None or any(inner.positions or ())):
+                    if len(self._m_named) >= _NAMED_CAP:
+                        self._m_named.pop(next(iter(self._m_named)))
+                    self._m_named[d.defines] = inner
+            elif d.uses is not None:
+                d = self._m_named.get(d.uses, d)
+            out.append(d)
+        return tuple(out)
 
     def _forget_statements(self) -> None:
         for st in self._m_stmts.values():
@@ -1899,6 +1918,7 @@ Origins = dict[tuple[int, int], tuple[str, str]]  # (table oid, attnum) -> ("sch
 # in Origins: a whole-row value (``SELECT c FROM cards c``) holds the column, so it is judged as the column
 RowTypes = dict[int, tuple[str, str]]
 _JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
+_NAMED_CAP = 1024  # SQL-level prepared statements and cursors remembered per connection
 
 
 def _row_description(body: bytes, origins: Origins | None = None,
