@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pcigate import __version__, spool, startup
-from pcigate.config import Settings, psql_binary, spool_dir
+from pcigate.config import Settings, psql_binary
 from pcigate.errors import NotFound, PcigateError, PortInUse, RecordingError, UsageError
 from pcigate.models import DatabaseCredentials, SessionCreate, SessionOpened
 
@@ -636,7 +636,7 @@ class Connector:
             self.out.warn(f"session {sid} ended, but the spool failed: {exc.strerror or exc}")
             return
         except PcigateError as exc:
-            where = spool_dir(create=False) / f"{sid}.rec"
+            where = spool.recording_path(sid, create=False)
             self.out.warn(
                 f"{exc.message}; session {sid} "
                 + ("end and recording kept" if entry.end_owed else "recording kept")
@@ -647,7 +647,7 @@ class Connector:
         if result.kept:
             self.out.warn(
                 f"session {sid} ended; the broker refused the recording ({result.error}); "
-                f"kept in {spool_dir(create=False) / f'{sid}.rec'}"
+                f"kept in {spool.recording_path(sid, create=False)}"
             )
             raise RecordingError(f"the recording of session {sid} was refused: {result.error}")
         if receipt is not None:

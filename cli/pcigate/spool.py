@@ -78,8 +78,10 @@ def _paths(session_id: str, directory: Path | None = None) -> tuple[Path, Path, 
     return d / f"{session_id}.rec", d / f"{session_id}.json", d / f"{session_id}.lock"
 
 
-def recording_path(session_id: str) -> Path:
-    return _paths(session_id)[0]
+def recording_path(session_id: str, *, create: bool = True) -> Path:
+    """Where the session's recording is spooled (``create`` False: without making the directory, e.g. to
+    name it in a message)."""
+    return _paths(session_id, None if create else spool_dir(create=False))[0]
 
 
 def write_entry(entry: SpoolEntry) -> None:
