@@ -538,6 +538,23 @@ def test_computed_columns_of_a_rule_column_are_judged_as_it(make_session: Any) -
         # binary int4: no well-formed stand-in exists, so NULL (in text, psql shows "*")
         row = conn.execute(f"SELECT id, cvv::int FROM {TABLE} WHERE id = 3", binary=True).fetchone()
         assert row == (3, None)
+
+    async def prepared() -> list[tuple[Any, ...]]:
+        # asyncpg: Parse + Describe S once, then Bind + Execute with no RowDescription in the exchange
+        conn = await asyncpg.connect(host="127.0.0.1", port=s.port, database="prod", user="any",
+                                     passfile=str(s.passfile), ssl=False, timeout=10)
+        try:
+            stmt = await conn.prepare(f"SELECT id, lower(cvv), md5(cvv) FROM {TABLE} WHERE id < $1 "
+                                      "ORDER BY id")
+            return [tuple(r) for _ in range(2) for r in await stmt.fetch(3)]
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    import asyncpg
+
+    assert asyncio.run(prepared()) == [(1, "***", "*" * 32), (2, "***", "*" * 32)] * 2
     assert s.tunnel.errors == []
 
 
