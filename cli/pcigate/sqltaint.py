@@ -121,8 +121,8 @@ def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
 
 
 class _Statement:
-    def __init__(self, columns: frozenset[str], tables: Mapping[str, frozenset[str]]) -> None:
-        self.idents: dict[str, frozenset[str]] = {c: frozenset((c,)) for c in columns}
+    def __init__(self, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]]) -> None:
+        self.idents: dict[str, frozenset[str]] = dict(idents)
         self.rows: dict[str, frozenset[str]] = dict(tables)
         self.selects: list[_Select] = []
 
@@ -294,15 +294,16 @@ class _Statement:
         return frozenset(every), frozenset(direct)
 
 
-def derive(sql: str, columns: frozenset[str], tables: Mapping[str, frozenset[str]],
+def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
            pick: Callable[[Iterable[str]], str | None]) -> tuple[Derived, ...]:
     """Per statement of ``sql``: its computed columns that carry a rule column.
 
-    ``columns``: the rule columns' names, lower case; ``tables``: per table name (lower case, unqualified)
-    that holds rule columns, those columns; ``pick``: the rule column to judge a value computed from several
-    as (the strictest). Text the parser refuses, or longer than :data:`MAX_SQL`: one statement whose computed
-    columns are all judged by every rule column."""
-    unknown = (Derived(None, pick(columns)),)  # fail closed
+    ``idents``: per column name (lower case) that carries rule columns, those: each rule column carries
+    itself, a view's column (:func:`trace_views`) what it is computed from; ``tables``: per table or view
+    name (lower case, unqualified) whose rows hold rule columns, those columns; ``pick``: the rule column to
+    judge a value computed from several as (the strictest). Text the parser refuses, or longer than
+    :data:`MAX_SQL`: one statement whose computed columns are all judged by every rule column."""
+    unknown = (Derived(None, pick(frozenset().union(*idents.values()))),)  # fail closed
     if len(sql) > MAX_SQL or "\x00" in sql:
         return unknown
     from pglast.parser import ParseError, parse_sql_json  # here: a session without rules never loads it
@@ -311,19 +312,19 @@ def derive(sql: str, columns: frozenset[str], tables: Mapping[str, frozenset[str
         tree = json.loads(parse_sql_json(sql))
     except (ParseError, ValueError, RecursionError):
         return unknown
-    return tuple(_one(raw.get("stmt", {}), columns, tables, pick, unknown[0])
+    return tuple(_one(raw.get("stmt", {}), idents, tables, pick, unknown[0])
                  for raw in tree.get("stmts", ()))
 
 
-def _one(stmt: Mapping[str, Any], columns: frozenset[str], tables: Mapping[str, frozenset[str]],
+def _one(stmt: Mapping[str, Any], idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
          pick: Callable[[Iterable[str]], str | None], unknown: Derived) -> Derived:
     named = _named(stmt)
     if named is not None:
         kind, name, query = named
         if query is None:
             return Derived((), None, uses=f"{kind}:{name}")
-        return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, columns, tables, pick, unknown))
-    st = _Statement(columns, tables)
+        return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, idents, tables, pick, unknown))
+    st = _Statement(idents, tables)
     try:
         st.collect(stmt)
         settled = st.settle()
@@ -360,16 +361,82 @@ def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None]
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """A view or materialized view as the catalog has it (``pg_get_viewdef`` spells out a ``*``)."""
+
+    key: Any  # the caller's handle (the tunnel's: the relation OID)
+    name: str  # unqualified, lower case
+    columns: tuple[str, ...]  # its attribute names in order (attnum 1, 2, ...)
+    definition: str
+
+
+@dataclass
+class ViewColumns:
+    """What :func:`trace_views` found: per view (by key), per attribute the rule column to judge it as (and
+    whether it is computed from whole rows only), and for the statements of the session, the view column
+    names and view names that carry rule columns."""
+
+    columns: dict[Any, tuple[tuple[str | None, bool], ...]]
+    aliases: dict[str, frozenset[str]]
+    tables: dict[str, frozenset[str]]
+
+
+def trace_views(views: Iterable[View], columns: Iterable[str], tables: Mapping[str, Iterable[str]],
+                rank: Callable[[str], int], passes: int = 4) -> ViewColumns:
+    """Which columns of each view carry a rule column: a view reports its own OID and attribute numbers in
+    RowDescription, so ``SELECT x FROM v`` over ``CREATE VIEW v AS SELECT cvv AS x FROM cards`` had no
+    origin a rule knew. Views over views: a view column found is a name that carries its rule columns for
+    the views read after it, so views given in creation order are followed in one pass whatever the depth;
+    a view replaced later to name newer views is caught by the next pass, up to ``passes`` in all."""
+    cols = frozenset(c.lower() for c in columns)
+    base = {t.lower(): frozenset(c.lower() for c in cs) for t, cs in tables.items()}
+    todo = [v for v in views if len(v.definition) <= MAX_SQL]
+    out = ViewColumns({}, {}, {})
+    for _ in range(passes):
+        changed = False
+        judge = None
+        for view in todo:
+            if judge is None:  # again after each find: later views see it in this pass
+                judge = ComputedColumns(cols, base | out.tables, rank, out.aliases)
+            got = judge.statements(view.definition.encode())
+            if not got or len(got) != 1:
+                continue  # nothing carried (a definition is one SELECT)
+            d, n = got[0], len(view.columns)
+            found = tuple((rule, rule is not None and d.column(i, n, json=True) is None)
+                          for i, rule in ((i, d.column(i, n)) for i in range(n)))
+            if found == out.columns.get(view.key) or not any(r for r, _ in found):
+                continue
+            out.columns[view.key] = found
+            rules = frozenset(r for r, _ in found if r is not None)
+            out.tables[view.name] = out.tables.get(view.name, _EMPTY) | rules
+            for name, (rule, _) in zip(view.columns, found, strict=True):
+                if rule is not None:
+                    out.aliases[name.lower()] = out.aliases.get(name.lower(), _EMPTY) | {rule}
+            changed = True
+            judge = None
+        if not changed:
+            break
+    return out
+
+
 class ComputedColumns:
     """:func:`derive` for one session's rules, with a cache per query text and a cheap look for the names
     first: text that names no rule column and no rule table (the usual case) is not parsed at all."""
 
     def __init__(self, columns: Iterable[str], tables: Mapping[str, Iterable[str]],
-                 rank: Callable[[str], int]) -> None:
+                 rank: Callable[[str], int], aliases: Mapping[str, Iterable[str]] | None = None) -> None:
+        """``columns``: the rule columns; ``tables``: per table (or view) name, the rule columns its rows
+        hold; ``rank``: a rule column's strictness; ``aliases``: per other column name (a view's), the rule
+        columns it is computed from."""
         self._columns = frozenset(c.lower() for c in columns)
+        self._idents = {c: frozenset((c,)) for c in self._columns}
+        for name, cols in (aliases or {}).items():
+            key = name.lower()
+            self._idents[key] = self._idents.get(key, _EMPTY) | {c.lower() for c in cols}
         self._tables = {t.lower(): frozenset(c.lower() for c in cs) for t, cs in tables.items()}
         self._rank = rank
-        words = sorted(self._columns | set(self._tables), key=len, reverse=True)
+        words = sorted(set(self._idents) | set(self._tables), key=len, reverse=True)
         # U& identifiers can spell a name in escapes: such text is always parsed. Matched against the text
         # lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern, ~0.6 us
         # for a short statement that names none (pgbench's)
@@ -395,7 +462,7 @@ class ComputedColumns:
         hit = self._cache.get(sql, False)
         if hit is not False:
             return hit  # type: ignore[return-value]
-        got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._columns, self._tables,
+        got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._idents, self._tables,
                                                  self.pick)
         if got is not None and all(d.fallback is None and not any(d.positions or ()) and d.uses is None
                                    and d.defines is None for d in got):

@@ -558,6 +558,33 @@ def test_computed_columns_of_a_rule_column_are_judged_as_it(make_session: Any) -
     assert s.tunnel.errors == []
 
 
+def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
+    cluster: tuple[PgCluster, str], make_session: Any
+) -> None:
+    """A view reports its own OID and attribute numbers, so `SELECT code FROM v` over a view that renames cvv
+    came out in clear. The tunnel reads every view's definition at session start and judges a view column
+    made from a rule column as it (views over views, materialized views, and a value of the view's row type
+    too); a JSON of whole rows keeps its member-by-member treatment."""
+    c, _pw = cluster
+    c.psql(f"DROP VIEW IF EXISTS mk_v2; DROP VIEW IF EXISTS mk_v; DROP MATERIALIZED VIEW IF EXISTS mk_mv; "
+           f"CREATE VIEW mk_v AS SELECT id, cvv AS code, upper(note) AS shout, to_jsonb(k) AS j "
+           f"FROM {TABLE} k; "
+           f"CREATE VIEW mk_v2(i, c2) AS SELECT id, code || '' FROM mk_v; "
+           f"CREATE MATERIALIZED VIEW mk_mv AS SELECT id, lower(cvv) AS l FROM {TABLE}; "
+           f"ALTER VIEW mk_v OWNER TO {APP_USER}; ALTER VIEW mk_v2 OWNER TO {APP_USER}; "
+           f"ALTER MATERIALIZED VIEW mk_mv OWNER TO {APP_USER}", database="prod")
+    s = make_session(MASKING)
+    row = s.psql("-At", "-c", "SELECT id, code, upper(code), shout IS NULL, j->>'cvv' FROM mk_v WHERE id = 1")
+    assert row.stdout.strip() == "1|***|***|f|***", row.stdout + row.stderr
+    doc = json.loads(s.psql("-At", "-c", "SELECT j FROM mk_v WHERE id = 1").stdout)
+    assert (doc["id"], doc["cvv"], doc["pan"]) == (1, "***", truncated(PANS[0][1]))
+    assert s.psql("-At", "-c", "SELECT i, c2 FROM mk_v2 WHERE i = 2").stdout.strip() == "2|***"
+    assert s.psql("-At", "-c", "SELECT id, l FROM mk_mv WHERE id = 3").stdout.strip() == "3|***"
+    whole = s.psql("-At", "-c", "SELECT v FROM mk_v v WHERE id = 1").stdout.strip()
+    assert set(whole) == {"*"}, whole
+    assert s.tunnel.errors == []
+
+
 def test_column_rules_follow_the_origin_column_and_hash_with_the_key(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

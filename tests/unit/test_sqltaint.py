@@ -182,3 +182,43 @@ def test_derived_without_positions_applies_its_fallback() -> None:
     d = Derived(None, "cvv")
     assert d.column(0, 1) == "cvv"
     assert Derived((None,), None).column(0, 1) is None
+
+
+# -- views -------------------------------------------------------------------------------------------------
+
+
+def views(*defs: tuple[int, str, tuple[str, ...], str]) -> sqltaint.ViewColumns:
+    return sqltaint.trace_views([sqltaint.View(*d) for d in defs], RANK, {"cards": ["cvv", "email"]},
+                                lambda c: RANK.get(c, 0))
+
+
+def test_view_columns_made_from_rule_columns_over_views_too() -> None:
+    got = views(
+        (2, "v2", ("a", "b"), "SELECT v.code AS a, (v.loud || 1) AS b FROM v"),  # read before v: a 2nd pass
+        (1, "v", ("code", "loud", "id", "j"),
+         "SELECT c.cvv AS code, upper(c.email) AS loud, c.id, to_jsonb(c.*) AS j FROM cards c"),
+        (3, "w", ("id", "n"), "SELECT cards.id, cards.note AS n FROM cards"),
+    )
+    assert got.columns == {
+        1: (("cvv", False), ("email", False), (None, False), ("cvv", True)),  # j: whole rows only
+        2: (("cvv", False), ("email", False)),
+    }
+    assert got.tables == {"v": frozenset({"cvv", "email"}), "v2": frozenset({"cvv", "email"})}
+    assert got.aliases["code"] == frozenset({"cvv"})
+    # what a statement of the session computes from a view column is judged too
+    j = ComputedColumns(RANK, {"cards": ["cvv", "email"], **got.tables}, lambda c: RANK.get(c, 0),
+                        got.aliases)
+    (d,) = j.statements(b"SELECT upper(code), id, v::text FROM v") or ()
+    assert d.positions == ("cvv", None, "cvv")
+
+
+def test_a_chain_of_views_in_creation_order_is_traced_whatever_its_length() -> None:
+    # each view renames its column; views come in creation order (the tunnel reads them by OID, and a view
+    # can only name views that existed before it): one pass follows the whole chain
+    def chain(order: range) -> list[tuple[int, str, tuple[str, ...], str]]:
+        return [(i, f"v{i}", (f"x{i}",), f"SELECT v{i - 1}.x{i - 1} AS x{i} FROM v{i - 1}") for i in order]
+
+    base = (0, "v0", ("x0",), "SELECT (cards.cvv || '') AS x0 FROM cards")
+    assert set(views(base, *chain(range(1, 30))).columns) == set(range(30))
+    # in the worst order (a view replaced to name newer ones), one more view per pass, 4 passes
+    assert set(views(*chain(range(8, 0, -1)), base).columns) == {0, 1, 2, 3}

@@ -96,7 +96,7 @@ from pcigate.masking import (
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
-from pcigate.sqltaint import ComputedColumns, Derived
+from pcigate.sqltaint import ComputedColumns, Derived, View, trace_views
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
 
@@ -1913,10 +1913,12 @@ class _Conn(asyncio.Protocol):
                 self.rec.event("disconn", c=self.n, reason=reason)
 
 
-Origins = dict[tuple[int, int], tuple[str, str]]  # (table oid, attnum) -> ("schema.table", column name)
+# (table oid, attnum) -> ("schema.table", column name); a view's column computed from a rule column (see
+# sqltaint.trace_views) -> (None, that rule column): judged as it with the table unknown (fail closed)
+Origins = dict[tuple[int, int], tuple[str | None, str]]
 # the row type of a table (and the array of it) that has a column named by a masking rule -> that column, as
 # in Origins: a whole-row value (``SELECT c FROM cards c``) holds the column, so it is judged as the column
-RowTypes = dict[int, tuple[str, str]]
+RowTypes = dict[int, tuple[str | None, str]]
 _JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
 _NAMED_CAP = 1024  # SQL-level prepared statements and cursors remembered per connection
 
@@ -1971,35 +1973,74 @@ def catalog_query(columns: set[str]) -> str:
             f"WHERE a.attnum > 0 AND NOT a.attisdropped AND lower(a.attname) IN ({names})")
 
 
-async def _read_catalog(proto: _Upstream, sql: str,
-                        cap: int = 100_000) -> tuple[Origins, dict[int, list[tuple[str, str]]]]:
-    """The rows of :func:`catalog_query`: the columns' origins, and per row type the columns it holds."""
+# Views and materialized views, with their column names and definitions (pg_get_viewdef spells out a *).
+VIEWS_QUERY = (
+    "SELECT c.oid::text, c.reltype::oid::text, coalesce(t.typarray, 0)::oid::text, lower(c.relname), "
+    "(SELECT json_agg(a.attname ORDER BY a.attnum) FROM pg_catalog.pg_attribute a "
+    " WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)::text, "
+    "pg_catalog.pg_get_viewdef(c.oid) "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "LEFT JOIN pg_catalog.pg_type t ON t.oid = c.reltype "
+    "WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "ORDER BY c.oid"  # creation order: a view names only views made before it (CREATE OR REPLACE aside)
+)
+
+
+async def _read_views(proto: _Upstream, cap: int = 10_000) -> list[View]:
+    """The rows of :data:`VIEWS_QUERY` (at most ``cap`` views; more are left out, and named in no error)."""
+    import json
+
+    views: list[View] = []
+    for f in await _read_rows(proto, VIEWS_QUERY, cap, "the views"):
+        if len(f) != 6 or None in f:
+            continue
+        try:
+            names = json.loads(f[4] or "[]")
+        except ValueError:
+            continue
+        views.append(View((int(f[0] or 0), int(f[1] or 0), int(f[2] or 0)), f[3] or "",
+                          tuple(str(n) for n in names), f[5] or ""))
+    return views
+
+
+async def _read_rows(proto: _Upstream, sql: str, cap: int, what: str) -> list[list[str | None]]:
+    """The text rows of one simple query on a connection of the tunnel's own (at most ``cap``; ``what``
+    it reads, for the error)."""
     proto.write(pg.query(sql))
-    out: Origins = {}
-    row_types: dict[int, list[tuple[str, str]]] = {}
+    rows: list[list[str | None]] = []
     error: str | None = None
     while True:
         t, body = await proto.read_message()
-        if t == _D:
-            fields: list[str] = []
+        if t == _D and len(rows) < cap:
+            fields: list[str | None] = []
             pos = 2
             for _ in range(_I16.unpack_from(body, 0)[0]):
                 (n,) = _I32.unpack_from(body, pos)
                 pos += 4
-                fields.append(body[pos : pos + n].decode("utf-8", "replace") if n >= 0 else "")
+                fields.append(body[pos : pos + n].decode("utf-8", "replace") if n >= 0 else None)
                 pos += max(n, 0)
-            if len(out) < cap and len(fields) == 7:
-                origin = (f"{fields[2]}.{fields[3]}", fields[4])
-                out[(int(fields[0]), int(fields[1]))] = origin
-                for typ in (int(fields[5]), int(fields[6])):
-                    if typ:
-                        row_types.setdefault(typ, []).append(origin)
+            rows.append(fields)
         elif t == _ERR:
             error = pg.parse_error_fields(body).get("M", "error")
         elif t == _Z:
             break
     if error is not None:
-        raise _UpstreamError("42000", f"cannot read the table catalog: {error}")
+        raise _UpstreamError("42000", f"cannot read {what}: {error}")
+    return rows
+
+
+async def _read_catalog(proto: _Upstream, sql: str,
+                        cap: int = 100_000) -> tuple[Origins, dict[int, list[tuple[str | None, str]]]]:
+    """The rows of :func:`catalog_query`: the columns' origins, and per row type the columns it holds."""
+    out: Origins = {}
+    row_types: dict[int, list[tuple[str | None, str]]] = {}
+    for f in await _read_rows(proto, sql, cap, "the table catalog"):
+        if len(f) == 7:
+            origin = (f"{f[2]}.{f[3]}", f[4] or "")
+            out[(int(f[0] or 0), int(f[1] or 0))] = origin
+            for typ in (int(f[5] or 0), int(f[6] or 0)):
+                if typ:
+                    row_types.setdefault(typ, []).append(origin)
     return out, row_types
 
 
@@ -2032,7 +2073,8 @@ class PgTunnel:
         self.origins: Origins = {}
         self.row_types: RowTypes = {}
         self.computed: ComputedColumns | None = None  # with column rules: computed columns that carry them
-        self._row_holders: dict[int, list[tuple[str, str]]] = {}  # per row type, the rule columns it holds
+        self._row_holders: dict[int, list[tuple[str | None, str]]] = {}  # per row type, its rule columns
+        self._views: list[View] = []  # views and materialized views, read by check_upstream
         self.stats = TunnelStats()
         self.errors: list[str] = []
         self._keys = ScramKeys.from_password(local_secret)
@@ -2110,7 +2152,7 @@ class PgTunnel:
                                    "refusing to open the tunnel")
             self.masker = Masker(pol.masking, hash_key=self._masking_key)
             self.row_types = self._strongest(self.masker)
-            self.computed = self._computed(self.masker)
+            self.computed = self._computed(self.masker)  # (and what views carry, into the two maps above)
         self.guard = Guardrails(pol.guardrails if pol is not None else [])
         host = "127.0.0.1" if self.listen_host == "localhost" else self.listen_host
         loop = asyncio.get_running_loop()
@@ -2140,9 +2182,11 @@ class PgTunnel:
                 async with asyncio.timeout(timeout):
                     self.origins, self._row_holders = await _read_catalog(login.upstream,
                                                                           catalog_query(names))
+                    self._views = await _read_views(login.upstream)
         except (TimeoutError, _UpstreamError, ConnectionError) as e:
             # Not fatal: without origins, table-scoped rules apply by column name to every table (fail closed)
-            self._error(f"column origins not resolved ({e}); column rules apply by name to any table")
+            self._error(f"column origins not resolved ({e}); column rules apply by name to any table, "
+                        "and no view's columns are traced")
         finally:
             login.upstream.write(pg.terminate())
             login.upstream.close()
@@ -2162,9 +2206,25 @@ class PgTunnel:
             return None
         tables: dict[str, set[str]] = {}
         for table, column in self.origins.values():
-            tables.setdefault(table.rsplit(".", 1)[-1], set()).add(column)
-        rank = {"redact": 2, "hash": 1}
-        return ComputedColumns(names, tables, lambda c: rank.get(masker.column_action(None, c), 0))
+            if table is not None:
+                tables.setdefault(table.rsplit(".", 1)[-1], set()).add(column)
+        ranks = {"redact": 2, "hash": 1}
+
+        def rank(column: str) -> int:
+            return ranks.get(masker.column_action(None, column), 0)
+
+        # A view reports its own OID and attribute numbers: its columns computed from rule columns are
+        # judged as them, and so is a value of its row type.
+        views = trace_views(self._views, names, tables, rank)
+        for (oid, row_type, array_type), found in views.columns.items():
+            for attnum, (rule, rows_only) in enumerate(found, start=1):
+                if rule is not None and not rows_only:  # a json of whole rows: its members are judged
+                    self.origins[(oid, attnum)] = (None, rule)
+            strictest = max(sorted(r for r, _ in found if r is not None), key=rank)
+            for typ in (row_type, array_type):
+                if typ:
+                    self.row_types[typ] = (None, strictest)
+        return ComputedColumns(names, {**tables, **views.tables}, rank, views.aliases)
 
     def _rule_columns(self) -> set[str]:
         pol = self.policy.masking if self.policy is not None else None
