@@ -90,13 +90,31 @@ class _Select:
     """A select list somewhere in the statement: its value expressions, the names its outputs go by, and the
     alias its rows go by (a subquery's or a CTE's)."""
 
-    __slots__ = ("alias", "exprs", "names", "star")
+    __slots__ = ("alias", "exprs", "names", "star_from")
 
-    def __init__(self, exprs: list[Any], names: list[str | None], alias: str | None, star: bool) -> None:
+    def __init__(self, exprs: list[Any], names: list[str | None], alias: str | None,
+                 star_from: tuple[str, ...] = ()) -> None:
         self.exprs = exprs
         self.names = names
         self.alias = alias
-        self.star = star
+        # with a * in the list and an alias: the names of what its FROM reads (the rows it passes on whole)
+        self.star_from = star_from
+
+
+def _from_names(node: Any) -> tuple[str, ...]:
+    """Every relation name and alias a FROM clause reads, at any depth (joins, subqueries)."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            for key in ("relname", "aliasname"):
+                if isinstance(obj.get(key), str):
+                    out.append(obj[key].lower())
+            stack.extend(obj.values())
+    return tuple(out)
 
 
 def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
@@ -152,8 +170,18 @@ class _Statement:
                     stack.append((val, None, None))
                 elif key in ("returningClause", "returningList"):
                     exprs = val.get("exprs") if isinstance(val, dict) else val
-                    e, n, s = _target_list(exprs)
-                    self.selects.append(_Select(e, n, None, s))
+                    e, n, _ = _target_list(exprs)
+                    self.selects.append(_Select(e, n, None))
+                    stack.append((val, None, None))
+                elif key == "RangeFunction" and isinstance(val, dict):
+                    # unnest(ARRAY[cvv]) AS u(x): its columns (or, without a column list, its alias, which
+                    # names a scalar function's column) and its rows carry what the function calls read
+                    a = val.get("alias") or {}
+                    names = [c.lower() for c in _strings(a.get("colnames"))]
+                    raw = a.get("aliasname")
+                    alias = raw.lower() if isinstance(raw, str) else None
+                    outs: list[str | None] = list(names) or [alias]
+                    self.selects.append(_Select([val.get("functions")] * len(outs), outs, alias))
                     stack.append((val, None, None))
                 else:
                     stack.append((val, None, None))
@@ -164,11 +192,12 @@ class _Statement:
         if sel.get("targetList"):
             exprs, names, star = _target_list(sel["targetList"])
             names = [aliases[i] if i < len(aliases) else n for i, n in enumerate(names)]
-            self.selects.append(_Select(exprs, names, owner, star))
+            star_from = _from_names(sel.get("fromClause")) if star and owner is not None else ()
+            self.selects.append(_Select(exprs, names, owner, star_from))
         for row in sel.get("valuesLists") or ():
             items = row.get("List", {}).get("items", []) if isinstance(row, dict) else []
             names2: list[str | None] = [aliases[i] if i < len(aliases) else None for i in range(len(items))]
-            self.selects.append(_Select(list(items), names2, owner, False))
+            self.selects.append(_Select(list(items), names2, owner))
         if owner is not None and sel.get("op", "SETOP_NONE") != "SETOP_NONE":
             # a set operation's arms are collected on their own; the alias names their union
             for arm in ("larg", "rarg"):
@@ -231,6 +260,11 @@ class _Statement:
         for _ in range(MAX_ROUNDS):
             changed = False
             for sel in self.selects:
+                if sel.star_from and sel.alias is not None:  # (SELECT * FROM cards) s: s's rows are cards'
+                    held = frozenset().union(*(self.rows.get(n, _EMPTY) for n in sel.star_from))
+                    if not held <= self.rows.get(sel.alias, _EMPTY):
+                        self.rows[sel.alias] = self.rows.get(sel.alias, _EMPTY) | held
+                        changed = True
                 for expr, name in zip(sel.exprs, sel.names, strict=True):
                     got = self.refs(expr)
                     if not got:

@@ -495,6 +495,8 @@ COMPUTED = [
     (f"SELECT (SELECT cvv FROM {TABLE} WHERE id = 1)", True),
     (f"SELECT * FROM (SELECT lower(cvv) FROM {TABLE} WHERE id = 1) s", True),
     (f"VALUES ((SELECT cvv FROM {TABLE} WHERE id = 1))", True),
+    (f"SELECT s::text FROM (SELECT * FROM {TABLE} WHERE id = 1) s", True),
+    (f"SELECT x FROM {TABLE}, unnest(ARRAY[cvv]) AS u(x) WHERE id = 1", True),
     (f"SELECT count(*) FROM {TABLE} WHERE cvv = '001'", False),  # a condition is not a value
     (f"SELECT upper(note) IS NOT NULL FROM {TABLE} WHERE id = 1", False),
 ]

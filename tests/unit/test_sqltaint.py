@@ -45,6 +45,11 @@ def positions(sql: str) -> list[tuple[str | None, ...] | None] | None:
     ("SELECT x || '' FROM (SELECT upper(cvv) AS x FROM cards) s", [("cvv",)]),
     ("SELECT b || '' FROM (SELECT id, cvv FROM cards) s(a, b)", [("cvv",)]),
     ("SELECT s::text FROM (SELECT cvv FROM cards) s", [("cvv",)]),
+    # a star passes whole rows on; a function in FROM carries what its calls read
+    ("SELECT s::text FROM (SELECT * FROM cards) s", [("cvv",)]),
+    ("SELECT row(s.*), 1 FROM (SELECT * FROM cards c JOIN t USING (id)) AS s", [("cvv", None)]),
+    ("SELECT x, g FROM cards, unnest(ARRAY[cvv]) AS u(x), generate_series(1, cvv::int) g", [("cvv", "cvv")]),
+    ("SELECT n, l FROM cards, generate_series(1, 2) AS n, LATERAL (SELECT 1 AS l) l", None),
     # RETURNING
     ("DELETE FROM cards WHERE id = 1 RETURNING upper(cvv), id", [("cvv", None)]),
     ("UPDATE cards SET id = id RETURNING email || ''", [("email",)]),
