@@ -50,6 +50,9 @@ def positions(sql: str) -> list[tuple[str | None, ...] | None] | None:
     ("SELECT row(s.*), 1 FROM (SELECT * FROM cards c JOIN t USING (id)) AS s", [("cvv", None)]),
     ("SELECT x, g FROM cards, unnest(ARRAY[cvv]) AS u(x), generate_series(1, cvv::int) g", [("cvv", "cvv")]),
     ("SELECT n, l FROM cards, generate_series(1, 2) AS n, LATERAL (SELECT 1 AS l) l", None),
+    # a query given as text: judged as every rule column (the strictest)
+    ("SELECT 1, table_to_xml('cards', true, false, '')", [(None, "cvv")]),
+    ("SELECT pg_catalog.query_to_xml('select email from cards', true, true, '')", [("cvv",)]),
     # RETURNING
     ("DELETE FROM cards WHERE id = 1 RETURNING upper(cvv), id", [("cvv", None)]),
     ("UPDATE cards SET id = id RETURNING email || ''", [("email",)]),
