@@ -76,6 +76,12 @@ class Derived:
     defines: str | None = None
     inner: Derived | None = None
     uses: str | None = None
+    # the statement writes values computed from rule columns into a relation (CREATE TABLE AS, SELECT INTO,
+    # CREATE VIEW, INSERT ... SELECT, UPDATE ... SET): (relation, its column or None if not known, rule)
+    learns: tuple[tuple[str, str | None, str], ...] = ()
+    # the statement reads such a relation: its columns arrive with that relation's OID, which no origin
+    # knows, so the caller judges those too (not only the computed ones)
+    session: bool = False
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -148,10 +154,16 @@ def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
 
 
 class _Statement:
-    def __init__(self, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]]) -> None:
+    def __init__(self, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
+                 session: Mapping[str, frozenset[str]] | None = None,
+                 opaque: frozenset[str] = _EMPTY) -> None:
         self.idents: dict[str, frozenset[str]] = dict(idents)
-        self.rows: dict[str, frozenset[str]] = dict(tables)
+        self.rows: dict[str, frozenset[str]] = {**tables, **(session or {})}
         self.every = frozenset().union(*idents.values())
+        self._session = session or {}
+        self._opaque = opaque
+        self.session_read = False  # reads a relation written this session with rule columns' values
+        self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
         self.selects: list[_Select] = []
 
     # -- collecting the select lists and aliases
@@ -216,6 +228,10 @@ class _Statement:
 
     def _rangevar(self, rv: Mapping[str, Any]) -> None:
         rel = rv.get("relname")
+        if isinstance(rel, str) and rel.lower() in self._session:
+            self.session_read = True
+            if rel.lower() in self._opaque:
+                self.opaque_rules |= self._session[rel.lower()]
         alias = (rv.get("alias") or {}).get("aliasname")
         if isinstance(rel, str) and isinstance(alias, str):
             held = self.rows.get(rel.lower())
@@ -312,6 +328,47 @@ class _Statement:
             return False
         return self._sel_positions(sel)
 
+    def writes(self, stmt: Mapping[str, Any]) -> tuple[str, list[tuple[str | None, frozenset[str]]]] | None:
+        """The relation the statement writes values into and, per written column (its name, None if not
+        known), the rule columns the value computes from."""
+        rel: Any = None
+        names: list[Any] = []
+        values: list[frozenset[str]] | None = None
+        ctas = stmt.get("CreateTableAsStmt")
+        sel: Any = stmt.get("SelectStmt")
+        view = stmt.get("ViewStmt")
+        ins = stmt.get("InsertStmt")
+        upd = stmt.get("UpdateStmt")
+        if isinstance(ctas, dict) or (isinstance(sel, dict) and sel.get("intoClause")):
+            into = ctas.get("into", {}) if isinstance(ctas, dict) else sel["intoClause"]
+            query = ctas.get("query", {}).get("SelectStmt") if isinstance(ctas, dict) else sel
+            rel, names = (into.get("rel") or {}).get("relname"), _strings(into.get("colNames"))
+        elif isinstance(view, dict):
+            query = (view.get("query") or {}).get("SelectStmt")
+            rel, names = (view.get("view") or {}).get("relname"), _strings(view.get("aliases"))
+        elif isinstance(ins, dict):
+            query = (ins.get("selectStmt") or {}).get("SelectStmt")
+            rel = (ins.get("relation") or {}).get("relname")
+            names = [(c.get("ResTarget") or {}).get("name") for c in ins.get("cols") or ()]
+        elif isinstance(upd, dict):
+            rel, query = (upd.get("relation") or {}).get("relname"), None
+            targets = [(t.get("ResTarget") or {}) for t in upd.get("targetList") or ()]
+            names = [t.get("name") for t in targets]
+            values = [self.refs(t.get("val")) for t in targets]
+        else:
+            return None
+        if not isinstance(rel, str):
+            return None
+        if values is None:
+            pos = self._sel_positions(query) if isinstance(query, dict) else None
+            values = [a for a, _ in pos] if pos is not None else None
+            if not names and isinstance(query, dict) and not ins:
+                names = _output_names(query)
+        if values is None:  # a * : which column holds what is not known
+            return rel.lower(), [(None, self.every)]
+        named = [n.lower() if isinstance(n, str) else None for n in names]
+        return rel.lower(), [(named[i] if i < len(named) else None, v) for i, v in enumerate(values)]
+
     def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
         """What ``expr`` computes from, all told and without whole-row references."""
         return self.refs(expr), self.refs(expr, rows=False)
@@ -344,14 +401,17 @@ class _Statement:
 
 
 def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
-           pick: Callable[[Iterable[str]], str | None]) -> tuple[Derived, ...]:
+           pick: Callable[[Iterable[str]], str | None], session: Mapping[str, frozenset[str]] | None = None,
+           opaque: frozenset[str] = _EMPTY) -> tuple[Derived, ...]:
     """Per statement of ``sql``: its computed columns that carry a rule column.
 
     ``idents``: per column name (lower case) that carries rule columns, those: each rule column carries
     itself, a view's column (:func:`trace_views`) what it is computed from; ``tables``: per table or view
     name (lower case, unqualified) whose rows hold rule columns, those columns; ``pick``: the rule column to
     judge a value computed from several as (the strictest). Text the parser refuses, or longer than
-    :data:`MAX_SQL`: one statement whose computed columns are all judged by every rule column."""
+    :data:`MAX_SQL`: one statement whose computed columns are all judged by every rule column. ``session``:
+    per relation written this session with rule columns' values (:attr:`Derived.learns`), those rules;
+    ``opaque``: the ones of them whose columns are not known by name."""
     unknown = (Derived(None, pick(frozenset().union(*idents.values()))),)  # fail closed
     if len(sql) > MAX_SQL or "\x00" in sql:
         return unknown
@@ -361,35 +421,78 @@ def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, 
         tree = json.loads(parse_sql_json(sql))
     except (ParseError, ValueError, RecursionError):
         return unknown
-    return tuple(_one(raw.get("stmt", {}), idents, tables, pick, unknown[0])
-                 for raw in tree.get("stmts", ()))
+    cx = _Context(idents, tables, pick, unknown[0], session or {}, opaque)
+    return tuple(_one(raw.get("stmt", {}), cx) for raw in tree.get("stmts", ()))
 
 
-def _one(stmt: Mapping[str, Any], idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
-         pick: Callable[[Iterable[str]], str | None], unknown: Derived) -> Derived:
+def _output_names(sel: Mapping[str, Any]) -> list[str | None]:
+    """The column names a SELECT's result gets (PostgreSQL's FigureColname, in part: an alias, a column's
+    name, a function's, through casts; None where it would be ``?column?``)."""
+    while sel.get("op", "SETOP_NONE") != "SETOP_NONE" and isinstance(sel.get("larg"), dict):
+        sel = sel["larg"]
+    out: list[str | None] = []
+    for item in sel.get("targetList") or ():
+        rt = item.get("ResTarget", {}) if isinstance(item, dict) else {}
+        name = rt.get("name")
+        val = rt.get("val")
+        while name is None and isinstance(val, dict):
+            if "ColumnRef" in val:
+                parts = _strings(val["ColumnRef"].get("fields"))
+                name = parts[-1] if parts else None
+                break
+            if "FuncCall" in val:
+                parts = _strings(val["FuncCall"].get("funcname"))
+                name = parts[-1] if parts else None
+                break
+            val = (val.get("TypeCast") or {}).get("arg")
+        out.append(name.lower() if isinstance(name, str) else None)
+    return out
+
+
+@dataclass(frozen=True)
+class _Context:
+    idents: Mapping[str, frozenset[str]]
+    tables: Mapping[str, frozenset[str]]
+    pick: Callable[[Iterable[str]], str | None]
+    unknown: Derived
+    session: Mapping[str, frozenset[str]]
+    opaque: frozenset[str]
+
+
+def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
     named = _named(stmt)
     if named is not None:
         kind, name, query = named
         if query is None:
             return Derived((), None, uses=f"{kind}:{name}")
-        return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, idents, tables, pick, unknown))
-    st = _Statement(idents, tables)
+        return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, cx))
+    st = _Statement(cx.idents, cx.tables, cx.session, cx.opaque)
     try:
         st.collect(stmt)
         settled = st.settle()
         pos = st.positions(stmt)
+        wrote = st.writes(stmt)
     except RecursionError:  # thousands of nested set operations
         settled = False
     if not settled:
-        return unknown
-    if pos is False or pos is True:
-        return Derived((), None)
+        return cx.unknown
+    learns: list[tuple[str, str | None, str]] = []
+    if wrote is not None:
+        rel, cols = wrote
+        for col, rules in cols:
+            rule = cx.pick(rules)
+            if rule is not None:
+                learns.append((rel, col, rule))
     every, direct = st.anywhere()
-    fallback, rows_only = pick(every), bool(every) and not direct
-    if pos is None:
-        return Derived(None, fallback, fallback_rows_only=rows_only)
-    return Derived(tuple(pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
-                   rows_only)
+    every |= st.opaque_rules
+    fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
+    if pos is False or pos is True:
+        return Derived((), None, learns=tuple(learns))
+    if pos is None or st.opaque_rules:  # an opaque relation: all its columns, which are not told apart
+        return Derived(None, fallback, fallback_rows_only=rows_only, learns=tuple(learns),
+                       session=st.session_read)
+    return Derived(tuple(cx.pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
+                   rows_only, learns=tuple(learns), session=st.session_read)
 
 
 def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:
@@ -485,13 +588,42 @@ class ComputedColumns:
             self._idents[key] = self._idents.get(key, _EMPTY) | {c.lower() for c in cols}
         self._tables = {t.lower(): frozenset(c.lower() for c in cs) for t, cs in tables.items()}
         self._rank = rank
-        words = sorted(set(self._idents) | set(self._tables), key=len, reverse=True)
-        # U& identifiers can spell a name in escapes: such text is always parsed. Matched against the text
-        # lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern, ~0.6 us
-        # for a short statement that names none (pgbench's)
-        alts = [re.escape(w.encode()) for w in words if w] + [rb"u&"]
-        self._look = re.compile(b"|".join(alts) + _OPAQUE_LOOK)
+        # relations this session wrote rule columns' values into (Derived.learns); those whose columns
+        # holding them are not known
+        self._session: dict[str, frozenset[str]] = {}
+        self._opaque: set[str] = set()
         self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
+        self._look = self._pattern()
+
+    def _pattern(self) -> re.Pattern[bytes]:
+        """The look for a name worth parsing for: a rule column, a name carrying one, a table or relation
+        holding one. U& identifiers can spell a name in escapes: such text is always parsed. Matched against
+        the text lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern,
+        ~0.6 us for a short statement that names none (pgbench's)."""
+        words = sorted(set(self._idents) | set(self._tables) | set(self._session), key=len, reverse=True)
+        alts = [re.escape(w.encode()) for w in words if w] + [rb"u&"]
+        return re.compile(b"|".join(alts) + _OPAQUE_LOOK)
+
+    def learn(self, learns: Iterable[tuple[str, str | None, str]]) -> None:
+        """A statement wrote rule columns' values into a relation (``CREATE TEMP TABLE t AS SELECT cvv AS
+        x``): from now on, for every connection of the session, its column (``x``) carries the rule column,
+        and a statement reading the relation has its columns judged, not only its computed ones."""
+        changed = False
+        for rel, col, rule in learns:
+            held = self._session.get(rel, _EMPTY)
+            if rule not in held:
+                self._session[rel] = held | {rule}
+                changed = True
+            if col is None:
+                if rel not in self._opaque:
+                    self._opaque.add(rel)
+                    changed = True
+            elif rule not in self._idents.get(col, _EMPTY):
+                self._idents[col] = self._idents.get(col, _EMPTY) | {rule}
+                changed = True
+        if changed:
+            self._cache.clear()  # what was judged before may read these now
+            self._look = self._pattern()
 
     def pick(self, names: Iterable[str]) -> str | None:
         ordered = sorted(names)
@@ -512,9 +644,9 @@ class ComputedColumns:
         if hit is not False:
             return hit  # type: ignore[return-value]
         got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._idents, self._tables,
-                                                 self.pick)
+                                                 self.pick, self._session, frozenset(self._opaque))
         if got is not None and all(d.fallback is None and not any(d.positions or ()) and d.uses is None
-                                   and d.defines is None for d in got):
+                                   and d.defines is None and not d.learns for d in got):
             got = None
         if len(sql) <= CACHE_TEXT:
             if len(self._cache) >= CACHE_SIZE:

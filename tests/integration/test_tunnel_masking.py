@@ -562,6 +562,34 @@ def test_computed_columns_of_a_rule_column_are_judged_as_it(make_session: Any) -
     assert s.tunnel.errors == []
 
 
+def test_rule_columns_copied_into_a_table_during_the_session_stay_judged(make_session: Any) -> None:
+    """A read-level user may still create TEMP tables: `CREATE TEMP TABLE t AS SELECT cvv AS x ...` then
+    `SELECT x FROM t` showed the CVV (t's OID is no rule's). A statement writing rule columns' values into
+    a relation (CREATE TABLE AS, SELECT INTO, INSERT ... SELECT, UPDATE ... SET) now teaches the session's
+    tunnel that relation, for every connection: its named columns carry the rule; where the columns are not
+    known by name (INSERT without a column list), every column read from it is judged."""
+    s = make_session(MASKING)
+    out = s.psql("-qAt",
+                 "-c", f"CREATE TEMP TABLE tt AS SELECT id, cvv AS x FROM {TABLE} WHERE id = 1",
+                 "-c", "SELECT id, x, x || '' FROM tt",
+                 "-c", f"SELECT cvv AS y INTO TEMP ti FROM {TABLE} WHERE id = 2",
+                 "-c", "SELECT y FROM ti",
+                 "-c", "CREATE TEMP TABLE tu (a int, b text); "
+                       f"INSERT INTO tu SELECT id, cvv FROM {TABLE} WHERE id = 3",
+                 "-c", "SELECT a, b FROM tu",
+                 "-c", "CREATE TEMP TABLE tv (a int, b text); INSERT INTO tv VALUES (4, 'plain')",
+                 "-c", "SELECT a, b FROM tv").stdout.split()
+    # tu: which column holds the CVV is not known, so all of them are judged (fail closed)
+    assert out == ["1|***|***", "***", "*|***", "4|plain"], out
+    # another connection of the same session: a table (not TEMP) filled by the first
+    s.psql("-c", f"DROP TABLE IF EXISTS mk_copy; CREATE TABLE mk_copy AS SELECT id, cvv AS x FROM {TABLE}")
+    try:
+        assert s.psql("-At", "-c", "SELECT id, x FROM mk_copy WHERE id = 5").stdout.strip() == "5|***"
+    finally:
+        s.psql("-c", "DROP TABLE mk_copy")
+    assert s.tunnel.errors == []
+
+
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

@@ -230,3 +230,43 @@ def test_a_chain_of_views_in_creation_order_is_traced_whatever_its_length() -> N
     assert set(views(base, *chain(range(1, 30))).columns) == set(range(30))
     # in the worst order (a view replaced to name newer ones), one more view per pass, 4 passes
     assert set(views(*chain(range(8, 0, -1)), base).columns) == {0, 1, 2, 3}
+
+
+# -- relations filled during the session ---------------------------------------------------------------------
+
+
+Want = tuple[tuple[str | None, ...] | None, str | None]
+
+
+@pytest.mark.parametrize(("write", "read", "want"), [
+    ("CREATE TEMP TABLE t AS SELECT id, cvv AS x FROM cards", "SELECT id, x FROM t", ((None, "cvv"), None)),
+    ("SELECT email AS e INTO TEMP t FROM cards", "SELECT e || '' FROM t", (("email",), None)),
+    ("CREATE TABLE t (q) AS SELECT upper(cvv) FROM cards", "SELECT q FROM t", (("cvv",), None)),
+    ("INSERT INTO t (a, b) SELECT id, cvv FROM cards", "SELECT b, a FROM t", (("cvv", None), None)),
+    ("UPDATE t SET a = c.cvv FROM cards c WHERE c.id = t.id", "SELECT a FROM t", (("cvv",), None)),
+    ("CREATE VIEW t AS SELECT max(email) FROM cards", "SELECT max FROM t", (("email",), None)),
+    # the columns are not known by name: every column read from t, and a * anywhere
+    ("INSERT INTO t SELECT id, cvv FROM cards", "SELECT a, b FROM t", (None, "cvv")),
+    ("CREATE TABLE t AS SELECT * FROM (SELECT cvv FROM cards) s", "SELECT z FROM t", (None, "cvv")),
+])
+def test_a_relation_filled_with_rule_columns_is_learnt(write: str, read: str, want: Want) -> None:
+    j = judge()
+    got = j.statements(write.encode())
+    assert got is not None
+    (w,) = got
+    assert w.learns
+    before = j.statements(read.encode())
+    assert before is None or not before[0].session  # not yet
+    j.learn(w.learns)
+    (r,) = j.statements(read.encode()) or ()
+    assert r.session
+    positions, fallback = want
+    assert r.positions == positions
+    if fallback is not None:
+        assert r.fallback == fallback
+
+
+def test_writing_values_of_no_rule_column_teaches_nothing() -> None:
+    j = judge()
+    assert j.statements(b"CREATE TEMP TABLE t AS SELECT id, note FROM cards") is None
+    assert j.statements(b"INSERT INTO t SELECT 1, 'x'") is None

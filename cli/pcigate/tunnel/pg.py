@@ -1374,9 +1374,13 @@ class _Conn(asyncio.Protocol):
         return self._named(got)[0] if got else None
 
     def _named(self, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
-        """Remember what PREPARE / DECLARE define; an EXECUTE / FETCH takes the columns of what it names."""
+        """Remember what PREPARE / DECLARE define; an EXECUTE / FETCH takes the columns of what it names; a
+        statement writing rule columns' values into a relation teaches the session's judge (every
+        connection's) that relation."""
         out: list[Derived] = []
         for d in got:
+            if d.learns and self.tunnel.computed is not None:
+                self.tunnel.computed.learn(d.learns)
             if d.defines is not None:
                 inner = d.inner
                 self._m_named.pop(d.defines, None)
@@ -1931,7 +1935,8 @@ def _row_description(body: bytes, origins: Origins | None = None,
     table (or an array of it) is judged as that table column too, since the whole row holds it; any other
     column keeps the name it is sent under and an unknown table (``table`` None: table-scoped rules apply to
     it, fail closed). A computed column (no table OID) that ``derived`` says is computed from rule columns is
-    judged as the strictest of them (:mod:`pcigate.sqltaint`)."""
+    judged as the strictest of them (:mod:`pcigate.sqltaint`); so is any column without an origin of a
+    statement that reads a relation this session filled with rule columns' values (``derived.session``)."""
     (count,) = _I16.unpack_from(body, 0)
     pos = 2
     cols: list[ColumnInfo] = []
@@ -1943,7 +1948,7 @@ def _row_description(body: bytes, origins: Origins | None = None,
         if origin is None and row_types:
             origin = row_types.get(typ & 0xFFFFFFFF)
         rule = None
-        if origin is None and derived is not None and not toid:
+        if origin is None and derived is not None and (not toid or derived.session):
             rule = derived.column(i, count, json=(typ & 0xFFFFFFFF) in _JSON_TYPES)
         if origin is not None:
             cols.append(ColumnInfo(origin[1], origin[0], typ & 0xFFFFFFFF, fmt))
