@@ -601,8 +601,10 @@ class ComputedColumns:
         the text lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern,
         ~0.6 us for a short statement that names none (pgbench's)."""
         words = sorted(set(self._idents) | set(self._tables) | set(self._session), key=len, reverse=True)
-        alts = [re.escape(w.encode()) for w in words if w] + [rb"u&"]
-        return re.compile(b"|".join(alts) + _OPAQUE_LOOK)
+        # as whole words (an identifier ends where a character that cannot be in one is): "pin" is not
+        # looked for in "shipping", nor a table t in every statement
+        names = b"|".join(re.escape(w.encode()) for w in words if w)
+        return re.compile((rb"\b(?:" + names + rb")\b|" if names else b"") + rb"u&" + _OPAQUE_LOOK)
 
     def learn(self, learns: Iterable[tuple[str, str | None, str]]) -> None:
         """A statement wrote rule columns' values into a relation (``CREATE TEMP TABLE t AS SELECT cvv AS
