@@ -593,9 +593,9 @@ class ComputedColumns:
         self._session: dict[str, frozenset[str]] = {}
         self._opaque: set[str] = set()
         self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
-        self._look = self._pattern()
+        self._quick, self._look = self._pattern()
 
-    def _pattern(self) -> re.Pattern[bytes]:
+    def _pattern(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
         """The look for a name worth parsing for: a rule column, a name carrying one, a table or relation
         holding one. U& identifiers can spell a name in escapes: such text is always parsed. Matched against
         the text lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern,
@@ -604,7 +604,9 @@ class ComputedColumns:
         # as whole words (an identifier ends where a character that cannot be in one is): "pin" is not
         # looked for in "shipping", nor a table t in every statement
         names = b"|".join(re.escape(w.encode()) for w in words if w)
-        return re.compile((rb"\b(?:" + names + rb")\b|" if names else b"") + rb"u&" + _OPAQUE_LOOK)
+        # first as plain substrings (the \b pattern costs twice as much), then as words
+        return (re.compile((names + b"|" if names else b"") + rb"u&" + _OPAQUE_LOOK),
+                re.compile((rb"\b(?:" + names + rb")\b|" if names else b"") + rb"u&" + _OPAQUE_LOOK))
 
     def learn(self, learns: Iterable[tuple[str, str | None, str]]) -> None:
         """A statement wrote rule columns' values into a relation (``CREATE TEMP TABLE t AS SELECT cvv AS
@@ -625,7 +627,7 @@ class ComputedColumns:
                 changed = True
         if changed:
             self._cache.clear()  # what was judged before may read these now
-            self._look = self._pattern()
+            self._quick, self._look = self._pattern()
 
     def pick(self, names: Iterable[str]) -> str | None:
         ordered = sorted(names)
@@ -640,7 +642,7 @@ class ComputedColumns:
         if len(sql) > MAX_SQL:  # not copied, searched or parsed: fail closed
             return (Derived(None, self.pick(self._columns)),)
         low = sql.lower()
-        if not self._look.search(low) and not (named and _NAMED.search(low)):
+        if not (self._quick.search(low) and self._look.search(low)) and not (named and _NAMED.search(low)):
             return None
         hit = self._cache.get(sql, False)
         if hit is not False:
