@@ -1102,3 +1102,20 @@ class Masker:
 
 _KEY_DETAIL = re.compile(rb"Key \(([^)\x00]*)\)=\(([^\x00]*)\)")
 _FAILING_ROW = re.compile(rb"Failing row contains \(([^\x00]*)\)")
+
+
+def star_message_fields(body: bytes, codes: bytes = b"MDH") -> bytes:
+    """An ErrorResponse/NoticeResponse body with the text of the fields ``codes`` (message, detail, hint)
+    replaced by ``*`` of the same length: a statement that may print a rule column's values in one (``DO``
+    with ``RAISE NOTICE``, a call of a function that reads one). Malformed bodies come back unchanged."""
+    out = bytearray(body)
+    pos = 0
+    while pos < len(out) and out[pos]:
+        end = out.find(b"\x00", pos + 1)
+        if end < 0:
+            return body
+        if out[pos] in codes:
+            out[pos + 1 : end] = b"*" * (end - pos - 1)
+        pos = end + 1
+    return bytes(out)
+

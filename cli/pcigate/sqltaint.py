@@ -30,8 +30,12 @@ parser refuses is judged the same way, with every rule column (the server will m
 ``PREPARE name AS ...`` and ``DECLARE name CURSOR FOR ...`` report their query's columns (``Derived.defines``,
 ``inner``), ``EXECUTE name`` and ``FETCH ... name`` the name they use: the tunnel keeps them per connection.
 
-Not seen: a function or view that reads a rule column itself (``SELECT get_cvv(1)``). A rule column spelled
-with ``U&""`` escapes is found: text holding ``U&`` is always parsed, and the parser decodes the escape.
+A call of a function that runs a query given as text (:data:`OPAQUE_FUNCTIONS`) or whose definition names a
+rule column (the tunnel reads them at session start, and ``Derived.function`` reports one created during
+the session) is judged as every rule column; a ``DO`` block naming one, or such a call, sets
+``Derived.notices``. Views are traced by :func:`trace_views`; relations filled during the session with rule
+columns' values are reported by ``Derived.learns``. A rule column spelled with ``U&""`` escapes is found:
+text holding ``U&`` is always parsed, and the parser decodes the escape.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ class Derived:
     # the statement reads such a relation: its columns arrive with that relation's OID, which no origin
     # knows, so the caller judges those too (not only the computed ones)
     session: bool = False
+    # CREATE FUNCTION / PROCEDURE whose body names a rule column (or a table holding one): its name, which a
+    # call is then judged by as every rule column
+    function: str | None = None
+    # the statement may print rule columns' values in a notice or error (a DO block naming one, a call of
+    # such a function): the caller stars their message, detail and hint
+    notices: bool = False
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -162,6 +172,8 @@ class _Statement:
         self.every = frozenset().union(*idents.values())
         self._session = session or {}
         self._opaque = opaque
+        self.functions: frozenset[str] = OPAQUE_FUNCTIONS
+        self.calls_opaque = False  # calls one of them
         self.session_read = False  # reads a relation written this session with rule columns' values
         self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
         self.selects: list[_Select] = []
@@ -264,8 +276,9 @@ class _Statement:
             call = obj.get("FuncCall")
             if isinstance(call, dict):
                 fname = _strings(call.get("funcname"))
-                if fname and fname[-1].lower() in OPAQUE_FUNCTIONS:
+                if fname and fname[-1].lower() in self.functions:
                     out |= self.every
+                    self.calls_opaque = True
             sub = obj.get("SubLink")
             if isinstance(sub, dict):
                 stack.extend(self._outputs(sub.get("subselect")))
@@ -402,7 +415,8 @@ class _Statement:
 
 def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
            pick: Callable[[Iterable[str]], str | None], session: Mapping[str, frozenset[str]] | None = None,
-           opaque: frozenset[str] = _EMPTY) -> tuple[Derived, ...]:
+           opaque: frozenset[str] = _EMPTY, functions: frozenset[str] = OPAQUE_FUNCTIONS,
+           mentions: Callable[[str], bool] | None = None) -> tuple[Derived, ...]:
     """Per statement of ``sql``: its computed columns that carry a rule column.
 
     ``idents``: per column name (lower case) that carries rule columns, those: each rule column carries
@@ -411,7 +425,9 @@ def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, 
     judge a value computed from several as (the strictest). Text the parser refuses, or longer than
     :data:`MAX_SQL`: one statement whose computed columns are all judged by every rule column. ``session``:
     per relation written this session with rule columns' values (:attr:`Derived.learns`), those rules;
-    ``opaque``: the ones of them whose columns are not known by name."""
+    ``opaque``: the ones of them whose columns are not known by name; ``functions``: the functions a call of
+    which is judged as every rule column; ``mentions``: whether a function's or DO block's body names a rule
+    column (or a table holding one)."""
     unknown = (Derived(None, pick(frozenset().union(*idents.values()))),)  # fail closed
     if len(sql) > MAX_SQL or "\x00" in sql:
         return unknown
@@ -421,7 +437,13 @@ def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, 
         tree = json.loads(parse_sql_json(sql))
     except (ParseError, ValueError, RecursionError):
         return unknown
-    cx = _Context(idents, tables, pick, unknown[0], session or {}, opaque)
+    words = set(idents) | set(tables) | set(session or {})
+
+    def names_any(text: str) -> bool:
+        low = text.lower()
+        return any(re.search(rf"\b{re.escape(w)}\b", low) for w in words)
+
+    cx = _Context(idents, tables, pick, unknown[0], session or {}, opaque, functions, mentions or names_any)
     return tuple(_one(raw.get("stmt", {}), cx) for raw in tree.get("stmts", ()))
 
 
@@ -457,9 +479,34 @@ class _Context:
     unknown: Derived
     session: Mapping[str, frozenset[str]]
     opaque: frozenset[str]
+    functions: frozenset[str]  # OPAQUE_FUNCTIONS and the functions found naming rule columns
+    mentions: Callable[[str], bool]  # the text names a rule column, a table holding one, ...
+
+
+def _body(options: Any) -> str:
+    """The text of a function's or DO block's ``AS`` option."""
+    parts: list[str] = []
+    for opt in options or ():
+        de = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
+        if de.get("defname") == "as":
+            arg = de.get("arg") or {}
+            parts += _strings(arg.get("List", {}).get("items")) if "List" in arg else _strings([arg])
+    return "\n".join(parts)
 
 
 def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
+    fn = stmt.get("CreateFunctionStmt")
+    if isinstance(fn, dict):
+        names = _strings(fn.get("funcname"))
+        body = _body(fn.get("options")) + json.dumps(fn.get("sql_body"))
+        return Derived((), None, function=names[-1].lower() if names and cx.mentions(body) else None)
+    do = stmt.get("DoStmt")
+    if isinstance(do, dict):
+        return Derived((), None, notices=cx.mentions(_body(do.get("args"))))
+    call = stmt.get("CallStmt")
+    if isinstance(call, dict):
+        names = _strings((call.get("funccall") or {}).get("funcname"))
+        return Derived((), None, notices=bool(names) and names[-1].lower() in cx.functions)
     named = _named(stmt)
     if named is not None:
         kind, name, query = named
@@ -467,6 +514,7 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
             return Derived((), None, uses=f"{kind}:{name}")
         return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, cx))
     st = _Statement(cx.idents, cx.tables, cx.session, cx.opaque)
+    st.functions = cx.functions
     try:
         st.collect(stmt)
         settled = st.settle()
@@ -487,12 +535,12 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
     every |= st.opaque_rules
     fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
     if pos is False or pos is True:
-        return Derived((), None, learns=tuple(learns))
+        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque)
     if pos is None or st.opaque_rules:  # an opaque relation: all its columns, which are not told apart
         return Derived(None, fallback, fallback_rows_only=rows_only, learns=tuple(learns),
-                       session=st.session_read)
+                       session=st.session_read, notices=st.calls_opaque)
     return Derived(tuple(cx.pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
-                   rows_only, learns=tuple(learns), session=st.session_read)
+                   rows_only, learns=tuple(learns), session=st.session_read, notices=st.calls_opaque)
 
 
 def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:
@@ -577,10 +625,12 @@ class ComputedColumns:
     first: text that names no rule column and no rule table (the usual case) is not parsed at all."""
 
     def __init__(self, columns: Iterable[str], tables: Mapping[str, Iterable[str]],
-                 rank: Callable[[str], int], aliases: Mapping[str, Iterable[str]] | None = None) -> None:
+                 rank: Callable[[str], int], aliases: Mapping[str, Iterable[str]] | None = None,
+                 functions: Iterable[str] = ()) -> None:
         """``columns``: the rule columns; ``tables``: per table (or view) name, the rule columns its rows
         hold; ``rank``: a rule column's strictness; ``aliases``: per other column name (a view's), the rule
-        columns it is computed from."""
+        columns it is computed from; ``functions``: names of functions whose source names a rule column
+        (:meth:`mentions`), a call of which is judged as every rule column."""
         self._columns = frozenset(c.lower() for c in columns)
         self._idents = {c: frozenset((c,)) for c in self._columns}
         for name, cols in (aliases or {}).items():
@@ -592,6 +642,7 @@ class ComputedColumns:
         # holding them are not known
         self._session: dict[str, frozenset[str]] = {}
         self._opaque: set[str] = set()
+        self._functions = set(OPAQUE_FUNCTIONS) | {f.lower() for f in functions}
         self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
         self._quick, self._look = self._pattern()
 
@@ -599,14 +650,28 @@ class ComputedColumns:
         """The look for a name worth parsing for: a rule column, a name carrying one, a table or relation
         holding one. U& identifiers can spell a name in escapes: such text is always parsed. Matched against
         the text lower-cased (ASCII, as PostgreSQL folds identifiers): 4x faster than an IGNORECASE pattern,
-        ~0.6 us for a short statement that names none (pgbench's)."""
-        words = sorted(set(self._idents) | set(self._tables) | set(self._session), key=len, reverse=True)
+        ~0.8 us for a short statement that names none (pgbench's)."""
+        words = sorted(set(self._idents) | set(self._tables) | set(self._session)
+                       | (self._functions - OPAQUE_FUNCTIONS), key=len, reverse=True)
         # as whole words (an identifier ends where a character that cannot be in one is): "pin" is not
         # looked for in "shipping", nor a table t in every statement
         names = b"|".join(re.escape(w.encode()) for w in words if w)
         # first as plain substrings (the \b pattern costs twice as much), then as words
         return (re.compile((names + b"|" if names else b"") + rb"u&" + _OPAQUE_LOOK),
                 re.compile((rb"\b(?:" + names + rb")\b|" if names else b"") + rb"u&" + _OPAQUE_LOOK))
+
+    def mentions(self, text: str) -> bool:
+        """``text`` (a function's source, a DO block) names a rule column, a name carrying one, or a table
+        or relation holding one: as words, as in the look for statements."""
+        low = text.lower().encode()
+        return bool(self._quick.search(low) and self._look.search(low))
+
+    def learn_function(self, name: str) -> None:
+        """A function created this session whose body names a rule column: calls of it are judged."""
+        if name not in self._functions:
+            self._functions.add(name)
+            self._cache.clear()
+            self._quick, self._look = self._pattern()
 
     def learn(self, learns: Iterable[tuple[str, str | None, str]]) -> None:
         """A statement wrote rule columns' values into a relation (``CREATE TEMP TABLE t AS SELECT cvv AS
@@ -648,9 +713,11 @@ class ComputedColumns:
         if hit is not False:
             return hit  # type: ignore[return-value]
         got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._idents, self._tables,
-                                                 self.pick, self._session, frozenset(self._opaque))
+                                                 self.pick, self._session, frozenset(self._opaque),
+                                                 frozenset(self._functions), self.mentions)
         if got is not None and all(d.fallback is None and not any(d.positions or ()) and d.uses is None
-                                   and d.defines is None and not d.learns for d in got):
+                                   and d.defines is None and not d.learns and d.function is None
+                                   and not d.notices for d in got):
             got = None
         if len(sql) <= CACHE_TEXT:
             if len(self._cache) >= CACHE_SIZE:

@@ -590,6 +590,33 @@ def test_rule_columns_copied_into_a_table_during_the_session_stay_judged(make_se
     assert s.tunnel.errors == []
 
 
+def test_functions_that_read_a_rule_column_are_judged(cluster: tuple[PgCluster, str],
+                                                     make_session: Any) -> None:
+    """A function reads the table itself, so `SELECT get_cvv(1)` showed the CVV, and a DO block printed it
+    in a NOTICE. Functions whose definition names a rule column (read at session start, or created during
+    the session) are judged as every rule column when called; a DO block or CALL naming one gets its
+    notices' and errors' message, detail and hint starred."""
+    c, _pw = cluster
+    c.psql(f"CREATE OR REPLACE FUNCTION mk_get_cvv(i int) RETURNS text LANGUAGE sql STABLE "
+           f"AS $$ SELECT cvv FROM {TABLE} WHERE id = i $$; "
+           f"ALTER FUNCTION mk_get_cvv(int) OWNER TO {APP_USER}", database="prod")
+    s = make_session(MASKING)
+    assert s.psql("-At", "-c", "SELECT 1, mk_get_cvv(1)").stdout.strip() == "1|***"
+    out = s.psql("-qAt",
+                 "-c", "CREATE FUNCTION pg_temp.mine(i int) RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
+                       f"RETURN (SELECT cvv FROM {TABLE} WHERE id = i); END $$",
+                 "-c", "SELECT pg_temp.mine(2)",
+                 "-c", "SELECT length('plain')")
+    assert out.stdout.split() == ["***", "5"], out.stdout + out.stderr
+    notice = s.psql("-c", "DO $$ BEGIN RAISE NOTICE 'code %', "
+                          f"(SELECT cvv FROM {TABLE} WHERE id = 3); END $$")
+    assert "003" not in notice.stderr
+    assert "NOTICE:  ********" in notice.stderr, notice.stderr
+    plain = s.psql("-c", "DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+    assert "NOTICE:  hello" in plain.stderr  # a DO block naming no rule column keeps its notices
+    assert s.tunnel.errors == []
+
+
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

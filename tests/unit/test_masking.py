@@ -585,3 +585,12 @@ def test_track_data_and_a_grouped_pan_in_one_value_leave_no_window_in_clear() ->
     assert len(out) == len(value)
     assert b"*" * 10 in out  # the track is starred
     assert not re.search(rb"\d{13,}", digits.replace(b"*", b" "))
+
+
+def test_star_message_fields_keeps_codes_and_lengths() -> None:
+    from pcigate.masking import star_message_fields
+
+    body = b"SNOTICE\x00C00000\x00Mcode 001\x00Dsome detail\x00Wcontext\x00\x00"
+    assert star_message_fields(body) == b"SNOTICE\x00C00000\x00M********\x00D***********\x00Wcontext\x00\x00"
+    assert star_message_fields(b"Mno terminator") == b"Mno terminator"  # malformed: unchanged
+    assert star_message_fields(b"\x00") == b"\x00"

@@ -270,3 +270,32 @@ def test_writing_values_of_no_rule_column_teaches_nothing() -> None:
     j = judge()
     assert j.statements(b"CREATE TEMP TABLE t AS SELECT id, note FROM cards") is None
     assert j.statements(b"INSERT INTO t SELECT 1, 'x'") is None
+
+
+# -- functions and DO blocks -------------------------------------------------------------------------------
+
+
+def test_functions_naming_a_rule_column_are_judged_when_called() -> None:
+    j = ComputedColumns(RANK, {"cards": ["cvv", "email"]}, lambda c: RANK.get(c, 0), functions=["get_cvv"])
+    (d,) = j.statements(b"SELECT id, get_cvv(id) FROM t") or ()
+    assert (d.positions, d.notices) == ((None, "cvv"), True)
+    create = b"CREATE FUNCTION s.mine() RETURNS text LANGUAGE sql AS $$ SELECT email FROM cards $$"
+    (mk,) = j.statements(create) or ()
+    assert mk.function == "mine"
+    assert j.statements(b"SELECT s.mine()") is None  # not yet learnt
+    j.learn_function("mine")
+    (call,) = j.statements(b"SELECT s.mine()") or ()
+    assert call.positions == ("cvv",)  # every rule column: the strictest
+    (proc,) = j.statements(b"CALL mine()") or ()
+    assert proc.notices
+    # a body naming none: nothing to learn
+    assert j.statements(b"CREATE FUNCTION g() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$") is None
+    assert j.mentions("BEGIN RETURN (SELECT CVV FROM x); END")
+    assert not j.mentions("BEGIN RETURN 'cvvx'; END")
+
+
+def test_do_blocks_naming_a_rule_column_have_their_notices_starred() -> None:
+    j = judge()
+    (d,) = j.statements(b"DO $$ BEGIN RAISE NOTICE '%', (SELECT cvv FROM cards LIMIT 1); END $$") or ()
+    assert d.notices
+    assert j.statements(b"DO $$ BEGIN RAISE NOTICE 'hello'; END $$") is None

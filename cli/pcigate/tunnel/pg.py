@@ -92,6 +92,7 @@ from pcigate.masking import (
     ColumnInfo,
     Masker,
     RowPlan,
+    star_message_fields,
 )
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
@@ -1080,6 +1081,10 @@ class _Conn(asyncio.Protocol):
                         seg = nxt
                 elif t in (_ERR, _N):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
+                    if self.tunnel.computed is not None:
+                        said = self._row_derived(self._mq_live())
+                        if said is not None and said.notices:  # DO / a function naming a rule column
+                            new = star_message_fields(new if new is not None else buf[pos + 5 : nxt])
                     if new is not None:
                         parts.append(buf[seg:pos])
                         parts.append(_HDR.pack(t, len(new) + 4) + new)
@@ -1198,7 +1203,7 @@ class _Conn(asyncio.Protocol):
         kind, desc = mq[0]
         if kind == _MQ_DS:
             return desc.derived if desc is not None else None
-        if kind == _MQ_DP:
+        if kind in (_MQ_DP, _MQ_E):  # a portal: its statement's
             return desc.stmt.derived if desc is not None and desc.stmt is not None else None
         if kind == _MQ_Q and self._m_derived:
             q = self._m_derived.get(desc)
@@ -1381,6 +1386,8 @@ class _Conn(asyncio.Protocol):
         for d in got:
             if d.learns and self.tunnel.computed is not None:
                 self.tunnel.computed.learn(d.learns)
+            if d.function is not None and self.tunnel.computed is not None:
+                self.tunnel.computed.learn_function(d.function)
             if d.defines is not None:
                 inner = d.inner
                 self._m_named.pop(d.defines, None)
@@ -1991,6 +1998,22 @@ VIEWS_QUERY = (
 )
 
 
+# Functions and procedures in SQL, PL/pgSQL, ... (not internal or C): their names and definitions.
+FUNCTIONS_QUERY = (
+    "SELECT lower(p.proname), pg_catalog.pg_get_functiondef(p.oid) "
+    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+    "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+    "WHERE p.prokind IN ('f', 'p') AND l.lanname NOT IN ('internal', 'c') "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY p.oid"
+)
+
+
+async def _read_functions(proto: _Upstream, cap: int = 10_000) -> list[tuple[str, str]]:
+    """(name, definition) of the rows of :data:`FUNCTIONS_QUERY` (at most ``cap``)."""
+    rows = await _read_rows(proto, FUNCTIONS_QUERY, cap, "the functions")
+    return [(f[0], f[1]) for f in rows if len(f) == 2 and f[0] is not None and f[1] is not None]
+
+
 async def _read_views(proto: _Upstream, cap: int = 10_000) -> list[View]:
     """The rows of :data:`VIEWS_QUERY` (at most ``cap`` views; more are left out, and named in no error)."""
     import json
@@ -2080,6 +2103,7 @@ class PgTunnel:
         self.computed: ComputedColumns | None = None  # with column rules: computed columns that carry them
         self._row_holders: dict[int, list[tuple[str | None, str]]] = {}  # per row type, its rule columns
         self._views: list[View] = []  # views and materialized views, read by check_upstream
+        self._functions: list[tuple[str, str]] = []  # functions' names and definitions, likewise
         self.stats = TunnelStats()
         self.errors: list[str] = []
         self._keys = ScramKeys.from_password(local_secret)
@@ -2188,10 +2212,11 @@ class PgTunnel:
                     self.origins, self._row_holders = await _read_catalog(login.upstream,
                                                                           catalog_query(names))
                     self._views = await _read_views(login.upstream)
+                    self._functions = await _read_functions(login.upstream)
         except (TimeoutError, _UpstreamError, ConnectionError) as e:
             # Not fatal: without origins, table-scoped rules apply by column name to every table (fail closed)
             self._error(f"column origins not resolved ({e}); column rules apply by name to any table, "
-                        "and no view's columns are traced")
+                        "and no view's columns or function's calls are traced")
         finally:
             login.upstream.write(pg.terminate())
             login.upstream.close()
@@ -2229,7 +2254,13 @@ class PgTunnel:
             for typ in (row_type, array_type):
                 if typ:
                     self.row_types[typ] = (None, strictest)
-        return ComputedColumns(names, {**tables, **views.tables}, rank, views.aliases)
+        judge = ComputedColumns(names, {**tables, **views.tables}, rank, views.aliases)
+        # a function whose definition names a rule column (or a table or view holding one) reads it itself:
+        # a call of it is judged as every rule column (SELECT get_cvv(1))
+        for name, definition in self._functions:
+            if judge.mentions(definition):
+                judge.learn_function(name)
+        return judge
 
     def _rule_columns(self) -> set[str]:
         pol = self.policy.masking if self.policy is not None else None
