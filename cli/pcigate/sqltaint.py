@@ -653,7 +653,7 @@ class ComputedColumns:
         self._functions = set(OPAQUE_FUNCTIONS) | {f.lower() for f in functions}
         self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
         # the look for a name worth parsing for (a rule column, a name carrying one, a table, relation or
-        # function holding or reading one): the text's identifiers against a set, ~0.8 us for a short
+        # function holding or reading one): the text's identifiers against a set, ~1.7 us for a short
         # statement whatever the number of names (an alternation of 600 names took 10 us); a name that is no
         # plain identifier is looked for as a substring
         self._words: set[bytes] = set()
