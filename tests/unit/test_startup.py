@@ -130,6 +130,13 @@ def test_importing_the_broker_client_builds_no_type_adapter() -> None:
     assert out.strip() == "[]"
 
 
+def test_the_tunnel_loads_the_sql_tracer_only_for_column_rules() -> None:
+    # pcigate.sqltaint (~3 ms) is imported by a session whose masking policy has column rules; the tunnel's
+    # import runs during connect's broker call, where every ms of CPU delays the answer's handling
+    out = run_started("import pcigate.tunnel.pg\nprint('pcigate.sqltaint' in sys.modules)\n")
+    assert out.strip() == "False"
+
+
 # -- the claims reader that schedules refreshes -------------------------------------------------------------
 
 

@@ -81,7 +81,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pcigate.errors import AccessDenied, DatabaseUnavailable, PortInUse, ProtocolError, UsageError
 from pcigate.guardrails import Guardrails, StatementInfo
@@ -97,9 +97,11 @@ from pcigate.masking import (
 from pcigate.models import DatabaseCredentials, DataPathPolicy
 from pcigate.net import is_loopback
 from pcigate.recording import SQL_CAP, RecordingWriter
-from pcigate.sqltaint import ComputedColumns, Derived, View, trace_views
 from pcigate.wire import pg
 from pcigate.wire.scram import MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer
+
+if TYPE_CHECKING:  # imported where column rules need them (a session without any never loads them)
+    from pcigate.sqltaint import ComputedColumns, Derived, View
 
 try:  # the relay thread of plain connections (built with the package; without it they take the asyncio path)
     from pcigate._crelay import Relay as _CRelay
@@ -1208,7 +1210,7 @@ class _Conn(asyncio.Protocol):
         if kind == _MQ_Q and self._m_derived:
             q = self._m_derived.get(desc)
             if q is not None and q[1] < len(q[0]):
-                return cast(Derived, q[0][q[1]])
+                return cast("Derived", q[0][q[1]])
         return None
 
     def _execute_plan(self, body: bytes) -> RowPlan | None:
@@ -2018,6 +2020,8 @@ async def _read_views(proto: _Upstream, cap: int = 10_000) -> list[View]:
     """The rows of :data:`VIEWS_QUERY` (at most ``cap`` views; more are left out, and named in no error)."""
     import json
 
+    from pcigate.sqltaint import View
+
     views: list[View] = []
     for f in await _read_rows(proto, VIEWS_QUERY, cap, "the views"):
         if len(f) != 6 or None in f:
@@ -2234,6 +2238,8 @@ class PgTunnel:
         names = self._rule_columns()
         if not names:
             return None
+        from pcigate.sqltaint import ComputedColumns, trace_views
+
         tables: dict[str, set[str]] = {}
         for table, column in self.origins.values():
             if table is not None:
