@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import compileall
 import json
-import re
 import signal
 import statistics
 import subprocess
@@ -33,14 +32,13 @@ import time
 from pathlib import Path
 
 import psutil
+from tests.benchmarks.perfdoc import write_marked
 from tests.stack.cli import pcigate_bin
 from tests.stack.stack import Stack
 
 from pcigate import startup
 
 ROOT = Path(__file__).resolve().parents[2]
-PERF = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- bench_connect:begin -->", "<!-- bench_connect:end -->"
 
 
 def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
@@ -146,16 +144,6 @@ def time_imports(code: str = IMPORTS) -> float:
     return time.perf_counter() - t0
 
 
-def write_results(text: str) -> None:
-    doc = PERF.read_text() if PERF.exists() else "# Performance\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip() + "\n\n## Connect and start-up\n\n" + block + "\n"
-    PERF.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
@@ -203,7 +191,7 @@ def main() -> int:
         + "".join(f"| {label} | {statistics.median(phases[name]):.1f} ms |\n" for name, label in PHASES)
     )
     if not args.no_write:
-        write_results(text)
+        write_marked("connect", text, "Connect and start-up")
     print(text)
     return 0
 

@@ -19,19 +19,15 @@ import argparse
 import functools
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
+
+from tests.benchmarks.perfdoc import PERF, write_marked
 
 from pcigate.guardrails import Guardrails
 from pcigate.models import GuardrailRule
-
-ROOT = Path(__file__).resolve().parents[2]
-PERF = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- bench_guardrails:begin -->", "<!-- bench_guardrails:end -->"
 
 RULES = [
     GuardrailRule(name="no-drop", deny=["drop_table", "drop_schema", "drop_database", "truncate"]),
@@ -129,16 +125,6 @@ def render(results: dict[str, dict[str, float]], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = PERF.read_text() if PERF.exists() else "# Performance\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Guardrails core\n\n" + block + "\n"
-    PERF.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rounds", type=int, default=5)
@@ -148,7 +134,7 @@ def main() -> None:
     text = render(results, args.rounds)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_marked("guardrails", text, "Guardrails core")
         print(f"\nwritten to {PERF}")
 
 

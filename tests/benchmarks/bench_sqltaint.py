@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
+
+from tests.benchmarks.perfdoc import PERF, write_marked
 
 from pcigate.models import MaskingPolicy
 from pcigate.sqltaint import CACHE_SIZE, CACHE_TEXT, ComputedColumns, View, trace_views
-
-ROOT = Path(__file__).resolve().parents[2]
-PERF = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- bench_sqltaint:begin -->", "<!-- bench_sqltaint:end -->"
 
 # {n}: a literal that changes per call (a new text each time)
 STATEMENTS: dict[str, str] = {
@@ -139,18 +135,6 @@ def render(results: dict[str, dict[str, float]], rounds: int, mib: float, start:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = PERF.read_text() if PERF.exists() else "# Performance\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, doc, flags=re.S)
-    else:
-        doc = (doc.rstrip("\n") + "\n\n## Computed columns (masking)\n\n"
-               "What tracing a computed result column to the rule columns it is made from costs the tunnel "
-               "(docs/architecture.md, masking).\n\n" + block + "\n")
-    PERF.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rounds", type=int, default=5)
@@ -161,7 +145,9 @@ def main() -> None:
     text = render(results, args.rounds, cache_memory(), start)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_marked("sqltaint", text, "Computed columns (masking)",
+                     "What tracing a computed result column to the rule columns it is made from costs the "
+                     "tunnel (docs/architecture.md, masking).")
         print(f"\nwritten to {PERF}")
 
 
