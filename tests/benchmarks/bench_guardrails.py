@@ -15,16 +15,12 @@ Writes a "Guardrails core" section into docs/performance.md between its markers 
 
 from __future__ import annotations
 
-import argparse
 import functools
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 
-from tests.benchmarks.perfdoc import PERF, write_marked
+from tests.benchmarks.perfdoc import PERF, bench_args, measured, write_marked
 
 from pcigate.guardrails import Guardrails
 from pcigate.models import GuardrailRule
@@ -95,12 +91,9 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
 
 
 def render(results: dict[str, dict[str, float]], rounds: int) -> str:
-    when = datetime.now(UTC).strftime("%Y-%m-%d")
     lines = [
-        f"Measured {when} on this machine ({os.cpu_count()} cores, Python {platform.python_version()}), "
-        f"{rounds} rounds, medians (`python -m tests.benchmarks.bench_guardrails`); {len(RULES)} rules, "
-        f"µs per `Guardrails.check` call, in-process (no database); load average at the end "
-        f"{os.getloadavg()[0]:.1f} (shared machine: compare within one run).",
+        measured("bench_guardrails", rounds,
+                 f"{len(RULES)} rules, µs per `Guardrails.check` call, in-process (no database)"),
         "",
         "| statement | cold: parse + classify + judge (µs) | cached, same text (µs) | cold / cached "
         "| distinct literals each call (µs) | no rules (µs) |",
@@ -126,10 +119,7 @@ def render(results: dict[str, dict[str, float]], rounds: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-write", action="store_true", help="print only, leave docs/performance.md alone")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     results = measure(args.rounds)
     text = render(results, args.rounds)
     print(text)

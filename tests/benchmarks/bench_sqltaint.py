@@ -15,16 +15,12 @@ absent).
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
-from datetime import UTC, datetime
 
-from tests.benchmarks.perfdoc import PERF, write_marked
+from tests.benchmarks.perfdoc import PERF, bench_args, measured, write_marked
 
 from pcigate.models import MaskingPolicy
 from pcigate.sqltaint import CACHE_SIZE, CACHE_TEXT, ComputedColumns, View, trace_views
@@ -108,12 +104,9 @@ def cache_memory() -> float:
 
 
 def render(results: dict[str, dict[str, float]], rounds: int, mib: float, start: dict[int, float]) -> str:
-    when = datetime.now(UTC).strftime("%Y-%m-%d")
     lines = [
-        f"Measured {when} on this machine ({os.cpu_count()} cores, Python {platform.python_version()}), "
-        f"{rounds} rounds, medians (`python -m tests.benchmarks.bench_sqltaint`); the default column rules "
-        f"(cvv, pin, ...), µs per `ComputedColumns.statements` call, in-process (no database); load average "
-        f"at the end {os.getloadavg()[0]:.1f}.",
+        measured("bench_sqltaint", rounds, "the default column rules (cvv, pin, ...), µs per "
+                 "`ComputedColumns.statements` call, in-process (no database)"),
         "",
         "| statement | new text each call: look, parse, trace (µs) | same text again (µs) |",
         "|---|---|---|",
@@ -136,10 +129,7 @@ def render(results: dict[str, dict[str, float]], rounds: int, mib: float, start:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-write", action="store_true", help="print only, leave docs/performance.md alone")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     results = measure(args.rounds)
     start = {n: session_start(n, args.rounds) for n in (30, 300)}
     text = render(results, args.rounds, cache_memory(), start)
