@@ -1353,7 +1353,7 @@ class _Conn(asyncio.Protocol):
             cc = self.tunnel.computed
             got = cc.statements(body[:-1], bool(self._m_named)) if t == _Q and cc is not None else None
             if got is not None:
-                self._m_derived[self._m_seq] = [self._named(got), 0]
+                self._m_derived[self._m_seq] = [self._follow_names(got), 0]
             mq.append((_MQ_Q, self._m_seq))  # answered by its own ReadyForQuery
             self._m_seq += 1
         elif t == _C:
@@ -1378,9 +1378,9 @@ class _Conn(asyncio.Protocol):
         """A Parse's statement: its computed columns that carry rule columns (one statement per Parse)."""
         cc = self.tunnel.computed
         got = cc.statements(sql, bool(self._m_named)) if cc is not None else None
-        return self._named(got)[0] if got else None
+        return self._follow_names(got)[0] if got else None
 
-    def _named(self, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
+    def _follow_names(self, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
         """Remember what PREPARE / DECLARE define; an EXECUTE / FETCH takes the columns of what it names; a
         statement writing rule columns' values into a relation teaches the session's judge (every
         connection's) that relation."""
