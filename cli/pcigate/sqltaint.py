@@ -167,14 +167,14 @@ def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
 
 class _Statement:
     def __init__(self, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
-                 session: Mapping[str, frozenset[str]] | None = None,
-                 opaque: frozenset[str] = _EMPTY) -> None:
+                 session: Mapping[str, frozenset[str]] | None = None, opaque: frozenset[str] = _EMPTY,
+                 functions: frozenset[str] = OPAQUE_FUNCTIONS) -> None:
         self.idents: dict[str, frozenset[str]] = dict(idents)
         self.rows: dict[str, frozenset[str]] = {**tables, **(session or {})}
         self.every = frozenset().union(*idents.values())
         self._session = session or {}
         self._opaque = opaque
-        self.functions: frozenset[str] = OPAQUE_FUNCTIONS
+        self.functions = functions  # a call of one is judged as every rule column
         self.calls_opaque = False  # calls one of them
         self.session_read = False  # reads a relation written this session with rule columns' values
         self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
@@ -515,8 +515,7 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         if query is None:
             return Derived((), None, uses=f"{kind}:{name}")
         return Derived((), None, defines=f"{kind}:{name}", inner=_one(query, cx))
-    st = _Statement(cx.idents, cx.tables, cx.session, cx.opaque)
-    st.functions = cx.functions
+    st = _Statement(cx.idents, cx.tables, cx.session, cx.opaque, cx.functions)
     try:
         st.collect(stmt)
         settled = st.settle()
