@@ -299,3 +299,63 @@ def test_do_blocks_naming_a_rule_column_have_their_notices_starred() -> None:
     (d,) = j.statements(b"DO $$ BEGIN RAISE NOTICE '%', (SELECT cvv FROM cards LIMIT 1); END $$") or ()
     assert d.notices
     assert j.statements(b"DO $$ BEGIN RAISE NOTICE 'hello'; END $$") is None
+
+
+# -- whatever the text, the judge answers (the tunnel calls it on every client statement) -------------------
+
+SQL_WORDS = ["SELECT", "FROM", "WHERE", "cvv", "cards", "c", "t", "x", "*", ",", "(", ")", "AS", "UNION",
+             "ALL", "VALUES", "WITH", "INSERT", "INTO", "UPDATE", "SET", "=", "||", "''", "1", "RETURNING",
+             "CREATE", "TEMP", "TABLE", "VIEW", "FUNCTION", "DO", "$$", "PREPARE", "EXECUTE", "DECLARE",
+             "CURSOR", "FOR", "FETCH", "LATERAL", "unnest", "ARRAY[", "]", ".", ";", "::text", "row",
+             "table_to_xml", "U&\"\\0063vv\"", "JOIN", "ON", "CALL", "BEGIN", "END", "RAISE", "NOTICE"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(SQL_WORDS), max_size=30), st.booleans())
+def test_the_judge_answers_any_text(words: list[str], named: bool) -> None:
+    j = judge()
+    got = j.statements(" ".join(words).encode(), named=named)
+    for d in got or ():
+        for i in range(3):
+            d.column(i, 3)
+        if d.learns:
+            j.learn(d.learns)
+        if d.function:
+            j.learn_function(d.function)
+    j.statements(b"SELECT x, c, t FROM t, cards c")  # and still answers after learning
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_the_judge_answers_any_characters(text: str) -> None:
+    judge().statements(("SELECT cvv " + text).encode("utf-8", "surrogatepass"))
+
+
+def queries() -> st.SearchStrategy[str]:
+    """SELECTs the parser accepts, nested in the ways the tracer follows."""
+    def select(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        source = st.one_of(st.sampled_from(["cards c", "t", "cards"]),
+                           inner.map(lambda q: f"({q}) AS s"),
+                           st.just("cards c, LATERAL unnest(ARRAY[c.cvv]) AS u(x)"))
+        item = st.one_of(expr(RULE_LEAVES), expr(CLEAR_LEAVES), st.just("*"), st.just("c.*"),
+                         inner.map(lambda q: f"({q} LIMIT 1)"))
+        return st.builds(
+            lambda items, src, arm, cte: (f"WITH w(a) AS ({cte}) " if cte else "")
+            + f"SELECT {', '.join(items)} FROM {src}" + (f" UNION ALL {arm}" if arm else ""),
+            st.lists(item, min_size=1, max_size=3), source, st.none() | inner, st.none() | inner)
+
+    return st.recursive(st.sampled_from(["SELECT cvv FROM cards", "SELECT 1", "VALUES (1)"]), select,
+                        max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(queries(), st.sampled_from(["{}", "CREATE TEMP TABLE z AS {}", "INSERT INTO z {}",
+                                   "PREPARE p AS {}", "DECLARE k CURSOR FOR {}", "EXPLAIN {}"]))
+def test_the_judge_answers_nested_queries(query: str, wrap: str) -> None:
+    j = judge()
+    got = j.statements(wrap.format(query).encode())
+    for d in got or ():
+        assert d.positions is None or all(p is None or p in RANK for p in d.positions)
+        if d.learns:
+            j.learn(d.learns)
+    j.statements(b"SELECT * FROM z")
