@@ -446,7 +446,14 @@ def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, 
         return any(re.search(rf"\b{re.escape(w)}\b", low) for w in words)
 
     cx = _Context(idents, tables, pick, unknown[0], session or {}, opaque, functions, mentions or names_any)
-    return tuple(_one(raw.get("stmt", {}), cx) for raw in tree.get("stmts", ()))
+    out: list[Derived] = []
+    for raw in tree.get("stmts", ()):
+        try:
+            out.append(_one(raw.get("stmt", {}), cx))
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+            # a parse tree of a shape this walker does not know (a newer libpg_query): fail closed
+            out.append(unknown[0])
+    return tuple(out)
 
 
 def _output_names(sel: Mapping[str, Any]) -> list[str | None]:

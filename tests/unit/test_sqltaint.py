@@ -359,3 +359,15 @@ def test_the_judge_answers_nested_queries(query: str, wrap: str) -> None:
         if d.learns:
             j.learn(d.learns)
     j.statements(b"SELECT * FROM z")
+
+
+def test_a_parse_tree_of_an_unknown_shape_is_judged_as_every_rule_column(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a newer libpg_query may shape a node otherwise (a mock: the real parser cannot be made to do it)
+    import pglast.parser
+
+    monkeypatch.setattr(pglast.parser, "parse_sql_json",
+                        lambda _sql: '{"stmts": [{"stmt": {"SelectStmt": {"targetList": 5}}}]}')
+    got = judge().statements(b"SELECT upper(cvv)") or ()
+    assert [(d.positions, d.fallback) for d in got] == [(None, "cvv")]
