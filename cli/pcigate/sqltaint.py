@@ -40,6 +40,7 @@ text holding ``U&`` is always parsed, and the parser decodes the escape.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -94,6 +95,10 @@ class Derived:
     # the statement may print rule columns' values in a notice or error (a DO block naming one, a call of
     # such a function): the caller stars their message, detail and hint
     notices: bool = False
+    # the text names a rule column (or a name, relation or function carrying one) anywhere, a condition
+    # included: a data exception it raises may quote a value (``cvv::date`` -> invalid input syntax for type
+    # date: "001"), so the caller stars those (SQLSTATE class 22)
+    mentions: bool = False
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -727,9 +732,10 @@ class ComputedColumns:
         return max(ordered, key=self._rank) if ordered else None
 
     def statements(self, sql: bytes, named: bool = False) -> tuple[Derived, ...] | None:
-        """Per statement of the query text ``sql`` (as sent, UTF-8), its computed rule columns; None when no
-        statement has any. ``named``: the connection holds a PREPAREd statement or cursor that carries rule
-        columns, so text that may use (or redefine) one is parsed too."""
+        """Per statement of the query text ``sql`` (as sent, UTF-8), its computed rule columns; None when the
+        text names no rule column (nor anything carrying one). ``named``: the connection holds a PREPAREd
+        statement or cursor that carries rule columns, so text that may use (or redefine) one is parsed
+        too."""
         if not self._columns:
             return None
         if len(sql) > MAX_SQL:  # not copied, searched or parsed: fail closed
@@ -743,10 +749,8 @@ class ComputedColumns:
         got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._idents, self._tables,
                                                  self.pick, self._session, frozenset(self._opaque),
                                                  frozenset(self._functions), self.mentions)
-        if got is not None and all(d.fallback is None and not any(d.positions or ()) and d.uses is None
-                                   and d.defines is None and not d.learns and d.function is None
-                                   and not d.notices for d in got):
-            got = None
+        if got is not None:
+            got = tuple(dataclasses.replace(d, mentions=True) for d in got)
         if len(sql) <= CACHE_TEXT:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))

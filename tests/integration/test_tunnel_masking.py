@@ -617,6 +617,22 @@ def test_functions_that_read_a_rule_column_are_judged(cluster: tuple[PgCluster, 
     assert s.tunnel.errors == []
 
 
+def test_data_exceptions_of_statements_naming_a_rule_column_are_starred(make_session: Any) -> None:
+    """`SELECT 1 FROM cards WHERE cvv::date IS NULL` failed with `invalid input syntax for type date: "001"`:
+    the CVV, in an error no pattern matches. A data exception (SQLSTATE class 22) raised by a statement that
+    names a rule column anywhere has its message and detail starred; other errors are left readable."""
+    s = make_session(MASKING)
+    for sql in (f"SELECT 1 FROM {TABLE} WHERE id = 1 AND cvv::date IS NULL",
+                f"SELECT cvv::uuid FROM {TABLE} WHERE id = 1"):
+        err = s.psql("-c", sql).stderr
+        assert "001" not in err, err
+        assert "ERROR:  ****" in err, err
+    clear = s.psql("-c", "SELECT 'abc'::int").stderr  # names no rule column
+    assert 'invalid input syntax for type integer: "abc"' in clear, clear
+    typo = s.psql("-c", f"SELECT cvv FROM {TABLE}_nope").stderr  # not a data exception
+    assert f'relation "{TABLE}_nope" does not exist' in typo, typo
+
+
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

@@ -1085,8 +1085,12 @@ class _Conn(asyncio.Protocol):
                     new = mk.mask_error_fields(buf[pos + 5 : nxt])
                     if self.tunnel.computed is not None:
                         said = self._row_derived(self._mq_live())
-                        if said is not None and said.notices:  # DO / a function naming a rule column
-                            new = star_message_fields(new if new is not None else buf[pos + 5 : nxt])
+                        # a DO block or function naming a rule column may print its values; a data
+                        # exception of a statement naming one quotes the value (cvv::date: "001")
+                        body = buf[pos + 5 : nxt]
+                        if said is not None and (said.notices or (
+                                said.mentions and t == _ERR and _data_exception(body))):
+                            new = star_message_fields(new if new is not None else body)
                     if new is not None:
                         parts.append(buf[seg:pos])
                         parts.append(_HDR.pack(t, len(new) + 4) + new)
@@ -1934,6 +1938,19 @@ Origins = dict[tuple[int, int], tuple[str | None, str]]
 RowTypes = dict[int, tuple[str | None, str]]
 _JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
 _NAMED_CAP = 1024  # SQL-level prepared statements and cursors remembered per connection
+
+
+def _data_exception(body: bytes) -> bool:
+    """An ErrorResponse body whose SQLSTATE is of class 22 (data exception: the messages quote values)."""
+    pos = 0
+    while pos < len(body) and body[pos]:
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            return False
+        if body[pos] == 0x43:  # "C"
+            return body[pos + 1 : pos + 3] == b"22"
+        pos = end + 1
+    return False
 
 
 def _row_description(body: bytes, origins: Origins | None = None,
