@@ -99,6 +99,9 @@ class Derived:
     # included: a data exception it raises may quote a value (``cvv::date`` -> invalid input syntax for type
     # date: "001"), so the caller stars those (SQLSTATE class 22)
     mentions: bool = False
+    # it sends a NOTIFY payload computed from a rule column (``pg_notify('ch', cvv)``): the listener gets it
+    # later, on any connection, so the caller stars notification payloads from then on
+    notifies: bool = False
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -389,6 +392,23 @@ class _Statement:
         named = [n.lower() if isinstance(n, str) else None for n in names]
         return rel.lower(), [(named[i] if i < len(named) else None, v) for i, v in enumerate(values)]
 
+    def notifies(self, stmt: Any) -> bool:
+        """A ``pg_notify`` call anywhere in the statement (a condition included) whose arguments compute
+        from a rule column."""
+        stack = [stmt]
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, list):
+                stack.extend(obj)
+            elif isinstance(obj, dict):
+                call = obj.get("FuncCall")
+                if isinstance(call, dict):
+                    fname = _strings(call.get("funcname"))
+                    if fname and fname[-1].lower() == "pg_notify" and self.refs(call.get("args")):
+                        return True
+                stack.extend(obj.values())
+        return False
+
     def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
         """What ``expr`` computes from, all told and without whole-row references."""
         return self.refs(expr), self.refs(expr, rows=False)
@@ -533,6 +553,7 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         settled = st.settle()
         pos = st.positions(stmt)
         wrote = st.writes(stmt)
+        notifies = st.notifies(stmt)
     except RecursionError:  # thousands of nested set operations
         settled = False
     if not settled:
@@ -548,12 +569,13 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
     every |= st.opaque_rules
     fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
     if pos is False or pos is True:
-        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque)
+        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, notifies=notifies)
     if pos is None or st.opaque_rules:  # an opaque relation: all its columns, which are not told apart
         return Derived(None, fallback, fallback_rows_only=rows_only, learns=tuple(learns),
-                       session=st.session_read, notices=st.calls_opaque)
+                       session=st.session_read, notices=st.calls_opaque, notifies=notifies)
     return Derived(tuple(cx.pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
-                   rows_only, learns=tuple(learns), session=st.session_read, notices=st.calls_opaque)
+                   rows_only, learns=tuple(learns), session=st.session_read, notices=st.calls_opaque,
+                   notifies=notifies)
 
 
 def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:

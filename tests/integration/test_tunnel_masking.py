@@ -633,6 +633,19 @@ def test_data_exceptions_of_statements_naming_a_rule_column_are_starred(make_ses
     assert f'relation "{TABLE}_nope" does not exist' in typo, typo
 
 
+def test_notifications_after_a_rule_column_was_sent_are_starred(make_session: Any) -> None:
+    """`SELECT pg_notify('ch', cvv) FROM cards` hands the CVV to whoever LISTENs, later and on any
+    connection, where no column rule sees it. Once a statement sends a payload computed from a rule column,
+    the session's notification payloads are starred (the channel stays readable)."""
+    s = make_session(MASKING)
+    out = s.psql("-qAt", "-c", "LISTEN ch", "-c", "SELECT pg_notify('ch', 'hello')",
+                 "-c", f"SELECT pg_notify('ch', cvv) FROM {TABLE} WHERE id = 1",
+                 "-c", "SELECT pg_notify('ch', 'again')").stdout
+    payloads = re.findall(r'notification "ch" with payload "([^"]*)"', out)
+    assert payloads == ["hello", "***", "*****"], out
+    assert "001" not in out
+
+
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

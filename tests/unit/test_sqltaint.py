@@ -379,3 +379,14 @@ def test_text_naming_a_rule_column_anywhere_is_reported_as_mentioning_it() -> No
     (d,) = judge().statements(b"SELECT 1 FROM t WHERE cvv::date IS NULL") or ()
     assert (d.positions, d.mentions) == ((None,), True)
     assert judge().statements(b"SELECT 'abc'::int") is None
+
+
+def test_pg_notify_of_a_rule_column_is_reported_anywhere_in_the_statement() -> None:
+    j = judge()
+    for sql in (b"SELECT pg_notify('ch', cvv) FROM cards",
+                b"SELECT 1 FROM cards WHERE pg_notify('c', upper(cvv)) IS NULL",
+                b"SELECT pg_catalog.pg_notify('ch', c::text) FROM cards c"):
+        (d,) = j.statements(sql) or ()
+        assert d.notifies, sql
+    (d,) = j.statements(b"SELECT pg_notify('ch', note) FROM cards") or ()
+    assert not d.notifies

@@ -1077,6 +1077,8 @@ class _Conn(asyncio.Protocol):
                     self._copy_in_started()
                 elif t in (_NOTIFY, _FN_RESULT):  # a NOTIFY payload, a FunctionCall's result: by pattern
                     new = mk.scan(buf[pos + 9 : nxt]) if nxt - pos > 9 else None
+                    if t == _NOTIFY and self.tunnel.star_notify:  # payloads may carry rule columns now
+                        new = _star_payload(new if new is not None else buf[pos + 9 : nxt])
                     if new is not None:  # same length
                         parts.append(buf[seg : pos + 9])
                         parts.append(new)
@@ -1394,6 +1396,8 @@ class _Conn(asyncio.Protocol):
                 self.tunnel.computed.learn(d.learns)
             if d.function is not None and self.tunnel.computed is not None:
                 self.tunnel.computed.learn_function(d.function)
+            if d.notifies:  # pg_notify('ch', cvv): whoever listens gets it later, on any connection
+                self.tunnel.star_notify = True
             if d.defines is not None:
                 inner = d.inner
                 self._m_named.pop(d.defines, None)
@@ -1940,6 +1944,14 @@ _JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
 _NAMED_CAP = 1024  # SQL-level prepared statements and cursors remembered per connection
 
 
+def _star_payload(tail: bytes) -> bytes:
+    """A NotificationResponse after its process id (channel, NUL, payload, NUL): the payload starred."""
+    z = tail.find(b"\x00")
+    if z < 0 or not tail.endswith(b"\x00"):
+        return tail
+    return tail[: z + 1] + b"*" * (len(tail) - z - 2) + b"\x00"
+
+
 def _data_exception(body: bytes) -> bool:
     """An ErrorResponse body whose SQLSTATE is of class 22 (data exception: the messages quote values)."""
     pos = 0
@@ -2122,6 +2134,7 @@ class PgTunnel:
         self.origins: Origins = {}
         self.row_types: RowTypes = {}
         self.computed: ComputedColumns | None = None  # with column rules: computed columns that carry them
+        self.star_notify = False  # a statement sent a NOTIFY payload computed from a rule column
         self._row_holders: dict[int, list[tuple[str | None, str]]] = {}  # per row type, its rule columns
         self._views: list[View] = []  # views and materialized views, read by check_upstream
         self._functions: list[tuple[str, str]] = []  # functions' names and definitions, likewise
