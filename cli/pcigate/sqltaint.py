@@ -53,6 +53,23 @@ CACHE_SIZE = 1024  # query texts remembered, each at most CACHE_TEXT bytes (at m
 CACHE_TEXT = 8192
 _EMPTY: frozenset[str] = frozenset()
 _NAMED = re.compile(rb"execute|fetch|prepare|declare")
+# Functions that keep a value in server state a later statement can read back, with what reads it back:
+# (functions whose result is then judged as every rule column, relations whose columns are then judged).
+# Given a rule column's value (set_config('my.x', cvv, false)), they teach the session's judge those.
+# SHOW reads what set_config keeps (``"show"``).
+STATE_WRITERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "set_config": (frozenset({"current_setting", "show"}), frozenset({"pg_settings"})),
+    "setval": (frozenset({"currval", "lastval", "nextval"}), frozenset()),
+    "pg_advisory_lock": (frozenset(), frozenset({"pg_locks"})),
+    "pg_advisory_xact_lock": (frozenset(), frozenset({"pg_locks"})),
+    "pg_try_advisory_lock": (frozenset(), frozenset({"pg_locks"})),
+    "pg_try_advisory_xact_lock": (frozenset(), frozenset({"pg_locks"})),
+    "pg_advisory_lock_shared": (frozenset(), frozenset({"pg_locks"})),
+    "pg_advisory_xact_lock_shared": (frozenset(), frozenset({"pg_locks"})),
+    "lo_from_bytea": (frozenset({"lo_get", "loread"}), frozenset({"pg_largeobject"})),
+    "lo_put": (frozenset({"lo_get", "loread"}), frozenset({"pg_largeobject"})),
+    "lowrite": (frozenset({"lo_get", "loread"}), frozenset({"pg_largeobject"})),
+}
 # Functions that run a query given as text (or read a table named in text) and return its values: what they
 # read cannot be told, so a value computed by one is judged as every rule column (``table_to_xml('cards',
 # ...)`` printed <cvv>001</cvv>). Looked for by their last name part, lower case.
@@ -102,6 +119,8 @@ class Derived:
     # it sends a NOTIFY payload computed from a rule column (``pg_notify('ch', cvv)``): the listener gets it
     # later, on any connection, so the caller stars notification payloads from then on
     notifies: bool = False
+    # it keeps a rule column's value in server state through these STATE_WRITERS (ComputedColumns.learn_state)
+    stores: frozenset[str] = _EMPTY
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -392,9 +411,10 @@ class _Statement:
         named = [n.lower() if isinstance(n, str) else None for n in names]
         return rel.lower(), [(named[i] if i < len(named) else None, v) for i, v in enumerate(values)]
 
-    def notifies(self, stmt: Any) -> bool:
-        """A ``pg_notify`` call anywhere in the statement (a condition included) whose arguments compute
-        from a rule column."""
+    def stores(self, stmt: Any) -> frozenset[str]:
+        """The calls anywhere in the statement (a condition included) of ``pg_notify`` and of
+        :data:`STATE_WRITERS` whose arguments compute from a rule column: their names."""
+        out: set[str] = set()
         stack = [stmt]
         while stack:
             obj = stack.pop()
@@ -404,10 +424,11 @@ class _Statement:
                 call = obj.get("FuncCall")
                 if isinstance(call, dict):
                     fname = _strings(call.get("funcname"))
-                    if fname and fname[-1].lower() == "pg_notify" and self.refs(call.get("args")):
-                        return True
+                    name = fname[-1].lower() if fname else ""
+                    if (name == "pg_notify" or name in STATE_WRITERS) and self.refs(call.get("args")):
+                        out.add(name)
                 stack.extend(obj.values())
-        return False
+        return frozenset(out)
 
     def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
         """What ``expr`` computes from, all told and without whole-row references."""
@@ -534,6 +555,8 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         names = _strings(fn.get("funcname"))
         body = _body(fn.get("options")) + json.dumps(fn.get("sql_body"))
         return Derived((), None, function=names[-1].lower() if names and cx.mentions(body) else None)
+    if "VariableShowStmt" in stmt and "show" in cx.functions:  # a setting may hold a rule column's value
+        return Derived(None, cx.unknown.fallback)
     do = stmt.get("DoStmt")
     if isinstance(do, dict):
         return Derived((), None, notices=cx.mentions(_body(do.get("args"))))
@@ -553,7 +576,8 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         settled = st.settle()
         pos = st.positions(stmt)
         wrote = st.writes(stmt)
-        notifies = st.notifies(stmt)
+        stored = st.stores(stmt)
+        notifies, stores = "pg_notify" in stored, stored - {"pg_notify"}
     except RecursionError:  # thousands of nested set operations
         settled = False
     if not settled:
@@ -569,13 +593,14 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
     every |= st.opaque_rules
     fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
     if pos is False or pos is True:
-        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, notifies=notifies)
+        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, notifies=notifies,
+                       stores=stores)
     if pos is None or st.opaque_rules:  # an opaque relation: all its columns, which are not told apart
         return Derived(None, fallback, fallback_rows_only=rows_only, learns=tuple(learns),
-                       session=st.session_read, notices=st.calls_opaque, notifies=notifies)
+                       session=st.session_read, notices=st.calls_opaque, notifies=notifies, stores=stores)
     return Derived(tuple(cx.pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
                    rows_only, learns=tuple(learns), session=st.session_read, notices=st.calls_opaque,
-                   notifies=notifies)
+                   notifies=notifies, stores=stores)
 
 
 def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:
@@ -716,6 +741,17 @@ class ComputedColumns:
             self._functions.add(name)
             self._add_words((name,))
             self._cache.clear()
+
+    def learn_state(self, writers: Iterable[str]) -> None:
+        """A statement kept a rule column's value in server state (:data:`STATE_WRITERS`): what reads it
+        back is judged from now on, on every connection (current_setting, SHOW, currval, pg_locks, ...)."""
+        rules = frozenset(self._columns)
+        for writer in writers:
+            functions, relations = STATE_WRITERS.get(writer, (_EMPTY, _EMPTY))
+            for fn in functions:
+                self.learn_function(fn)
+            if relations:
+                self.learn([(rel, None, rule) for rel in relations for rule in rules])
 
     def add(self, aliases: Mapping[str, Iterable[str]], tables: Mapping[str, Iterable[str]]) -> None:
         """More names carrying rule columns (a view's columns) and relations holding them (a view)."""

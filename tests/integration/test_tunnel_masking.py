@@ -646,6 +646,26 @@ def test_notifications_after_a_rule_column_was_sent_are_starred(make_session: An
     assert "001" not in out
 
 
+def test_rule_columns_kept_in_server_state_are_judged_when_read_back(make_session: Any) -> None:
+    """set_config('my.x', cvv), setval('s', cvv::int) and pg_advisory_lock(cvv::int) keep the CVV in server
+    state, and `SHOW my.x`, `current_setting`, `currval` or `pg_locks` gave it back in clear. Such a call
+    (its result is a computed column, masked) teaches the session what reads that state back."""
+    s = make_session(MASKING)
+    out = s.psql("-qAt",
+                 "-c", "CREATE TEMP SEQUENCE sq",
+                 "-c", "SELECT current_setting('application_name') IS NOT NULL, currval IS NULL "
+                       "FROM (SELECT 1 AS currval) x",  # nothing learnt yet: clear
+                 "-c", "SELECT set_config('my.x', cvv, false), setval('sq', cvv::int) "
+                       f"FROM {TABLE} WHERE id = 7",
+                 "-c", "SHOW my.x",
+                 "-c", "SELECT current_setting('my.x'), currval('sq')",
+                 "-c", f"SELECT pg_advisory_lock(cvv::int) FROM {TABLE} WHERE id = 8",
+                 "-c", "SELECT objid FROM pg_locks WHERE locktype = 'advisory'").stdout.split()
+    # (pg_advisory_lock returns void: psql prints an empty line)
+    assert out == ["t|f", "***|*", "***", "***|*", "*"], out
+    assert "007" not in " ".join(out)
+
+
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(
     cluster: tuple[PgCluster, str], make_session: Any
 ) -> None:

@@ -390,3 +390,19 @@ def test_pg_notify_of_a_rule_column_is_reported_anywhere_in_the_statement() -> N
         assert d.notifies, sql
     (d,) = j.statements(b"SELECT pg_notify('ch', note) FROM cards") or ()
     assert not d.notifies
+
+
+def test_state_writers_given_a_rule_column_teach_what_reads_the_state_back() -> None:
+    j = judge()
+    assert j.statements(b"SHOW my.x") is None
+    (w,) = j.statements(b"SELECT 1 FROM cards WHERE set_config('my.x', cvv, false) IS NULL") or ()
+    assert w.stores == frozenset({"set_config"})
+    (clean,) = j.statements(b"SELECT set_config('my.x', note, false) FROM cards") or ()
+    assert clean.stores == frozenset()
+    j.learn_state(w.stores)
+    (show,) = j.statements(b"SHOW my.x") or ()
+    assert (show.positions, show.fallback) == (None, "cvv")
+    (read,) = j.statements(b"SELECT current_setting('my.x'), 1") or ()
+    assert read.positions == ("cvv", None)
+    (setting,) = j.statements(b"SELECT setting FROM pg_settings") or ()
+    assert setting.session

@@ -1398,6 +1398,8 @@ class _Conn(asyncio.Protocol):
                 self.tunnel.computed.learn_function(d.function)
             if d.notifies:  # pg_notify('ch', cvv): whoever listens gets it later, on any connection
                 self.tunnel.star_notify = True
+            if d.stores and self.tunnel.computed is not None:  # set_config('x', cvv), setval(..., cvv)
+                self.tunnel.computed.learn_state(d.stores)
             if d.defines is not None:
                 inner = d.inner
                 self._m_named.pop(d.defines, None)
