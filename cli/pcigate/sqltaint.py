@@ -155,20 +155,22 @@ class _Select:
         self.star_from = star_from
 
 
-def _from_names(node: Any) -> tuple[str, ...]:
-    """Every relation name and alias a FROM clause reads, at any depth (joins, subqueries)."""
-    out: list[str] = []
-    stack = [node]
+def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
+    """Every object of a parse tree, at any depth."""
+    stack = [tree]
     while stack:
         obj = stack.pop()
         if isinstance(obj, list):
             stack.extend(obj)
         elif isinstance(obj, dict):
-            for key in ("relname", "aliasname"):
-                if isinstance(obj.get(key), str):
-                    out.append(obj[key].lower())
+            yield obj
             stack.extend(obj.values())
-    return tuple(out)
+
+
+def _from_names(node: Any) -> tuple[str, ...]:
+    """Every relation name and alias a FROM clause reads, at any depth (joins, subqueries)."""
+    return tuple(obj[key].lower() for obj in _nodes(node) for key in ("relname", "aliasname")
+                 if isinstance(obj.get(key), str))
 
 
 def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
@@ -415,19 +417,13 @@ class _Statement:
         """The calls anywhere in the statement (a condition included) of ``pg_notify`` and of
         :data:`STATE_WRITERS` whose arguments compute from a rule column: their names."""
         out: set[str] = set()
-        stack = [stmt]
-        while stack:
-            obj = stack.pop()
-            if isinstance(obj, list):
-                stack.extend(obj)
-            elif isinstance(obj, dict):
-                call = obj.get("FuncCall")
-                if isinstance(call, dict):
-                    fname = _strings(call.get("funcname"))
-                    name = fname[-1].lower() if fname else ""
-                    if (name == "pg_notify" or name in STATE_WRITERS) and self.refs(call.get("args")):
-                        out.add(name)
-                stack.extend(obj.values())
+        for obj in _nodes(stmt):
+            call = obj.get("FuncCall")
+            if isinstance(call, dict):
+                fname = _strings(call.get("funcname"))
+                name = fname[-1].lower() if fname else ""
+                if (name == "pg_notify" or name in STATE_WRITERS) and self.refs(call.get("args")):
+                    out.add(name)
         return frozenset(out)
 
     def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
