@@ -53,6 +53,16 @@ CACHE_SIZE = 1024  # query texts remembered, each at most CACHE_TEXT bytes (at m
 CACHE_TEXT = 8192
 _EMPTY: frozenset[str] = frozenset()
 _NAMED = re.compile(rb"execute|fetch|prepare|declare")
+# The catalog's statistics hold sample values of every analysed column, rule columns included
+# (``SELECT most_common_vals FROM pg_stats WHERE attname = 'cvv'`` gave the most frequent CVVs): their value
+# columns are judged as every rule column from the session's start (pg_statistic, superuser-only, whole).
+STATISTICS: dict[str, tuple[str, ...]] = {
+    "pg_stats": ("most_common_vals", "histogram_bounds", "most_common_elems"),
+    "pg_stats_ext": ("most_common_vals",),
+    "pg_stats_ext_exprs": ("most_common_vals", "histogram_bounds", "most_common_elems"),
+    "pg_statistic": (),
+    "pg_statistic_ext_data": (),
+}
 # Functions that keep a value in server state a later statement can read back, with what reads it back:
 # (functions whose result is then judged as every rule column, relations whose columns are then judged).
 # Given a rule column's value (set_config('my.x', cvv, false)), they teach the session's judge those.
@@ -206,6 +216,7 @@ class _Statement:
         self.functions = functions  # a call of one is judged as every rule column
         self.calls_opaque = False  # calls one of them
         self.session_read = False  # reads a relation written this session with rule columns' values
+        self.session_rules: frozenset[str] = _EMPTY  # ... the rule columns those hold
         self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
         self.selects: list[_Select] = []
 
@@ -273,6 +284,7 @@ class _Statement:
         rel = rv.get("relname")
         if isinstance(rel, str) and rel.lower() in self._session:
             self.session_read = True
+            self.session_rules |= self._session[rel.lower()]
             if rel.lower() in self._opaque:
                 self.opaque_rules |= self._session[rel.lower()]
         alias = (rv.get("alias") or {}).get("aliasname")
@@ -587,6 +599,8 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
                 learns.append((rel, col, rule))
     every, direct = st.anywhere()
     every |= st.opaque_rules
+    if pos is None:  # a * may spell out a session relation's columns, whose names are not in the text
+        every |= st.session_rules
     fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
     if pos is False or pos is True:
         return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, notifies=notifies,
@@ -705,6 +719,13 @@ class ComputedColumns:
         self._session: dict[str, frozenset[str]] = {}
         self._opaque: set[str] = set()
         self._functions = set(OPAQUE_FUNCTIONS) | {f.lower() for f in functions}
+        for rel, cols in STATISTICS.items():  # ANALYZE keeps sample values of every column, rule ones too
+            for rule in self._columns:
+                self._session[rel] = self._session.get(rel, _EMPTY) | {rule}
+                for col in cols:
+                    self._idents[col] = self._idents.get(col, _EMPTY) | {rule}
+            if not cols:
+                self._opaque.add(rel)
         self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
         # the look for a name worth parsing for (a rule column, a name carrying one, a table, relation or
         # function holding or reading one): the text's identifiers against a set, ~1.7 us for a short
@@ -712,7 +733,7 @@ class ComputedColumns:
         # plain identifier is looked for as a substring
         self._words: set[bytes] = set()
         self._odd: set[bytes] = set()
-        self._add_words(set(self._idents) | set(self._tables) | self._functions)
+        self._add_words(set(self._idents) | set(self._tables) | set(self._session) | self._functions)
 
     def _add_words(self, names: Iterable[str]) -> None:
         for name in names:

@@ -572,6 +572,7 @@ def test_rule_columns_copied_into_a_table_during_the_session_stay_judged(make_se
     out = s.psql("-qAt",
                  "-c", f"CREATE TEMP TABLE tt AS SELECT id, cvv AS x FROM {TABLE} WHERE id = 1",
                  "-c", "SELECT id, x, x || '' FROM tt",
+                 "-c", "SELECT * FROM tt",  # a * spells out x where the text does not name it
                  "-c", f"SELECT cvv AS y INTO TEMP ti FROM {TABLE} WHERE id = 2",
                  "-c", "SELECT y FROM ti",
                  "-c", "CREATE TEMP TABLE tu (a int, b text); "
@@ -580,7 +581,7 @@ def test_rule_columns_copied_into_a_table_during_the_session_stay_judged(make_se
                  "-c", "CREATE TEMP TABLE tv (a int, b text); INSERT INTO tv VALUES (4, 'plain')",
                  "-c", "SELECT a, b FROM tv").stdout.split()
     # tu: which column holds the CVV is not known, so all of them are judged (fail closed)
-    assert out == ["1|***|***", "***", "*|***", "4|plain"], out
+    assert out == ["1|***|***", "*|***", "***", "*|***", "4|plain"], out
     # another connection of the same session: a table (not TEMP) filled by the first
     s.psql("-c", f"DROP TABLE IF EXISTS mk_copy; CREATE TABLE mk_copy AS SELECT id, cvv AS x FROM {TABLE}")
     try:
@@ -664,6 +665,21 @@ def test_rule_columns_kept_in_server_state_are_judged_when_read_back(make_sessio
     # (pg_advisory_lock returns void: psql prints an empty line)
     assert out == ["t|f", "***|*", "***", "***|*", "*"], out
     assert "007" not in " ".join(out)
+
+
+def test_statistics_of_rule_columns_are_judged(cluster: tuple[PgCluster, str], make_session: Any) -> None:
+    """ANALYZE keeps sample values of every column: `SELECT histogram_bounds FROM pg_stats WHERE attname =
+    'cvv'` listed the CVVs. The statistics views' value columns are judged as every rule column."""
+    c, _pw = cluster
+    c.psql(f"ANALYZE {TABLE}", database="prod")
+    s = make_session(MASKING)
+    row = s.psql("-At", "-c", "SELECT attname, histogram_bounds, null_frac FROM pg_stats "
+                              f"WHERE tablename = '{TABLE}' AND attname = 'cvv'").stdout.strip()
+    name, bounds, null_frac = row.split("|")
+    assert (name, null_frac) == ("cvv", "0")
+    assert bounds, row
+    assert set(bounds) == {"*"}, row
+    assert "001" not in s.psql("-At", "-c", f"SELECT * FROM pg_stats WHERE tablename = '{TABLE}'").stdout
 
 
 def test_view_columns_computed_from_a_rule_column_are_judged_as_it(

@@ -406,3 +406,18 @@ def test_state_writers_given_a_rule_column_teach_what_reads_the_state_back() -> 
     assert read.positions == ("cvv", None)
     (setting,) = j.statements(b"SELECT setting FROM pg_settings") or ()
     assert setting.session
+
+
+def test_a_star_over_a_session_relation_is_judged() -> None:
+    j = judge()
+    (w,) = j.statements(b"CREATE TEMP TABLE t AS SELECT id, cvv AS x FROM cards") or ()
+    j.learn(w.learns)
+    (d,) = j.statements(b"SELECT * FROM t") or ()
+    assert (d.positions, d.fallback, d.session) == (None, "cvv", True)
+
+
+def test_statistics_views_value_columns_are_judged_from_the_start() -> None:
+    (d,) = judge().statements(b"SELECT attname, most_common_vals FROM pg_catalog.pg_stats") or ()
+    assert (d.positions, d.session) == ((None, "cvv"), True)
+    (whole,) = judge().statements(b"SELECT starelid FROM pg_statistic") or ()
+    assert whole.positions is None  # pg_statistic: every column
