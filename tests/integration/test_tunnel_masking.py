@@ -520,6 +520,11 @@ def test_computed_columns_of_a_rule_column_are_judged_as_it(make_session: Any) -
             assert set(out.replace("\n", "")) == {"*"}, (sql, out)  # every row's value
         else:
             assert "*" not in out, (sql, out)
+    # with guardrails on too (their own path reads the client's messages first)
+    guarded = make_session(DataPathPolicy(masking=MaskingPolicy(pan="truncate"),
+                                          guardrails=[GuardrailRule(name="no-drop", deny=["drop_table"])]),
+                           "guarded")
+    assert guarded.psql("-At", "-c", f"SELECT upper(cvv) FROM {TABLE} WHERE id = 1").stdout.strip() == "***"
     # one string, several statements: the second one's computed column is the one judged
     both = s.psql("-At", "-c", f"SELECT upper(note) IS NULL FROM {TABLE} WHERE id = 1; "
                                f"SELECT cvv || '!' FROM {TABLE} WHERE id = 1").stdout.split()
