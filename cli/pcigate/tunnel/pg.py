@@ -1944,6 +1944,7 @@ Origins = dict[tuple[int, int], tuple[str | None, str]]
 RowTypes = dict[int, tuple[str | None, str]]
 _JSON_TYPES = frozenset((114, 199, 3802, 3807))  # json, json[], jsonb, jsonb[]
 _NAMED_CAP = 1024  # SQL-level prepared statements and cursors remembered per connection
+_RULE_RANK = {"redact": 2, "hash": 1}  # the strictest of several rule columns: redact, then hash
 
 
 def _star_payload(tail: bytes) -> bytes:
@@ -1956,15 +1957,7 @@ def _star_payload(tail: bytes) -> bytes:
 
 def _data_exception(body: bytes) -> bool:
     """An ErrorResponse body whose SQLSTATE is of class 22 (data exception: the messages quote values)."""
-    pos = 0
-    while pos < len(body) and body[pos]:
-        end = body.find(b"\x00", pos + 1)
-        if end < 0:
-            return False
-        if body[pos] == 0x43:  # "C"
-            return body[pos + 1 : pos + 3] == b"22"
-        pos = end + 1
-    return False
+    return pg.parse_error_fields(body).get("C", "").startswith("22")
 
 
 def _row_description(body: bytes, origins: Origins | None = None,
@@ -2260,8 +2253,7 @@ class PgTunnel:
     def _strongest(self, masker: Masker) -> RowTypes:
         """Per row type read by check_upstream, the column it holds whose rule is the strictest (redact,
         then hash): the whole row is judged as that column."""
-        rank = {"redact": 2, "hash": 1}
-        return {typ: max(cols, key=lambda c: rank.get(masker.column_action(c[0], c[1]), 0))
+        return {typ: max(cols, key=lambda c: _RULE_RANK.get(masker.column_action(c[0], c[1]), 0))
                 for typ, cols in self._row_holders.items()}
 
     def _computed(self, masker: Masker) -> ComputedColumns | None:
@@ -2276,10 +2268,8 @@ class PgTunnel:
         for table, column in self.origins.values():
             if table is not None:
                 tables.setdefault(table.rsplit(".", 1)[-1], set()).add(column)
-        ranks = {"redact": 2, "hash": 1}
-
         def rank(column: str) -> int:
-            return ranks.get(masker.column_action(None, column), 0)
+            return _RULE_RANK.get(masker.column_action(None, column), 0)
 
         # A view reports its own OID and attribute numbers: its columns computed from rule columns are
         # judged as them, and so is a value of its row type.
