@@ -294,9 +294,14 @@ class _Statement:
                 self.rows[alias.lower()] = self.rows.get(alias.lower(), _EMPTY) | held
 
     # -- tracing
-    def refs(self, expr: Any, rows: bool = True) -> frozenset[str]:
-        """The rule columns ``expr`` computes from (``rows`` False: not counting whole-row references)."""
+    def refs(self, expr: Any) -> frozenset[str]:
+        """The rule columns ``expr`` computes from."""
+        return self._judge(expr)[0]
+
+    def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
+        """What ``expr`` computes from, all told and without whole-row references (one walk)."""
         out: set[str] = set()
+        direct: set[str] = set()
         stack = [expr]
         while stack:
             obj = stack.pop()
@@ -309,18 +314,18 @@ class _Statement:
             if isinstance(ref, dict):
                 parts = [p.lower() for p in _strings(ref.get("fields"))]
                 if _has_star(ref):
-                    if parts and rows:
+                    if parts:
                         out |= self.rows.get(parts[-1], _EMPTY)
                 elif parts:
-                    out |= self.idents.get(parts[-1], _EMPTY)
-                    if len(parts) == 1 and rows:
+                    direct |= self.idents.get(parts[-1], _EMPTY)
+                    if len(parts) == 1:
                         out |= self.rows.get(parts[0], _EMPTY)
                 continue
             call = obj.get("FuncCall")
             if isinstance(call, dict):
                 fname = _strings(call.get("funcname"))
                 if fname and fname[-1].lower() in self.functions:
-                    out |= self.every
+                    direct |= self.every
                     self.calls_opaque = True
             sub = obj.get("SubLink")
             if isinstance(sub, dict):
@@ -329,7 +334,7 @@ class _Statement:
                     stack.append(sub["testexpr"])
                 continue
             stack.extend(obj.values())
-        return frozenset(out)
+        return frozenset(out | direct), frozenset(direct)
 
     def _outputs(self, node: Any) -> Iterator[Any]:
         """The value expressions of a sub-select's select lists (all arms of a set operation)."""
@@ -437,10 +442,6 @@ class _Statement:
                 if (name == "pg_notify" or name in STATE_WRITERS) and self.refs(call.get("args")):
                     out.add(name)
         return frozenset(out)
-
-    def _judge(self, expr: Any) -> tuple[frozenset[str], frozenset[str]]:
-        """What ``expr`` computes from, all told and without whole-row references."""
-        return self.refs(expr), self.refs(expr, rows=False)
 
     def _sel_positions(self, sel: Mapping[str, Any]) -> list[tuple[frozenset[str], frozenset[str]]] | None:
         if sel.get("op", "SETOP_NONE") != "SETOP_NONE":
