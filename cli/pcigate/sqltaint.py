@@ -219,10 +219,13 @@ class _Statement:
         self.session_rules: frozenset[str] = _EMPTY  # ... the rule columns those hold
         self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
         self.selects: list[_Select] = []
+        # calls of pg_notify and STATE_WRITERS anywhere in the statement (found by collect): (name, call)
+        self.writer_calls: list[tuple[str, Mapping[str, Any]]] = []
 
     # -- collecting the select lists and aliases
     def collect(self, node: Any, alias: str | None = None, colnames: list[str] | None = None) -> None:
-        """Every select list, RETURNING and VALUES list under ``node``; table aliases of rule tables."""
+        """Every select list, RETURNING and VALUES list under ``node``; table aliases of rule tables; calls
+        that keep a value in server state."""
         stack: list[tuple[Any, str | None, list[str] | None]] = [(node, alias, colnames)]
         while stack:
             obj, al, cols = stack.pop()
@@ -260,6 +263,11 @@ class _Statement:
                     self.selects.append(_Select([val.get("functions")] * len(outs), outs, alias))
                     stack.append((val, None, None))
                 else:
+                    if key == "FuncCall" and isinstance(val, dict):
+                        fname = _strings(val.get("funcname"))
+                        name = fname[-1].lower() if fname else ""
+                        if name == "pg_notify" or name in STATE_WRITERS:
+                            self.writer_calls.append((name, val))
                     stack.append((val, None, None))
 
     def _select(self, sel: Mapping[str, Any], alias: str | None, colnames: list[str] | None) -> None:
@@ -430,18 +438,10 @@ class _Statement:
         named = [n.lower() if isinstance(n, str) else None for n in names]
         return rel.lower(), [(named[i] if i < len(named) else None, v) for i, v in enumerate(values)]
 
-    def stores(self, stmt: Any) -> frozenset[str]:
+    def stores(self) -> frozenset[str]:
         """The calls anywhere in the statement (a condition included) of ``pg_notify`` and of
         :data:`STATE_WRITERS` whose arguments compute from a rule column: their names."""
-        out: set[str] = set()
-        for obj in _nodes(stmt):
-            call = obj.get("FuncCall")
-            if isinstance(call, dict):
-                fname = _strings(call.get("funcname"))
-                name = fname[-1].lower() if fname else ""
-                if (name == "pg_notify" or name in STATE_WRITERS) and self.refs(call.get("args")):
-                    out.add(name)
-        return frozenset(out)
+        return frozenset(name for name, call in self.writer_calls if self.refs(call.get("args")))
 
     def _sel_positions(self, sel: Mapping[str, Any]) -> list[tuple[frozenset[str], frozenset[str]]] | None:
         if sel.get("op", "SETOP_NONE") != "SETOP_NONE":
@@ -585,7 +585,7 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         settled = st.settle()
         pos = st.positions(stmt)
         wrote = st.writes(stmt)
-        stored = st.stores(stmt)
+        stored = st.stores()
         notifies, stores = "pg_notify" in stored, stored - {"pg_notify"}
     except RecursionError:  # thousands of nested set operations
         settled = False
