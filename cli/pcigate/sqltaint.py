@@ -40,7 +40,6 @@ text holding ``U&`` is always parsed, and the parser decodes the escape.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -122,15 +121,15 @@ class Derived:
     # the statement may print rule columns' values in a notice or error (a DO block naming one, a call of
     # such a function): the caller stars their message, detail and hint
     notices: bool = False
-    # the text names a rule column (or a name, relation or function carrying one) anywhere, a condition
-    # included: a data exception it raises may quote a value (``cvv::date`` -> invalid input syntax for type
-    # date: "001"), so the caller stars those (SQLSTATE class 22)
-    mentions: bool = False
-    # it sends a NOTIFY payload computed from a rule column (``pg_notify('ch', cvv)``): the listener gets it
-    # later, on any connection, so the caller stars notification payloads from then on
-    notifies: bool = False
     # it keeps a rule column's value in server state through these STATE_WRITERS (ComputedColumns.learn_state)
+    # or pg_notify
     stores: frozenset[str] = _EMPTY
+
+    @property
+    def notifies(self) -> bool:
+        """It sends a NOTIFY payload computed from a rule column (``pg_notify('ch', cvv)``): the listener gets
+        it later, on any connection, so the caller stars notification payloads from then on."""
+        return "pg_notify" in self.stores
 
     def column(self, index: int, count: int, json: bool = False) -> str | None:
         """The rule column the computed result column ``index`` of ``count`` is to be judged as, if any;
@@ -206,17 +205,17 @@ def _target_list(items: Any) -> tuple[list[Any], list[str | None], bool]:
 
 class _Statement:
     def __init__(self, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
-                 session: Mapping[str, frozenset[str]] | None = None, opaque: frozenset[str] = _EMPTY,
-                 functions: frozenset[str] = OPAQUE_FUNCTIONS) -> None:
+                 session: Mapping[str, frozenset[str]], opaque: frozenset[str],
+                 functions: frozenset[str]) -> None:
         self.idents: dict[str, frozenset[str]] = dict(idents)
-        self.rows: dict[str, frozenset[str]] = {**tables, **(session or {})}
+        self.rows: dict[str, frozenset[str]] = {**tables, **session}
         self.every = frozenset().union(*idents.values())
-        self._session = session or {}
+        self._session = session
         self._opaque = opaque
         self.functions = functions  # a call of one is judged as every rule column
         self.calls_opaque = False  # calls one of them
-        self.session_read = False  # reads a relation written this session with rule columns' values
-        self.session_rules: frozenset[str] = _EMPTY  # ... the rule columns those hold
+        # the rule columns the relations written this session with their values hold, of those it reads
+        self.session_rules: frozenset[str] = _EMPTY
         self.opaque_rules: frozenset[str] = _EMPTY  # ... one whose columns are not known: all of them
         self.selects: list[_Select] = []
         # calls of pg_notify and STATE_WRITERS anywhere in the statement (found by collect): (name, call)
@@ -291,7 +290,6 @@ class _Statement:
     def _rangevar(self, rv: Mapping[str, Any]) -> None:
         rel = rv.get("relname")
         if isinstance(rel, str) and rel.lower() in self._session:
-            self.session_read = True
             self.session_rules |= self._session[rel.lower()]
             if rel.lower() in self._opaque:
                 self.opaque_rules |= self._session[rel.lower()]
@@ -471,9 +469,9 @@ class _Statement:
 
 
 def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, frozenset[str]],
-           pick: Callable[[Iterable[str]], str | None], session: Mapping[str, frozenset[str]] | None = None,
-           opaque: frozenset[str] = _EMPTY, functions: frozenset[str] = OPAQUE_FUNCTIONS,
-           mentions: Callable[[str], bool] | None = None) -> tuple[Derived, ...]:
+           pick: Callable[[Iterable[str]], str | None], *, session: Mapping[str, frozenset[str]],
+           opaque: frozenset[str], functions: frozenset[str],
+           mentions: Callable[[str], bool]) -> tuple[Derived, ...]:
     """Per statement of ``sql``: its computed columns that carry a rule column.
 
     ``idents``: per column name (lower case) that carries rule columns, those: each rule column carries
@@ -494,13 +492,7 @@ def derive(sql: str, idents: Mapping[str, frozenset[str]], tables: Mapping[str, 
         tree = json.loads(parse_sql_json(sql))
     except (ParseError, ValueError, RecursionError):
         return unknown
-    words = set(idents) | set(tables) | set(session or {})
-
-    def names_any(text: str) -> bool:
-        low = text.lower()
-        return any(re.search(rf"\b{re.escape(w)}\b", low) for w in words)
-
-    cx = _Context(idents, tables, pick, unknown[0], session or {}, opaque, functions, mentions or names_any)
+    cx = _Context(idents, tables, pick, unknown[0], session, opaque, functions, mentions)
     out: list[Derived] = []
     for raw in tree.get("stmts", ()):
         try:
@@ -585,8 +577,7 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         settled = st.settle()
         pos = st.positions(stmt)
         wrote = st.writes(stmt)
-        stored = st.stores()
-        notifies, stores = "pg_notify" in stored, stored - {"pg_notify"}
+        stores = st.stores()
     except RecursionError:  # thousands of nested set operations
         settled = False
     if not settled:
@@ -604,14 +595,13 @@ def _one(stmt: Mapping[str, Any], cx: _Context) -> Derived:
         every |= st.session_rules
     fallback, rows_only = cx.pick(every), bool(every) and not direct and not st.opaque_rules
     if pos is False or pos is True:
-        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, notifies=notifies,
-                       stores=stores)
+        return Derived((), None, learns=tuple(learns), notices=st.calls_opaque, stores=stores)
     if pos is None or st.opaque_rules:  # an opaque relation: all its columns, which are not told apart
         return Derived(None, fallback, fallback_rows_only=rows_only, learns=tuple(learns),
-                       session=st.session_read, notices=st.calls_opaque, notifies=notifies, stores=stores)
+                       session=bool(st.session_rules), notices=st.calls_opaque, stores=stores)
     return Derived(tuple(cx.pick(a) for a, _ in pos), fallback, tuple(bool(a) and not d for a, d in pos),
-                   rows_only, learns=tuple(learns), session=st.session_read, notices=st.calls_opaque,
-                   notifies=notifies, stores=stores)
+                   rows_only, learns=tuple(learns), session=bool(st.session_rules), notices=st.calls_opaque,
+                   stores=stores)
 
 
 def _named(stmt: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any] | None] | None:
@@ -727,7 +717,7 @@ class ComputedColumns:
                     self._idents[col] = self._idents.get(col, _EMPTY) | {rule}
             if not cols:
                 self._opaque.add(rel)
-        self._cache: dict[bytes, tuple[Derived, ...] | None] = {}
+        self._cache: dict[bytes, tuple[Derived, ...]] = {}
         # the look for a name worth parsing for (a rule column, a name carrying one, a table, relation or
         # function holding or reading one): the text's identifiers against a set, ~1.7 us for a short
         # statement whatever the number of names (an alternation of 600 names took 10 us); a name that is no
@@ -809,7 +799,9 @@ class ComputedColumns:
 
     def statements(self, sql: bytes, named: bool = False) -> tuple[Derived, ...] | None:
         """Per statement of the query text ``sql`` (as sent, UTF-8), its computed rule columns; None when the
-        text names no rule column (nor anything carrying one). ``named``: the connection holds a PREPAREd
+        text names no rule column (nor anything carrying one): a statement it reports names one somewhere,
+        so a data exception it raises may quote a value (``cvv::date`` -> invalid input syntax for type
+        date: "001"). ``named``: the connection holds a PREPAREd
         statement or cursor that carries rule columns, so text that may use (or redefine) one is parsed
         too."""
         if not self._columns:
@@ -819,14 +811,12 @@ class ComputedColumns:
         low = sql.lower()
         if not self._names_any(low) and not (named and _NAMED.search(low)):
             return None
-        hit = self._cache.get(sql, False)
-        if hit is not False:
-            return hit  # type: ignore[return-value]
-        got: tuple[Derived, ...] | None = derive(sql.decode("utf-8", "replace"), self._idents, self._tables,
-                                                 self.pick, self._session, frozenset(self._opaque),
-                                                 frozenset(self._functions), self.mentions)
-        if got is not None:
-            got = tuple(dataclasses.replace(d, mentions=True) for d in got)
+        hit = self._cache.get(sql)
+        if hit is not None:
+            return hit
+        got = derive(sql.decode("utf-8", "replace"), self._idents, self._tables, self.pick,
+                     session=self._session, opaque=frozenset(self._opaque),
+                     functions=frozenset(self._functions), mentions=self.mentions)
         if len(sql) <= CACHE_TEXT:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))

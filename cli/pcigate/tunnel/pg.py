@@ -1088,10 +1088,10 @@ class _Conn(asyncio.Protocol):
                     if self.tunnel.computed is not None:
                         said = self._row_derived(self._mq_live())
                         # a DO block or function naming a rule column may print its values; a data
-                        # exception of a statement naming one quotes the value (cvv::date: "001")
+                        # exception of a statement naming one (every statement the judge reports does)
+                        # quotes the value (cvv::date: "001")
                         body = buf[pos + 5 : nxt]
-                        if said is not None and (said.notices or (
-                                said.mentions and t == _ERR and _data_exception(body))):
+                        if said is not None and (said.notices or (t == _ERR and _data_exception(body))):
                             new = star_message_fields(new if new is not None else body)
                     if new is not None:
                         parts.append(buf[seg:pos])
