@@ -141,6 +141,16 @@ class Derived:
         return None if rows and json else name
 
 
+def _grow(names: dict[str, frozenset[str]], key: str, rules: Iterable[str]) -> bool:
+    """Add ``rules`` to what ``key`` carries; whether that added any."""
+    held = names.get(key, _EMPTY)
+    more = held.union(rules)
+    if len(more) == len(held):
+        return False
+    names[key] = more
+    return True
+
+
 def _strings(items: Any) -> list[str]:
     return [i["String"]["sval"] for i in items or () if isinstance(i, dict) and "String" in i]
 
@@ -295,9 +305,7 @@ class _Statement:
                 self.opaque_rules |= self._session[rel.lower()]
         alias = (rv.get("alias") or {}).get("aliasname")
         if isinstance(rel, str) and isinstance(alias, str):
-            held = self.rows.get(rel.lower())
-            if held:
-                self.rows[alias.lower()] = self.rows.get(alias.lower(), _EMPTY) | held
+            _grow(self.rows, alias.lower(), self.rows.get(rel.lower(), _EMPTY))
 
     # -- tracing
     def refs(self, expr: Any) -> frozenset[str]:
@@ -360,19 +368,13 @@ class _Statement:
             for sel in self.selects:
                 if sel.star_from and sel.alias is not None:  # (SELECT * FROM cards) s: s's rows are cards'
                     held = frozenset().union(*(self.rows.get(n, _EMPTY) for n in sel.star_from))
-                    if not held <= self.rows.get(sel.alias, _EMPTY):
-                        self.rows[sel.alias] = self.rows.get(sel.alias, _EMPTY) | held
-                        changed = True
+                    changed |= _grow(self.rows, sel.alias, held)
                 for expr, name in zip(sel.exprs, sel.names, strict=True):
                     got = self.refs(expr)
-                    if not got:
-                        continue
-                    if name is not None and not got <= self.idents.get(name, _EMPTY):
-                        self.idents[name] = self.idents.get(name, _EMPTY) | got
-                        changed = True
-                    if sel.alias is not None and not got <= self.rows.get(sel.alias, _EMPTY):
-                        self.rows[sel.alias] = self.rows.get(sel.alias, _EMPTY) | got
-                        changed = True
+                    if got and name is not None:
+                        changed |= _grow(self.idents, name, got)
+                    if got and sel.alias is not None:
+                        changed |= _grow(self.rows, sel.alias, got)
             if not changed:
                 return True
         return False
@@ -674,11 +676,11 @@ def trace_views(views: Iterable[View], columns: Iterable[str], tables: Mapping[s
                 continue
             out.columns[view.key] = found
             rules = frozenset(r for r, _ in found if r is not None)
-            out.tables[view.name] = out.tables.get(view.name, _EMPTY) | rules
+            _grow(out.tables, view.name, rules)
             aliases = {name.lower(): frozenset({rule})
                        for name, (rule, _) in zip(view.columns, found, strict=True) if rule is not None}
             for name, got_rules in aliases.items():
-                out.aliases[name] = out.aliases.get(name, _EMPTY) | got_rules
+                _grow(out.aliases, name, got_rules)
             judge.add(aliases, {view.name: rules})  # the views read after it in this pass see it
             learnt += [n.encode() for n in (view.name, *aliases)]
             changed = True
@@ -700,23 +702,13 @@ class ComputedColumns:
         (:meth:`mentions`), a call of which is judged as every rule column."""
         self._columns = frozenset(c.lower() for c in columns)
         self._idents = {c: frozenset((c,)) for c in self._columns}
-        for name, cols in (aliases or {}).items():
-            key = name.lower()
-            self._idents[key] = self._idents.get(key, _EMPTY) | {c.lower() for c in cols}
-        self._tables = {t.lower(): frozenset(c.lower() for c in cs) for t, cs in tables.items()}
+        self._tables: dict[str, frozenset[str]] = {}
         self._rank = rank
         # relations this session wrote rule columns' values into (Derived.learns); those whose columns
         # holding them are not known
         self._session: dict[str, frozenset[str]] = {}
         self._opaque: set[str] = set()
         self._functions = set(OPAQUE_FUNCTIONS) | {f.lower() for f in functions}
-        for rel, cols in STATISTICS.items():  # ANALYZE keeps sample values of every column, rule ones too
-            for rule in self._columns:
-                self._session[rel] = self._session.get(rel, _EMPTY) | {rule}
-                for col in cols:
-                    self._idents[col] = self._idents.get(col, _EMPTY) | {rule}
-            if not cols:
-                self._opaque.add(rel)
         self._cache: dict[bytes, tuple[Derived, ...]] = {}
         # the look for a name worth parsing for (a rule column, a name carrying one, a table, relation or
         # function holding or reading one): the text's identifiers against a set, ~1.7 us for a short
@@ -724,7 +716,11 @@ class ComputedColumns:
         # plain identifier is looked for as a substring
         self._words: set[bytes] = set()
         self._odd: set[bytes] = set()
-        self._add_words(set(self._idents) | set(self._tables) | set(self._session) | self._functions)
+        self._add_words(set(self._idents) | self._functions)
+        self.add(aliases or {}, tables)
+        # ANALYZE keeps sample values of every column, rule ones too: the statistics are such relations
+        self.learn([(rel, col, rule) for rel, cols in STATISTICS.items() for col in (cols or (None,))
+                    for rule in self._columns])
 
     def _add_words(self, names: Iterable[str]) -> None:
         for name in names:
@@ -764,11 +760,9 @@ class ComputedColumns:
     def add(self, aliases: Mapping[str, Iterable[str]], tables: Mapping[str, Iterable[str]]) -> None:
         """More names carrying rule columns (a view's columns) and relations holding them (a view)."""
         for name, cols in aliases.items():
-            key = name.lower()
-            self._idents[key] = self._idents.get(key, _EMPTY) | {c.lower() for c in cols}
+            _grow(self._idents, name.lower(), (c.lower() for c in cols))
         for name, cols in tables.items():
-            key = name.lower()
-            self._tables[key] = self._tables.get(key, _EMPTY) | {c.lower() for c in cols}
+            _grow(self._tables, name.lower(), (c.lower() for c in cols))
         self._add_words([*aliases, *tables])
         self._cache.clear()
 
@@ -778,17 +772,13 @@ class ComputedColumns:
         and a statement reading the relation has its columns judged, not only its computed ones."""
         changed = False
         for rel, col, rule in learns:
-            held = self._session.get(rel, _EMPTY)
-            if rule not in held:
-                self._session[rel] = held | {rule}
-                changed = True
+            changed |= _grow(self._session, rel, (rule,))
             if col is None:
                 if rel not in self._opaque:
                     self._opaque.add(rel)
                     changed = True
-            elif rule not in self._idents.get(col, _EMPTY):
-                self._idents[col] = self._idents.get(col, _EMPTY) | {rule}
-                changed = True
+            else:
+                changed |= _grow(self._idents, col, (rule,))
         if changed:
             self._cache.clear()  # what was judged before may read these now
             self._add_words([rel for rel, _, _ in learns] + [c for _, c, _ in learns if c is not None])
