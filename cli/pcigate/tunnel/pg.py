@@ -1358,8 +1358,8 @@ class _Conn(asyncio.Protocol):
                 self._forget_statements()
             cc = self.tunnel.computed
             got = cc.statements(body[:-1], bool(self._m_named)) if t == _Q and cc is not None else None
-            if got is not None:
-                self._m_derived[self._m_seq] = [self._follow_names(got), 0]
+            if got is not None and cc is not None:
+                self._m_derived[self._m_seq] = [self._follow_names(cc, got), 0]
             mq.append((_MQ_Q, self._m_seq))  # answered by its own ReadyForQuery
             self._m_seq += 1
         elif t == _C:
@@ -1384,22 +1384,22 @@ class _Conn(asyncio.Protocol):
         """A Parse's statement: its computed columns that carry rule columns (one statement per Parse)."""
         cc = self.tunnel.computed
         got = cc.statements(sql, bool(self._m_named)) if cc is not None else None
-        return self._follow_names(got)[0] if got else None
+        return self._follow_names(cc, got)[0] if cc is not None and got else None
 
-    def _follow_names(self, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
+    def _follow_names(self, cc: ComputedColumns, got: tuple[Derived, ...]) -> tuple[Derived, ...]:
         """Remember what PREPARE / DECLARE define; an EXECUTE / FETCH takes the columns of what it names; a
         statement writing rule columns' values into a relation teaches the session's judge (every
         connection's) that relation."""
         out: list[Derived] = []
         for d in got:
-            if d.learns and self.tunnel.computed is not None:
-                self.tunnel.computed.learn(d.learns)
-            if d.function is not None and self.tunnel.computed is not None:
-                self.tunnel.computed.learn_function(d.function)
+            if d.learns:
+                cc.learn(d.learns)
+            if d.function is not None:
+                cc.learn_function(d.function)
             if d.notifies:  # pg_notify('ch', cvv): whoever listens gets it later, on any connection
                 self.tunnel.star_notify = True
-            if d.stores and self.tunnel.computed is not None:  # set_config('x', cvv), setval(..., cvv)
-                self.tunnel.computed.learn_state(d.stores)
+            if d.stores:  # set_config('x', cvv), setval(..., cvv)
+                cc.learn_state(d.stores)
             if d.defines is not None:
                 inner = d.inner
                 self._m_named.pop(d.defines, None)
