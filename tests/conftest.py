@@ -7,15 +7,20 @@
 * Hypothesis has no per-example deadline: on these shared 2-core machines the first example of a test can
   take a few hundred ms (a first import, a busy neighbour), and a deadline then fails a correct test.
   Speed is measured by the benchmarks, not asserted here.
+* The CLI's warm start (``pcigate.resident``) is off for every CLI the tests run (``PCIGATE_RESIDENT=0``),
+  unless a test turns it on (``Stack.cli_env``, tests/integration/test_warm_start.py): a helper left behind
+  would outlive the run.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+os.environ["PCIGATE_RESIDENT"] = "0"
 settings.register_profile("pcigate", deadline=None)
 settings.load_profile("pcigate")
 

@@ -1,6 +1,7 @@
 """The ``pcigate`` console script (and ``python -m pcigate``).
 
-Before anything else, the standard file descriptors are made sane (:func:`standard_fds`). Then only
+Before anything else, the standard file descriptors are made sane (:func:`standard_fds`), and ``connect`` and
+``ssh`` are handed to a warm helper when one is running (:mod:`pcigate.resident`). Otherwise only
 :mod:`pcigate.startup` (stdlib) is imported before the CLI's start-up settings are in force, so that typer,
 the commands and everything they import load without cyclic garbage collection (``startup.begin``): that
 import is most of ``--help`` and a third of ``connect``'s start-up, and collecting during it costs ~4 ms for
@@ -52,6 +53,13 @@ def standard_fds() -> None:
 def run() -> None:
     standard_fds()
     startup.mark("start")  # the interpreter is up; the libraries and the commands are next
+    from pcigate import resident
+
+    status = resident.handoff(sys.argv)  # connect/ssh: a warm helper runs it (pcigate.resident)
+    if status is not None:
+        sys.exit(status)
+    if resident.absent():  # none answered: start one for the next command once this one is ready
+        startup.when_ready(resident.start_helper)
     startup.begin()
     from pcigate.app import main
 

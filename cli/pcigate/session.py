@@ -503,9 +503,12 @@ class Connector:
     async def _run_psql(
         self, binary: str, opened: SessionOpened, port: int, pgpass: Path, extra: list[str], state: _State
     ) -> int:
-        proc = await asyncio.create_subprocess_exec(
-            *psql_argv(binary, opened, port, extra), env=child_env(pgpass)
-        )
+        from pcigate import resident
+
+        argv, env = psql_argv(binary, opened, port, extra), child_env(pgpass)
+        # A warm-start worker has no terminal of its own: its client runs psql (the foreground job).
+        proc: Any = (await resident.spawn(argv, env) if resident.serving()
+                     else await asyncio.create_subprocess_exec(*argv, env=env))
 
         def forward(sig: signal.Signals) -> Callable[[], None]:
             def handler() -> None:

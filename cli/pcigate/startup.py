@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 # Modules of dependencies the CLI never runs but would import: None in sys.modules makes importing them raise
@@ -40,13 +40,14 @@ _gc_deferred = False
 
 TRACE_ENV = "PCIGATE_TRACE_STARTUP"
 TRACE_PREFIX = "pcigate-startup"
-_trace = os.environ.get(TRACE_ENV) == "1"
+_ready: list[Callable[[], None]] = []
 
 
 def mark(phase: str) -> None:
     """With ``PCIGATE_TRACE_STARTUP=1``: ``pcigate-startup PHASE MS`` on stderr, MS the CLOCK_MONOTONIC time
-    in milliseconds (the clock every process shares, so a parent can subtract the time it spawned us)."""
-    if _trace:
+    in milliseconds (the clock every process shares, so a parent can subtract the time it spawned us). The
+    environment is read each time: a warm-start worker (:mod:`pcigate.resident`) gets its client's."""
+    if os.environ.get(TRACE_ENV) == "1":
         sys.stderr.write(f"{TRACE_PREFIX} {phase} {time.monotonic() * 1000.0:.3f}\n")
         sys.stderr.flush()
 
@@ -78,9 +79,17 @@ def begin() -> None:
         _gc_deferred = True
 
 
+def when_ready(action: Callable[[], None]) -> None:
+    """Run ``action`` at the first :func:`end` (e.g. start a warm-start helper once the tunnel is ready)."""
+    _ready.append(action)
+
+
 def end() -> None:
-    """Start-up is over (idempotent): freeze what it allocated, and collect garbage again from now on."""
+    """Start-up is over (idempotent): freeze what it allocated, and collect garbage again from now on; then
+    the :func:`when_ready` actions."""
     global _gc_deferred
+    while _ready:
+        _ready.pop(0)()
     if _gc_deferred:
         _gc_deferred = False
         gc.freeze()

@@ -31,6 +31,8 @@ from tests.stack.sshd import SSH_USERS, SshCa, Sshd, ensure_user, setup_ssh_ca, 
 
 KEYRING_BACKEND_DIR = Path(__file__).resolve().parent / "keyring_backend"
 KEYRING_BACKEND = "pcigate_test_keyring.EnvCryptFileKeyring"
+# Set by tests that run the CLI with its warm start on: the directory for the helper's socket (see cli_env).
+WARM_DIR_ENV = "PCIGATE_TEST_WARM_DIR"
 
 
 class Stack:
@@ -252,6 +254,13 @@ class Stack:
             COLUMNS="200",
             TERM="dumb",
         )
+        # The warm start (pcigate.resident) is off unless a test asks for it: with PCIGATE_TEST_WARM_DIR set
+        # (tests/integration/test_warm_start.py), on, its helper's socket in that (short) directory.
+        warm = os.environ.get(WARM_DIR_ENV)
+        base["PCIGATE_RESIDENT"] = "1" if warm else "0"
+        if warm:
+            base["XDG_RUNTIME_DIR"] = warm
+            base["PCIGATE_RESIDENT_IDLE"] = "300"
         psql_dir = self.pg.bindir
         if (psql_dir / "psql").exists():
             base["PATH"] = f"{base.get('PATH', '')}:{psql_dir}"
