@@ -37,7 +37,8 @@ HELP_FILE = "pcigate-help.txt"
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PCIGATE_", "_PCIGATE_", "_TYPER_"))}
-    env.update(COLUMNS="100", LINES="50", NO_COLOR="1", TERM="dumb", LC_ALL="C.UTF-8", **extra)
+    env.update(COLUMNS="100", LINES="50", NO_COLOR="1", TERM="dumb", LC_ALL="C.UTF-8", PCIGATE_RESIDENT="0",
+               **extra)
     return env
 
 

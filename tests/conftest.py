@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import settings
 
@@ -42,3 +45,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
             if config.getoption("--no-integration"):
                 item.add_marker(skip)
+
+
+def _helpers_since(started: float) -> list[psutil.Process]:
+    """Warm-start helpers (pcigate.resident) that started after ``started`` (a process's create_time)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "import pcigate.resident" in cmd and (proc.info["create_time"] or 0) >= started:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_helper_left_behind() -> Iterator[None]:
+    """Every warm-start helper the tests started is gone when they end (they outlive a CI run otherwise)."""
+    started = time.time() - 1
+    yield
+    deadline = time.monotonic() + 10
+    while (left := [p for p in _helpers_since(started) if p.status() != psutil.STATUS_ZOMBIE]):
+        if time.monotonic() > deadline:
+            where = [p.info["cmdline"][-1] for p in left]
+            for p in left:
+                p.kill()
+            pytest.fail(f"warm-start helpers left running by the tests: {where}")
+        time.sleep(0.1)

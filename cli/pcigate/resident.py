@@ -60,6 +60,9 @@ PRELOAD = (
     "pcigate.app", "pcigate.session", "pcigate.client", "pcigate.auth.credentials", "pcigate.spool",
     "pcigate.recording", "pcigate.tunnel.pg", "pcigate.tunnel.ssh", "pcigate.sshclient", "pcigate.output",
     "pcigate.guardrails", "pcigate.sqltaint", "pcigate.psqlargs", "uvloop", "asyncio.subprocess",
+    # what the libraries import on first use: httpx's transport, rich's console, typer's parameter types
+    "httpcore", "h11", "certifi", "encodings.idna", "rich.console", "rich.progress", "typer._adapters",
+    "typer._click.decorators", "rich._emoji_codes",
 )
 
 _absent: str | None = None  # the socket no helper answered on (the cold path starts one there)
@@ -77,7 +80,11 @@ def enabled(args: list[str]) -> bool:
 
 
 def routed(args: list[str]) -> bool:
-    """``args`` (``sys.argv[1:]``) run one of :data:`ROUTED` (root options may come first)."""
+    """``args`` (``sys.argv[1:]``) run a session: one of :data:`ROUTED` (root options may come first), not
+    its help."""
+    head = args[:args.index("--")] if "--" in args else args
+    if "-h" in head or "--help" in head:
+        return False
     i = 0
     while i < len(args):
         a = args[i]
@@ -247,6 +254,9 @@ def handoff(argv: list[str]) -> int | None:
         msg, _ = wire.recv()
     except (OSError, ValueError):
         msg = None
+    except KeyboardInterrupt:  # Ctrl-C before the worker said who it is: it ends on its own (a hang-up)
+        sys.stderr.write("\n")
+        return 130
     if msg is None or not isinstance(msg.get("pid"), int):
         sock.close()  # the helper took nothing on (no worker started): run here
         return None
@@ -473,6 +483,9 @@ def _work(conn: socket.socket) -> NoReturn:
         sys.argv = [str(a) for a in msg["argv"]]
         _streams(msg["streams"])
         wire.send({"pid": os.getpid()})
+        from pcigate import startup
+
+        startup.mark("worker")  # the command has been handed over
     except BaseException:  # nothing started: the client runs the command itself
         os._exit(1)
     global _link

@@ -446,20 +446,20 @@ class Connector:
                                 forwards=forwards)
                 relay = TerminalRelay(argv, child_env(), recorder, Masker(masking) if masking else None,
                                       interactive=interactive)
-                if forwards:
+                handlers: dict[signal.Signals, Callable[[], object]] = dict.fromkeys(
+                    STOP_SIGNALS, state.stop.set)
+                if not forwards:
+                    handlers[signal.SIGINT] = lambda: None  # like ssh: Ctrl-C belongs to the remote side
+                # Ours before the forwards are announced (see _wait_no_exec): a Ctrl-C on that line ends it.
+                with _signal_handlers(handlers):
                     for fw in forwards:
                         if recorder is not None:
                             recorder.cast("x", {"e": "forward", "listen": f"127.0.0.1:{fw.local_port}",
                                                 "to": f"{fw.host}:{fw.port}"})
                         self.out.info(f"forwarding 127.0.0.1:{fw.local_port} to {fw.host}:{fw.port} on "
                                       f"{opened.target}; press Ctrl-C to end the session")
-                handlers: dict[signal.Signals, Callable[[], object]] = dict.fromkeys(
-                    STOP_SIGNALS, state.stop.set)
-                if not forwards:
-                    handlers[signal.SIGINT] = lambda: None  # like ssh: Ctrl-C belongs to the remote side
-                startup.mark("ready")
-                startup.end()
-                with _signal_handlers(handlers):
+                    startup.mark("ready")
+                    startup.end()
                     status = await relay.run(state.stop, on_stop=lambda: self._notes(state))
                 if forwards and state.stop.is_set() and status in (130, 143, 255):
                     status = 0  # ended by Ctrl-C or by the broker, as asked
@@ -541,6 +541,15 @@ class Connector:
                 await proc.wait()
 
     async def _wait_no_exec(self, opened: SessionOpened, port: int, pgpass: Path, state: _State) -> int:
+        # The stop signals are ours before anything is printed: a script that reads the connection details
+        # and at once sends SIGINT must end the session, even where SIGINT was ignored when we started (a
+        # background job of a non-interactive shell), and a KeyboardInterrupt there would come mid-print.
+        with _signal_handlers(dict.fromkeys(STOP_SIGNALS, state.stop.set)):
+            self._print_no_exec(opened, port, pgpass)
+            await state.stop.wait()
+        return 0
+
+    def _print_no_exec(self, opened: SessionOpened, port: int, pgpass: Path) -> None:
         creds = _db(opened)
         conninfo = f"host={LOCAL_HOST} port={port} dbname={creds.database} user={creds.username}"
         if self.out.json_mode:
@@ -562,9 +571,6 @@ class Connector:
             )
             self.out.info(f'connect with: PGPASSFILE={pgpass} psql "{conninfo}"')
             self.out.info("press Ctrl-C to end the session")
-        with _signal_handlers(dict.fromkeys(STOP_SIGNALS, state.stop.set)):
-            await state.stop.wait()
-        return 0
 
     async def _heartbeat(self, opened: SessionOpened, state: _State) -> None:
         interval = max(MIN_HEARTBEAT_SECONDS, opened.heartbeat_seconds)

@@ -6,6 +6,7 @@ headless keyring.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -303,6 +304,42 @@ def test_no_exec_waits_for_ctrl_c(login, cli_env, stack: Stack) -> None:
     assert r.code == 0, r.output
     assert "recording uploaded" in r.stderr
     assert not passfile.exists()
+
+
+def test_no_exec_ends_on_a_sigint_sent_as_soon_as_it_is_ready(login, cli_env) -> None:
+    """A script reads the connection details and sends SIGINT at once, pcigate being a background job of a
+    non-interactive shell (SIGINT ignored when it starts): the session ends each time. Before, a SIGINT
+    landing just after the details were printed was lost and the session ran on (bench_connect hung)."""
+    import subprocess
+
+    from tests.stack.cli import pcigate_bin
+
+    assert login("alice", device=False).code == 0
+    for attempt in range(20):  # the old code lost one in every 5-7 here
+        proc = subprocess.Popen(
+            [str(pcigate_bin()), "connect", "prod-db", "--no-exec", "--json"], env=cli_env, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            assert proc.stdout is not None
+            text = ""
+            while True:
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read() if proc.stderr else ""
+                text += line
+                with contextlib.suppress(ValueError):
+                    json.loads(text)
+                    break
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"attempt {attempt + 1}: the SIGINT sent once the session was ready was lost: "
+                            "the session runs on")
+        finally:
+            proc.kill()
+            proc.wait()
+        assert rc == 0, proc.stderr.read() if proc.stderr else ""
 
 
 def test_password_never_reaches_psql(stack: Stack, login, run_cli, cli_env, tmp_path: Path) -> None:

@@ -89,9 +89,10 @@ def wait_for_helper(warm_dir: Path, other_than: int | None = None, timeout: floa
 
 
 def start_helper(stack: Stack, warm_dir: Path, home: Path) -> tuple[int, int]:
-    """What starts one for a user: a routed command that found none (here one that needs no session)."""
-    r = run_with(["connect", "--help"], env=stack.cli_env(home))
-    assert r.code == 0, r.output
+    """What starts one for a user: a routed command that found none (here one that fails at once: nobody
+    is signed in)."""
+    r = run_with(["connect", "prod-db"], env=stack.cli_env(home))
+    assert r.code == 3, r.output
     return wait_for_helper(warm_dir)
 
 
@@ -316,7 +317,7 @@ def test_an_idle_helper_leaves(stack: Stack, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv(WARM_DIR_ENV, str(own))
     try:
         env = {**stack.cli_env(tmp_path / "home"), "PCIGATE_RESIDENT_IDLE": "1"}
-        assert run_with(["connect", "--help"], env=env).code == 0
+        assert run_with(["connect", "prod-db"], env=env).code == 3  # not signed in
         pid, _ = wait_for_helper(own)
         deadline = time.monotonic() + 15
         while _alive(pid):

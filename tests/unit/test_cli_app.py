@@ -19,6 +19,7 @@ HEAVY = ["httpx", "rich", "keyring", "authlib", "pydantic", "pcigate.models", "p
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PCIGATE_")}
+    base["PCIGATE_RESIDENT"] = "0"  # no warm-start helper left behind (tests/conftest.py)
     base.update(env or {})
     return subprocess.run(
         [str(PCIGATE), *args], capture_output=True, text=True, env=base, timeout=30, stdin=subprocess.DEVNULL

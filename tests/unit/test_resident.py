@@ -21,7 +21,9 @@ from pcigate import resident
     (["ssh", "web-1"], True),
     (["--broker", "https://b", "connect", "prod-db"], True),
     (["--json", "--token-file", "t", "ssh", "x"], True),
-    (["connect", "--help"], True),
+    (["connect", "--help"], False),  # help starts no session
+    (["connect", "prod-db", "-h"], False),
+    (["connect", "prod-db", "--", "-h", "db"], True),  # psql's -h
     (["targets"], False),
     (["sessions", "connect"], False),  # a value of another command, not the command
     (["--broker", "connect", "targets"], False),  # "connect" is --broker's value
