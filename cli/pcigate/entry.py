@@ -58,6 +58,7 @@ def run() -> None:
     status = resident.handoff(sys.argv)  # connect/ssh: a warm helper runs it (pcigate.resident)
     if status is not None:
         sys.exit(status)
+    resident.prime(sys.argv)  # login, whoami, targets: a helper for the connect that follows
     if resident.absent():  # none answered: start one for the next command once this one is ready
         startup.when_ready(resident.start_helper)
     startup.begin()

@@ -44,8 +44,11 @@ if TYPE_CHECKING:
 
 ENV = "PCIGATE_RESIDENT"  # "0", "off", "no", "false": never use or start a helper
 ENV_IDLE = "PCIGATE_RESIDENT_IDLE"  # seconds a helper waits for a command before it exits
-DEFAULT_IDLE = 1800.0
+DEFAULT_IDLE = 3600.0  # as Mercurial's chg server (chgserver.idletimeout)
 ROUTED = ("connect", "ssh")
+# Commands that come before a session (sign in, look around): when no helper runs, they start one as they
+# end, so that the `connect` after them is warm.
+PRIMING = ("login", "whoami", "targets")
 MAX_MESSAGE = 1 << 20  # bytes of one message (the environment is the largest part)
 MAX_PATH = 107  # sun_path holds 108 bytes with the NUL
 _OFF = ("0", "off", "no", "false")
@@ -72,32 +75,38 @@ _link: _Link | None = None  # in a worker: its client
 # ------------------------------------------------------------------------------------------------ where
 def enabled(args: list[str]) -> bool:
     """Whether ``pcigate ARGS`` goes to a helper: a routed command, the feature on, a platform that has it."""
+    return _on() and command_of(args) in ROUTED
+
+
+def _on() -> bool:
     if os.environ.get(ENV, "").strip().lower() in _OFF or os.environ.get("_PCIGATE_COMPLETE"):
         return False
-    if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
-        return False
-    return routed(args)
+    return sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
 
 
 def routed(args: list[str]) -> bool:
-    """``args`` (``sys.argv[1:]``) run a session: one of :data:`ROUTED` (root options may come first), not
-    its help."""
+    """``args`` (``sys.argv[1:]``) run a session: one of :data:`ROUTED`, not its help."""
+    return command_of(args) in ROUTED
+
+
+def command_of(args: list[str]) -> str | None:
+    """The command ``args`` run (root options may come first); None for help, a version, nothing."""
     head = args[:args.index("--")] if "--" in args else args
     if "-h" in head or "--help" in head:
-        return False
+        return None
     i = 0
     while i < len(args):
         a = args[i]
         if a in _ROOT_VALUE_OPTIONS:
             i += 2
             continue
-        if a == "--" or a in ("-h", "--help", "--version"):
-            return False
+        if a == "--" or a == "--version":
+            return None
         if a.startswith("-"):
             i += 1
             continue
-        return a in ROUTED
-    return False
+        return a
+    return None
 
 
 def fingerprint() -> str:
@@ -293,17 +302,9 @@ def _attend(wire: _Wire, pid: int) -> int:
                 return 1
             if "exit" in msg:
                 return int(msg["exit"])
-            if "spawn" in msg and child < 0:
-                argv = [str(a) for a in msg["spawn"]]
-                env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
-                try:
-                    # as subprocess does (restore_signals): what Python ignores, the child must not
-                    child = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-                    pidfd = os.pidfd_open(child)
-                except OSError as exc:
-                    wire.send({"spawn_error": exc.strerror or str(exc)})
-                    continue
-                wire.send({"spawned": child})
+            if "spawn" in msg:
+                child, pidfd, error = _spawn(msg, child, pidfd)
+                wire.send({"spawn_error": error} if error else {"spawned": child})
             elif "kill" in msg and child >= 0:
                 try:  # noqa: SIM105 - as above
                     os.kill(child, int(msg["kill"]))
@@ -318,6 +319,56 @@ def _attend(wire: _Wire, pid: int) -> int:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def _spawn(msg: dict[str, Any], child: int, pidfd: int) -> tuple[int, int, str | None]:
+    """Start the child a ``spawn`` message asks for: (pid, pidfd, None), or the old pair and why not."""
+    import signal
+
+    if child >= 0:
+        return child, pidfd, "a child is running already"
+    argv = [str(a) for a in msg["spawn"]]
+    env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
+    try:
+        # as subprocess does (restore_signals): what Python ignores, the child must not
+        pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    except OSError as exc:
+        return child, pidfd, exc.strerror or str(exc)
+    try:
+        return pid, os.pidfd_open(pid), None
+    except OSError as exc:  # cannot watch it: it must not run unwatched
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return child, pidfd, exc.strerror or str(exc)
+
+
+def prime(argv: list[str]) -> None:
+    """For a :data:`PRIMING` command: if no helper answers, have :func:`start_helper` start one."""
+    global _absent
+    if not _on() or command_of(argv[1:]) not in PRIMING:
+        return
+    path = socket_path()
+    if path is None:
+        return
+    if not _helper_alive(path):
+        _absent = path
+
+
+def _helper_alive(path: str) -> bool:
+    """A helper holds ``PATH.lock`` (exclusively) from its start to its end: asked without connecting."""
+    import fcntl
+
+    try:
+        fd = os.open(path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # a shared lock we got goes with it
+    return False
 
 
 def absent() -> bool:
@@ -480,6 +531,7 @@ def _work(conn: socket.socket) -> NoReturn:
         os.umask(int(msg["umask"]))
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(msg["env"]).items()})
+        _environment_read_at_start()
         sys.argv = [str(a) for a in msg["argv"]]
         _streams(msg["streams"])
         wire.send({"pid": os.getpid()})
@@ -498,6 +550,15 @@ def _work(conn: socket.socket) -> NoReturn:
                 stream.flush()
         _link.close(status)
         os._exit(status)
+
+
+def _environment_read_at_start() -> None:
+    """What the standard library read of the helper's environment once and keeps: read the client's."""
+    import tempfile
+    import time
+
+    tempfile.tempdir = None  # TMPDIR
+    time.tzset()  # TZ
 
 
 def _streams(spec: list[list[Any]]) -> None:

@@ -278,6 +278,12 @@ def test_a_killed_client_still_ends_its_session(stack: Stack, login, run_cli, cl
     assert session["status"] == "ended"
     assert session["end_reason"] == "client"
     assert session["lease_revoked"] is True
+    # as test_faults does: the orphaned psql's backend is terminated and the role dropped by the revocation
+    deadline = time.monotonic() + 20
+    while session["lease_id"] in stack.bao.leases() or stack.leftover_roles():
+        assert time.monotonic() < deadline, stack.leftover_roles()
+        time.sleep(0.2)
+    assert session["lease_id"] not in stack.bao.leases()
     assert stack.leftover_roles() == []
 
 

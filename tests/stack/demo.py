@@ -11,20 +11,25 @@ Brings the stack up (tests.stack.stack.Stack), then runs, printing each command 
     pcigate ssh web-1 -- 'echo card 4111 1111 1111 1111 seen by $(id -un)'
     pcigate sessions
 
-and tears everything down. Exit status: 0 when every step succeeded, else the first failing step's code.
+and tears everything down (the warm-start helper that login started included: it says whether connect and
+ssh ran in it). Exit status: 0 when every step succeeded, else the first failing step's code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
+import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tests.stack.cli import USER_CODE_RE, CliProcess, CliResult, run_cli
-from tests.stack.stack import Stack
+from tests.stack.stack import WARM_DIR_ENV, Stack
 
 JOURNEY: list[list[str]] = [
     ["whoami"],
@@ -57,6 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     say("== bringing up the stack: PostgreSQL (SCRAM), OpenBao (+ SSH CA), sshd, the IdP (oidc-provider), "
         "pcigate-broker")
     workdir = Path(tempfile.mkdtemp(prefix="pcigate-demo-"))
+    # The warm start on, as users have it (pcigate.resident): login starts the helper that runs connect
+    # and ssh. Its socket directory is short (a socket path holds 107 bytes); the helper is stopped below.
+    warm = Path(tempfile.mkdtemp(prefix="pgd-", dir="/tmp"))
+    os.environ[WARM_DIR_ENV] = str(warm)
+    try:
+        return _journey(args, t0, workdir, warm)
+    finally:
+        del os.environ[WARM_DIR_ENV]
+        _stop_helpers(warm)
+        shutil.rmtree(warm, ignore_errors=True)
+
+
+def _helper(warm: Path) -> tuple[int, int] | None:
+    """The warm-start helper's pid and the commands it has served (its lock file), if one runs."""
+    for lock in (warm / "pcigate").glob("*.lock"):
+        fields = lock.read_text().split()
+        if len(fields) == 2 and lock.with_suffix("").exists():
+            return int(fields[0]), int(fields[1])
+    return None
+
+
+def _stop_helpers(warm: Path) -> None:
+    found = _helper(warm)
+    if found is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(found[0], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _helper(warm) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _journey(args: argparse.Namespace, t0: float, workdir: Path, warm: Path) -> int:
     with Stack(workdir / "stack", keep_workdir=args.keep) as stack:
         say(f"   up in {time.monotonic() - t0:.1f}s  {stack.timings}")
         say(f"   broker {stack.broker_url}  idp {stack.idp.issuer}  postgres 127.0.0.1:{stack.pg.port}")
@@ -84,20 +122,27 @@ def main(argv: list[str] | None = None) -> int:
         for cmd in JOURNEY:
             say()
             say("$ " + shlex.join(["pcigate", *cmd]))
+            before = _helper(warm)
             res = run_cli(cmd, env, timeout=120)
             show(res)
+            after = _helper(warm)
+            if cmd[0] in ("connect", "ssh") and res.code == 0:
+                if before and after and after[1] > before[1]:
+                    say(f"   [demo] it ran in a fork of the warm-start helper (pid {after[0]}) that login "
+                        "started")
+                else:
+                    say("   [demo] it ran in-process (the warm-start helper was still starting)")
             if res.code != 0:
                 say(f"!! {shlex.join(['pcigate', *cmd])} failed with exit code {res.code}")
                 return res.code
         say()
         say("== tearing down (broker, leases revoked, OpenBao, IdP, PostgreSQL)")
+    _stop_helpers(warm)
     left = stack.roles_left_at_teardown
     say(f"   done in {time.monotonic() - t0:.1f}s; dynamic database roles left: {len(left)}")
     if args.keep:
         say(f"   work directory kept: {workdir}")
     else:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if left else 0
 

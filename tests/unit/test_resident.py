@@ -189,3 +189,64 @@ def test_the_console_script_imports_little_before_the_handoff() -> None:
                          check=True).stdout.split()
     for heavy in ("typer", "pydantic", "httpx", "asyncio", "pcigate.app", "typing"):
         assert heavy not in out, heavy
+
+
+def test_the_client_starts_the_child_the_worker_asks_for(tmp_path: Path) -> None:
+    """What the client does with a ``spawn`` message: a real process, watched through a pidfd; a second one
+    while it runs, or a program that cannot start, is refused with the reason."""
+    import select
+
+    pid, pidfd, error = resident._spawn({"spawn": ["/bin/sh", "-c", "exit 3"], "env": {"A": "1"}}, -1, -1)
+    assert error is None
+    try:
+        busy = resident._spawn({"spawn": ["/bin/true"]}, pid, pidfd)
+        assert busy == (pid, pidfd, "a child is running already")
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd]  # readable once it has exited
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        os.close(pidfd)
+    child, fd, error = resident._spawn({"spawn": [str(tmp_path / "no-such-psql")]}, -1, -1)
+    assert (child, fd) == (-1, -1)
+    assert error == "No such file or directory"
+
+
+@pytest.mark.parametrize(("args", "command"), [
+    (["login", "--device"], "login"),
+    (["--broker", "https://b", "targets", "--json"], "targets"),
+    (["targets", "--help"], None),
+    (["--version"], None),
+])
+def test_the_command_of_a_command_line(args: list[str], command: str | None) -> None:
+    assert resident.command_of(args) == command
+
+
+def test_login_and_targets_start_a_helper_when_none_holds_the_lock(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper holds its lock while it lives; a priming command asks the lock (it does not connect, which
+    would fork a worker for nothing) and, with no holder, leaves the helper to be started as it ends."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    monkeypatch.setenv(resident.ENV, "1")
+    path = resident.socket_path()
+    assert path is not None
+
+    def primed(*args: str) -> bool:
+        monkeypatch.setattr(resident, "_absent", None)
+        resident.prime(["pcigate", *args])
+        return resident.absent()
+
+    assert primed("login")  # no lock file: no helper
+    assert not primed("sessions")  # not a priming command
+    holder = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert primed("targets")  # a lock file nobody holds: a helper that died
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert not primed("targets")  # held: a helper lives (or is starting)
+        assert not primed("whoami")
+    finally:
+        os.close(holder)
+    assert primed("whoami")
