@@ -77,9 +77,6 @@ COMMANDS: dict[str, Callable[..., None] | typer.Typer] = {
     "audit": audit.app,
 }
 
-# Root options that take a value (the next argument, unless written --opt=value).
-_ROOT_VALUE_OPTIONS = ("--broker", "--token-file")
-
 
 def build(only: str | None = None) -> typer.Typer:
     """The ``pcigate`` app: every command, or with ``only`` the root options and that one command.
@@ -102,19 +99,10 @@ def build(only: str | None = None) -> typer.Typer:
 def invoked_command(args: list[str]) -> str | None:
     """The command ``args`` (``sys.argv[1:]``) run, when that is certain without parsing them; else None
     (help, completion, an unknown name: the whole app answers those)."""
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a in _ROOT_VALUE_OPTIONS:
-            i += 2
-            continue
-        if a == "--" or a in ("-h", "--help", "--version"):
-            return None
-        if a.startswith("-"):
-            i += 1
-            continue
-        return a if a in COMMANDS else None
-    return None
+    from pcigate.resident import first_command
+
+    name = first_command(args)
+    return name if name in COMMANDS else None
 
 
 app = build()

@@ -52,7 +52,7 @@ PRIMING = ("login", "whoami", "targets")
 MAX_MESSAGE = 1 << 20  # bytes of one message (the environment is the largest part)
 MAX_PATH = 107  # sun_path holds 108 bytes with the NUL
 _OFF = ("0", "off", "no", "false")
-_ROOT_VALUE_OPTIONS = ("--broker", "--token-file")
+_ROOT_VALUE_OPTIONS = ("--broker", "--token-file")  # root options that take a value (pcigate.app's)
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "SIGUSR2")
 # What the helper's own environment keeps of the first client's: it affects imports only; each worker gets
 # its client's whole environment (tokens included) through the socket, never the helper.
@@ -90,17 +90,23 @@ def routed(args: list[str]) -> bool:
 
 
 def command_of(args: list[str]) -> str | None:
-    """The command ``args`` run (root options may come first); None for help, a version, nothing."""
+    """The command ``args`` run, not its help; None for help, a version, nothing."""
     head = args[:args.index("--")] if "--" in args else args
     if "-h" in head or "--help" in head:
         return None
+    return first_command(args)
+
+
+def first_command(args: list[str]) -> str | None:
+    """The first word of ``args`` (``sys.argv[1:]``) after the root options; None when help, a version or
+    ``--`` comes first (shared with ``pcigate.app.invoked_command``)."""
     i = 0
     while i < len(args):
         a = args[i]
         if a in _ROOT_VALUE_OPTIONS:
             i += 2
             continue
-        if a == "--" or a == "--version":
+        if a in ("--", "-h", "--help", "--version"):
             return None
         if a.startswith("-"):
             i += 1

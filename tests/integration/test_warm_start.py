@@ -12,11 +12,9 @@ socket of another user, the off switch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -40,7 +38,8 @@ from tests.integration.test_cli_flows import (  # noqa: F401 - collected again h
     test_unknown_target_and_level,
     test_workload_token_never_reaches_psql,
 )
-from tests.integration.test_cli_ssh import (  # noqa: F401 - its fixture, and two tests collected again
+from tests.integration.test_cli_ssh import (  # noqa: F401 - its terminal, fixture, two tests collected again
+    PtyCli,
     pty_cli,
     test_connect_forwards_a_local_port,
     test_interactive_session_masks_records_and_returns_the_exit_status,
@@ -53,7 +52,7 @@ from tests.integration.test_faults import (  # noqa: F401 - their stack, and fou
     test_dropped_database_connection_ends_the_session,
     test_killed_psql_still_ends_the_session,
 )
-from tests.stack.cli import CliProcess, last_session, pcigate_bin
+from tests.stack.cli import CliProcess, last_session
 from tests.stack.cli import run_cli as run_with
 from tests.stack.stack import WARM_DIR_ENV, Stack
 
@@ -178,59 +177,11 @@ def test_the_session_runs_in_a_fork_of_the_helper(stack: Stack, login, run_cli, 
     assert shown["lease_id"] not in stack.bao.leases()
 
 
-class Terminal:
-    """``pcigate ARGS`` on a pseudo-terminal, as a person runs it."""
-
-    def __init__(self, args: list[str], environ: dict[str, str]) -> None:
-        import pty
-
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # pragma: no cover - the child
-            try:
-                os.execve(str(pcigate_bin()), ["pcigate", *args], environ)
-            finally:
-                os._exit(127)
-        self.seen = ""
-
-    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        while (m := rx.search(self.seen)) is None:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{pattern!r} not seen in {self.seen!r}"
-            if select.select([self.fd], [], [], min(left, 0.2))[0]:
-                with contextlib.suppress(OSError):
-                    self.seen += os.read(self.fd, 65536).decode("utf-8", "replace")
-        return m
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def wait(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if select.select([self.fd], [], [], 0.1)[0]:
-                with contextlib.suppress(OSError):
-                    self.seen += os.read(self.fd, 65536).decode("utf-8", "replace")
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-        raise TimeoutError(self.seen)
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(self.fd)
-
-
 def test_psql_is_the_terminals_own_job(stack: Stack, login, run_cli, cli_env) -> None:
     """psql is a child of the process the user started, in their terminal: its prompt, Ctrl-C cancelling a
     running query (psql's own cancel request, through the tunnel), its pager, then \\q ends the session."""
     assert login("alice", device=False).code == 0
-    term = Terminal(["connect", "prod-db"], {**cli_env, "TERM": "xterm", "PAGER": "cat"})
+    term = PtyCli(["connect", "prod-db"], {**cli_env, "TERM": "xterm", "PAGER": "cat"})
     try:
         term.expect(r"prod=> ")
         psql = [p for p in psutil.Process(term.pid).children() if p.name() == "psql"]
@@ -245,8 +196,8 @@ def test_psql_is_the_terminals_own_job(stack: Stack, login, run_cli, cli_env) ->
         status = term.wait()
     finally:
         term.close()
-    assert status == 0, term.seen
-    assert re.search(r"session \S+ ended; recording uploaded", term.seen), term.seen
+    assert status == 0, term.screen
+    assert re.search(r"session \S+ ended; recording uploaded", term.screen), term.screen
     session = last_session(run_cli)
     assert session["status"] == "ended"
     assert session["lease_revoked"] is True
