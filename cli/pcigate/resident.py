@@ -56,8 +56,11 @@ _ROOT_VALUE_OPTIONS = ("--broker", "--token-file")  # root options that take a v
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "SIGUSR2")
 # What the helper's own environment keeps of the first client's: it affects imports only; each worker gets
 # its client's whole environment (tokens included) through the socket, never the helper.
+# Variables read once at import (OpenSSL's configuration when ssl is imported, typer's switches): the helper
+# gets the client's, and they are part of the fingerprint, so a client with other values gets another helper.
+_READ_AT_IMPORT = ("OPENSSL_CONF", "OPENSSL_MODULES", "TYPER_USE_RICH", "_TYPER_STANDARD_TRACEBACK")
 _HELPER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME",
-               ENV_IDLE)
+               ENV_IDLE, *_READ_AT_IMPORT)
 # Imported by the helper before it serves (what `connect` and `ssh` import, and what their policies may need).
 PRELOAD = (
     "pcigate.app", "pcigate.session", "pcigate.client", "pcigate.auth.credentials", "pcigate.spool",
@@ -120,7 +123,7 @@ def fingerprint() -> str:
     directory's mtime moves when entries come or go) and any file of the package."""
     import zlib
 
-    parts = [sys.executable, sys.version]
+    parts = [sys.executable, sys.version, *(f"{k}={os.environ.get(k)}" for k in _READ_AT_IMPORT)]
     for p in sys.path:
         try:
             parts.append(f"{p}\0{os.stat(p).st_mtime_ns}")
@@ -134,7 +137,7 @@ def fingerprint() -> str:
                     if e.name != "__pycache__":
                         stack.append(e.path)
                 elif e.name.endswith((".py", ".so")):
-                    st = e.stat()
+                    st = e.stat(follow_symlinks=False)  # an editor's dangling lock link (.#x.py) too
                     parts.append(f"{e.path}\0{st.st_mtime_ns}\0{st.st_size}")
     parts.sort()
     data = "\n".join(parts).encode("utf-8", "surrogateescape")
@@ -167,8 +170,12 @@ def private_dir(path: str) -> bool:
 
 
 def socket_path() -> str | None:
-    """This user's helper socket for the installed code; None when there is no usable place for it."""
-    name = f"warm-{fingerprint()}.sock"
+    """This user's helper socket for the installed code; None when there is no usable place for it (or the
+    package's files cannot be read: a directory going away during an upgrade)."""
+    try:
+        name = f"warm-{fingerprint()}.sock"
+    except OSError:
+        return None
     for directory in runtime_dirs():
         path = os.path.join(directory, name)
         if len(os.fsencode(path)) <= MAX_PATH and private_dir(directory):
@@ -337,7 +344,10 @@ def _spawn(msg: dict[str, Any], child: int, pidfd: int) -> tuple[int, int, str |
     env = {str(k): str(v) for k, v in dict(msg.get("env") or {}).items()}
     try:
         # as subprocess does (restore_signals): what Python ignores, the child must not
-        pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        # as subprocess does (close_fds): only fds 0-2 reach the child
+        closing = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2]
+        pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                             file_actions=closing)
     except OSError as exc:
         return child, pidfd, exc.strerror or str(exc)
     try:
@@ -375,6 +385,18 @@ def _helper_alive(path: str) -> bool:
     finally:
         os.close(fd)  # a shared lock we got goes with it
     return False
+
+
+def _inheritable_fds() -> list[int]:
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:
+            continue  # the listing's own fd, gone by now
+    return fds
 
 
 def absent() -> bool:
@@ -481,9 +503,12 @@ def serve(path: str) -> None:
                 if _peer_uid(conn) != os.getuid():
                     continue
                 if os.fork() == 0:
-                    listener.close()
-                    os.close(lock)
-                    _work(conn)
+                    try:  # a worker never returns into this loop or its clean-up, whatever escapes _work
+                        listener.close()
+                        os.close(lock)
+                        _work(conn)
+                    finally:
+                        os._exit(1)
                 served += 1
                 os.pwrite(lock, f"{os.getpid()} {served}\n".encode(), 0)
             finally:
@@ -678,9 +703,12 @@ class RemoteChild:
             self._exited.set_result(self.returncode)
 
     async def start(self, argv: list[str], env: dict[str, str]) -> None:
+        import contextlib
+
         loop = self._loop
         def deliver(msg: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(self._message, msg)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the session is over
+                loop.call_soon_threadsafe(self._message, msg)
 
         self._link.on_message = deliver
         self._link.send({"spawn": argv, "env": env})

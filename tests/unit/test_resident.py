@@ -250,3 +250,20 @@ def test_login_and_targets_start_a_helper_when_none_holds_the_lock(tmp_path: Pat
     finally:
         os.close(holder)
     assert primed("whoami")
+
+
+def test_the_child_gets_only_the_standard_fds() -> None:
+    """As subprocess's close_fds: an inheritable fd of the client (a jobserver pipe, `3<file`) does not
+    reach psql."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    try:
+        script = f"ls /proc/self/fd > /dev/null; [ -e /proc/self/fd/{w} ] && exit 7; exit 0"
+        pid, pidfd, error = resident._spawn({"spawn": ["/bin/sh", "-c", script]}, -1, -1)
+        assert error is None
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(r)
+        os.close(w)
