@@ -249,7 +249,7 @@ def handoff(argv: list[str]) -> int | None:
     """Run ``argv`` in a helper's worker and return its exit status; None when it did not start there (then
     the caller runs the command itself; if no helper answered, :func:`start_helper` starts one later)."""
     global _absent
-    if not enabled(argv[1:]):
+    if not enabled(argv[1:]) or _background_job():
         return None
     path = socket_path()
     if path is None:
@@ -283,6 +283,15 @@ def handoff(argv: list[str]) -> int | None:
         sock.close()  # the helper took nothing on (no worker started): run here
         return None
     return _attend(wire, msg["pid"])
+
+
+def _background_job() -> bool:
+    """Started in the background of its terminal (``pcigate ssh host &``): run in-process, where job control
+    stops it before it takes the terminal (a worker has no controlling terminal to be stopped by)."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp()
+    except OSError:
+        return False
 
 
 def _attend(wire: _Wire, pid: int) -> int:

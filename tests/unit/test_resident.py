@@ -267,3 +267,38 @@ def test_the_child_gets_only_the_standard_fds() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_background_job_of_its_terminal_is_not_handed_over() -> None:
+    """`pcigate ssh host &`: a worker would take the terminal from the shell (it has no job control to stop
+    it), so such a command runs in-process; in the foreground of its terminal it is handed over."""
+    import pty
+
+    code = ("import os, pcigate.resident as r\n"
+            "print('fg', r._background_job(), flush=True)\n"
+            "child = os.fork()\n"
+            "if child == 0:\n"
+            "    os.setpgid(0, 0)  # a job of its own, not the terminal's foreground one\n"
+            "    print('bg', r._background_job(), flush=True)\n"
+            "    os._exit(0)\n"
+            "os.waitpid(child, 0)\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child, in a new session whose terminal is the pty
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", code])
+        finally:
+            os._exit(127)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert out.split() == [b"fg", b"False", b"bg", b"True"]
