@@ -12,6 +12,7 @@ socket of another user, the off switch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,11 +97,18 @@ def start_helper(stack: Stack, warm_dir: Path, home: Path) -> tuple[int, int]:
 
 
 def stop_helpers(warm_dir: Path) -> None:
-    for pid, _ in helpers(warm_dir).values():
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while helpers(warm_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Every helper serving a socket in ``warm_dir``, found by its command line (also one whose socket is
+    already gone or not yet bound): SIGTERM, then SIGKILL."""
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if "import pcigate.resident" in " ".join(p.info["cmdline"] or [])
+            and (p.info["cmdline"] or [""])[-1].startswith(f"{warm_dir}/")]
+    for proc in mine:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def served(warm_dir: Path) -> int:
