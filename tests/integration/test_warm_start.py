@@ -12,7 +12,6 @@ socket of another user, the off switch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from tests.integration.test_faults import (  # noqa: F401 - their stack, and fou
 )
 from tests.stack.cli import CliProcess, last_session
 from tests.stack.cli import run_cli as run_with
+from tests.stack.ports import stop_processes
 from tests.stack.stack import WARM_DIR_ENV, Stack
 
 # --- the helper ------------------------------------------------------------------------------------------
@@ -102,13 +102,7 @@ def stop_helpers(warm_dir: Path) -> None:
     mine = [p for p in psutil.process_iter(["cmdline"])
             if "import pcigate.resident" in " ".join(p.info["cmdline"] or [])
             and (p.info["cmdline"] or [""])[-1].startswith(f"{warm_dir}/")]
-    for proc in mine:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    stop_processes(mine, 10)
 
 
 def served(warm_dir: Path) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+
+import psutil
 
 
 def free_port() -> int:
@@ -37,3 +40,14 @@ def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, t
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
+    """:func:`stop_process` for processes that are not our children (found with psutil)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()

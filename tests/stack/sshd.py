@@ -19,7 +19,6 @@ OpenBao facts this relies on (measured against 2.7.2):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import pwd
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.stack.openbao import OpenBao
-from tests.stack.ports import free_port, stop_process
+from tests.stack.ports import free_port, stop_process, stop_processes
 
 SSHD = Path("/usr/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")
@@ -273,13 +272,7 @@ class Sshd:
         except psutil.NoSuchProcess:
             children = []
         stop_process(self.proc, 5)
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.terminate()
-        _gone, alive = psutil.wait_procs(children, timeout=5)
-        for child in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+        stop_processes(children, 5)
 
 
 def _host_key(workdir: Path) -> tuple[Path, str]:
